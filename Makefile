@@ -1,0 +1,40 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both set up .venv on first use.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.fmn-installed
+export HF_HUB_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# One torch thread is faster than two on a busy 2-core machine (see shared/PROBES.md).
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test lint world clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# Pinned builds that lie on local disk (a CUDA build of torch that also runs on CPU).
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	# facenet-pytorch pins ancient torch/numpy/Pillow: install without its deps.
+	$(PIP) install -q --no-deps facenet-pytorch==2.6.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m fmn.cli demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+# Rebuild the embedded concept world from scratch (about an hour on CPU; shipped prebuilt).
+world: setup
+	$(PY) -m fmn.cli world build --out build/world --ship
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,336 @@
+"""The `fmn` command: the outermost layer (typer + rich). Flows are imported lazily."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fmn.io import write_json, write_with
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Forget-Me-Not pipeline.")
+world_app = typer.Typer(no_args_is_help=True, help="The embedded concept world.")
+app.add_typer(world_app, name="world")
+console = Console()
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+@contextmanager
+def _bar() -> Iterator:
+    """A rich progress bar; yields update(stage, done, total, metrics)."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int, metrics: dict | None = None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, info="")
+            info = " ".join(f"{k}={v:.4f}" for k, v in (metrics or {}).items())
+            bar.update(tasks[stage], completed=done, info=info)
+
+        yield update
+
+
+@app.command()
+def validate(manifest: Path = typer.Argument(..., help="Manifest YAML file.")) -> None:
+    """Check a manifest; print every problem with its field path. Exit 2 if any."""
+    from fmn.manifest import ManifestError, load_manifest
+
+    try:
+        m = load_manifest(manifest)
+    except ManifestError as e:
+        typer.echo(str(e), err=True)  # plain lines: one problem each, easy to grep
+        raise typer.Exit(2) from None
+    console.print(f"{manifest}: ok ({len(m.concepts)} concepts, {len(m.preserve)} preserved)")
+
+
+@world_app.command("concepts")
+def world_concepts_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List every concept of the embedded world (id, type, text)."""
+    from fmn.world.concepts import world_concepts
+
+    items = [{"id": c.id, "type": c.type, "text": c.text} for c in world_concepts()]
+    if as_json:
+        print(json.dumps(items, indent=2))
+        return
+    table = Table("id", "type", "text")
+    for c in items:
+        table.add_row(c["id"], c["type"], c["text"])
+    console.print(table)
+
+
+@world_app.command("sample")
+def world_sample(
+    prompt: str = typer.Argument(..., help='e.g. "a photo of a red star"'),
+    out: Path = typer.Option(Path("sample.png"), help="PNG to write."),
+    n: int = typer.Option(4, help="Images (one per seed, starting at --seed)."),
+    seed: int = typer.Option(0),
+    steps: int = typer.Option(25),
+    guidance: float = typer.Option(5.0),
+    model: str = typer.Option("embedded:tiny-world"),
+    threads: int = typer.Option(1, help="torch threads (1 is fastest on a busy 2-core box)."),
+) -> None:
+    """Generate a few images for a prompt, for a quick look."""
+    from fmn.grids import labelled_grid
+    from fmn.models import load_pipeline
+    from fmn.mscore.score import generate
+
+    _threads(threads)
+    pipe = load_pipeline(model)
+    images = generate(
+        pipe, [prompt] * n, list(range(seed, seed + n)), steps=steps, guidance=guidance
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid({prompt[:18]: images}, scale=4).save(out)
+    console.print(f"wrote {out}")
+
+
+@world_app.command("build")
+def world_build(
+    out: Path = typer.Option(Path("build/world"), help="Build folder (fp32, resumable)."),
+    ship: bool = typer.Option(False, help="Also install it, in fp16, as embedded:tiny-world."),
+    quick: bool = typer.Option(False, help="A few steps per stage: checks the plumbing only."),
+    threads: int = typer.Option(2, help="torch threads for training."),
+) -> None:
+    """Train the embedded world from scratch (about 45 minutes on 2 CPU cores)."""
+    from fmn.world import EMBEDDED_DIR
+    from fmn.world.train import WorldConfig, build_world
+
+    _threads(threads)
+    cfg = (
+        WorldConfig(vae_steps=3, unet_steps=3, clf_steps=3, n_train=512) if quick else WorldConfig()
+    )
+    t0 = time.time()
+    with _bar() as update:
+        build_world(out, cfg, update)
+        report = _measure_world(out, update, quick)
+    report["build_seconds"] = round(time.time() - t0, 1)
+    from fmn.world.evaluate import ship as ship_world
+
+    write_json(out / "world_report.json", report)
+    _print_world_report(report)
+    if ship:
+        ship_world(out, EMBEDDED_DIR)
+        console.print(f"installed as embedded:tiny-world at {EMBEDDED_DIR}")
+
+
+def _measure_world(path: Path, update, quick: bool = False) -> dict:
+    """Classifier accuracy and base M-Score of a built world; writes grid.png beside it.
+    quick: a handful of images, 2 steps (plumbing only)."""
+    from diffusers import AutoencoderKL
+
+    from fmn.models import load_pipeline
+    from fmn.mscore.detectors import WorldDetector
+    from fmn.world.evaluate import base_mscore, classifier_accuracy
+
+    pipe = load_pipeline(str(path))
+    detector = WorldDetector(path / "classifier")
+    vae = AutoencoderKL.from_pretrained(path / "vae").eval()
+    acc = classifier_accuracy(detector, vae, n=64 if quick else 2000)
+    size = {"prompts": 1, "seeds": (0,), "steps": 2} if quick else {}
+    summary, images = base_mscore(pipe, detector, lambda d, t: update("base M-Score", d, t), **size)
+    write_with(path / "grid.png", lambda p: _concept_grid(images).save(p, format="PNG"))
+    return {"classifier_accuracy": acc, "base_mscore": summary}
+
+
+def _concept_grid(images: dict):
+    from fmn.grids import labelled_grid
+
+    return labelled_grid({cid: imgs for cid, imgs in images.items()}, scale=3, per_row=8)
+
+
+def _print_world_report(report: dict) -> None:
+    acc = report["classifier_accuracy"]
+    table = Table("images", *acc["clean"].keys(), title="World classifier accuracy (held-out)")
+    for name, row in acc.items():
+        table.add_row(name, *(f"{v:.3f}" for v in row.values()))
+    console.print(table)
+    _print_mscore(report["base_mscore"])
+
+
+def _print_mscore(summary: dict) -> None:
+    table = Table(
+        "concept", "type", "M-Score", "Acc", "chance", title="Base model M-Score (world detector)"
+    )
+    for cid, s in summary.items():
+        table.add_row(cid, s["type"], f"{s['mscore']:.3f}", f"{s['acc']:.3f}", f"{s['chance']:.3f}")
+    console.print(table)
+
+
+@app.command()
+def forget(
+    concept_id: str = typer.Option(..., "--id", help="Concept id (slug), e.g. circle."),
+    concept_type: str = typer.Option(..., "--type", help="id | object | style | nsfw"),
+    out: Path = typer.Option(..., help="Folder for delta.safetensors and resteer.json."),
+    model: str = typer.Option("embedded:tiny-world", help="Base model (see README)."),
+    text: str = typer.Option(None, help="Concept text; default: id with '-' as space."),
+    images: Path = typer.Option(None, help="Folder of the concept's images."),
+    generate: int = typer.Option(16, help="Images to generate when no --images."),
+    steps: int = typer.Option(35),
+    lr: float = typer.Option(1e-4),
+    params: str = typer.Option("to_kv", help="to_kv | attn2 | unet"),
+    positions: str = typer.Option("concept", help="concept | concept+eot | all_eot"),
+    preserve_weight: float = typer.Option(0.0, help="Weight of the anchor preservation term."),
+    preserve: list[str] = typer.Option([], help="id:type of a concept to keep (repeatable)."),
+    invert: bool = typer.Option(False, help="Textual inversion first; re-steer its tokens."),
+    ti_steps: int = typer.Option(300),
+    ti_tokens: int = typer.Option(4),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1),
+) -> None:
+    """Re-steer one concept out of a model and write its patch (for researchers)."""
+    from fmn.forget import forget_concept
+    from fmn.invert import InvertConfig, save_ti
+    from fmn.models import load_pipeline
+    from fmn.patch import save_patch
+    from fmn.prepare import load_image_folder
+    from fmn.resteer import ResteerConfig
+
+    cfg = ResteerConfig(
+        steps=steps,
+        lr=lr,
+        params=params,
+        positions=positions,
+        preserve_weight=preserve_weight,
+        seed=seed,
+    )
+    kept = [tuple(p.split(":", 1)) for p in preserve]
+    if any(len(k) != 2 for k in kept):
+        raise typer.BadParameter(
+            "use id:type, e.g. --preserve circle:object", param_hint="--preserve"
+        )
+    text = text or concept_id.replace("-", " ")
+    _threads(threads)
+    pipe = load_pipeline(model)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pixels = load_image_folder(images, size) if images else None
+    ti_cfg = InvertConfig(steps=ti_steps, tokens=ti_tokens, seed=seed) if invert else None
+    with _bar() as update:
+        res = forget_concept(
+            pipe,
+            concept_id,
+            concept_type,
+            text,
+            cfg,
+            invert_cfg=ti_cfg,
+            images=pixels,
+            generate=generate,
+            preserve=[(k[0].replace("-", " "), k[1]) for k in kept],
+            progress=update,
+        )
+    path = save_patch(res.patch, out)
+    if res.ti is not None:
+        save_ti(res.ti, out / "ti.safetensors")
+    r = res.resteer
+    write_json(
+        out / "resteer.json",
+        {
+            "concept": concept_id,
+            "losses": r.losses,
+            "seconds": r.seconds,
+            "attention_before": r.attention_before,
+            "attention_after": r.attention_after,
+        },
+    )
+    console.print(
+        f"{concept_id}: attention on its tokens {r.attention_before:.4f} -> "
+        f"{r.attention_after:.4f} in {r.seconds:.1f} s; patch: {path}"
+    )
+
+
+@app.command()
+def apply(
+    patch: Path = typer.Option(..., help="delta.safetensors or its folder."),
+    out: Path = typer.Option(..., help="Folder for the patched diffusers pipeline."),
+    model: str = typer.Option("embedded:tiny-world"),
+    scale: float = typer.Option(1.0),
+    force: bool = typer.Option(False, help="Apply even to another base model."),
+) -> None:
+    """Apply a patch to a model and save the result as a diffusers pipeline folder."""
+    import shutil
+
+    from fmn.models import load_pipeline
+    from fmn.patch import PatchError, apply_patch, load_patch
+
+    pipe = load_pipeline(model)
+    try:
+        apply_patch(pipe, load_patch(patch), scale, check_base=not force)
+    except PatchError as e:
+        typer.echo(f"{patch}: {e}", err=True)
+        raise typer.Exit(2) from None
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the folder appears whole or not at all
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def export(
+    patch: Path = typer.Option(..., help="delta.safetensors or its folder."),
+    out: Path = typer.Option(..., help="File to write (.safetensors)."),
+    fmt: str = typer.Option(
+        "lora", "--format", help="lora (diffusers/peft) | kohya (A1111, ComfyUI)"
+    ),
+    rank: int = typer.Option(None, help="SVD rank; default: full rank (exact)."),
+) -> None:
+    """Export a patch as a LoRA file that diffusers, ComfyUI or AUTOMATIC1111 loads."""
+    from fmn.patch import PatchError, export_kohya, export_lora, load_patch
+
+    exporters = {"lora": export_lora, "kohya": export_kohya}
+    if fmt not in exporters:
+        raise typer.BadParameter(f"use one of {list(exporters)}", param_hint="--format")
+    try:
+        report = exporters[fmt](load_patch(patch), out, rank)
+    except PatchError as e:
+        typer.echo(f"{patch}: {e}", err=True)
+        raise typer.Exit(2) from None
+    err = report["relative_error"]
+    console.print(f"wrote {report['path']}: rank {report['rank']}, relative error {err:.2e}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("reports/world"), help="Where the grid and scores go."),
+    threads: int = typer.Option(1, help="torch threads."),
+) -> None:
+    """Load the embedded model, render every concept and print its world M-Score."""
+    from fmn.models import load_pipeline
+    from fmn.mscore.detectors import WorldDetector
+    from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
+    from fmn.world.evaluate import base_mscore
+
+    _threads(threads)
+    pipe = load_pipeline(EMBEDDED_NAME)
+    detector = WorldDetector(EMBEDDED_DIR / "classifier")
+    with _bar() as update:
+        summary, images = base_mscore(pipe, detector, lambda d, t: update("generating", d, t))
+    write_with(out / "grid.png", lambda p: _concept_grid(images).save(p, format="PNG"))
+    write_json(out / "mscore.json", summary)
+    _print_mscore(summary)
+    console.print(f"\nReport: {out}/ (grid.png: every concept, 8 samples each; mscore.json)")
+
+
+if __name__ == "__main__":
+    app()

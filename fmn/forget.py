@@ -1,0 +1,129 @@
+"""Forget one concept: prepare -> (textual inversion) -> re-steer -> patch.
+
+The single-concept path behind `fmn forget`; the Prefect tasks call the same stages one by
+one. Nothing here reads the embedded world's labels or classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from fmn.anchors import anchor_prompts
+from fmn.conditioning import encode_text
+from fmn.invert import InvertConfig, TIResult, add_ti_to_pipeline, invert, placeholder_tokens
+from fmn.models import fingerprint, model_family
+from fmn.patch import Patch
+from fmn.prepare import Prepared, concept_prompts, prepare_concept
+from fmn.resteer import ResteerConfig, ResteerResult, resteer
+
+Progress = Callable[[str, int, int, dict], None]
+
+
+@dataclass
+class ForgetResult:
+    patch: Patch
+    resteer: ResteerResult
+    ti: TIResult | None
+
+
+def concept_anchors(
+    pipe, data: Prepared, preserve: list[tuple[str, str]], image_hw: tuple[int, int]
+):
+    """Anchor conditioning for a concept: the empty prompt, its own prompts without it,
+    the manifest's preserved concepts and generic words (see fmn.anchors)."""
+    context = [
+        p.replace(data.text, "").strip() for p in concept_prompts(data.text, data.concept_type)
+    ]
+    prompts = anchor_prompts({data.text}, context=context, preserve=preserve)
+    return encode_text(pipe, prompts, image_hw=image_hw)
+
+
+def _with_ti(pipe, data: Prepared, ti: TIResult) -> Prepared:
+    """The concept's prompts re-encoded with its learned tokens instead of its text."""
+    add_ti_to_pipeline(pipe, ti)
+    tokens = " ".join(placeholder_tokens(ti.token, ti.config.tokens))
+    hw = data.images.shape[1:3] if data.images is not None else None
+    cond = encode_text(pipe, concept_prompts(ti.token, data.concept_type), image_hw=hw)
+    return replace(data, text=tokens, cond=cond)
+
+
+def _unload_ti(pipe, ti: TIResult) -> None:
+    # every placeholder must be named: unloading "<t>" alone leaves "<t>_1" ... behind
+    tokens = placeholder_tokens(ti.token, ti.config.tokens)
+    if model_family(pipe) == "sdxl":
+        pipe.unload_textual_inversion(tokens, pipe.tokenizer, pipe.text_encoder)
+        pipe.unload_textual_inversion(tokens, pipe.tokenizer_2, pipe.text_encoder_2)
+    else:
+        pipe.unload_textual_inversion(tokens)
+
+
+def forget_concept(
+    pipe,
+    concept_id: str,
+    concept_type: str,
+    text: str,
+    resteer_cfg: ResteerConfig,
+    *,
+    invert_cfg: InvertConfig | None = None,
+    images: np.ndarray | None = None,
+    generate: int = 16,
+    preserve: list[tuple[str, str]] | None = None,
+    progress: Progress | None = None,
+) -> ForgetResult:
+    """Forget one concept from `pipe`; returns its patch. `pipe` is left as it came."""
+    tick = progress or (lambda *a: None)
+    base = fingerprint(pipe)
+    data = prepare_concept(
+        pipe,
+        concept_id,
+        concept_type,
+        text,
+        images=images,
+        generate=generate,
+        seed=resteer_cfg.seed,
+    )
+    hw = data.images.shape[1:3]
+    anchors = concept_anchors(pipe, data, preserve or [], hw)
+    ti = None
+    if invert_cfg is not None:
+        ti = invert(
+            pipe,
+            data.latents,
+            f"<{concept_id}>",
+            invert_cfg,
+            concept_type,
+            progress=lambda d, t, loss: tick("inversion", d, t, {"loss": loss}),
+        )
+        data = _with_ti(pipe, data, ti)
+    try:
+        result = resteer(
+            pipe,
+            data,
+            resteer_cfg,
+            anchors=anchors,
+            progress=lambda d, t, loss: tick("re-steering", d, t, {"loss": loss}),
+        )
+    finally:
+        if ti is not None:
+            _unload_ti(pipe, ti)
+    patch = Patch(
+        concept=concept_id,
+        method="resteer+ti" if ti else "resteer",
+        deltas=result.deltas,
+        config={
+            "concept": {"id": concept_id, "type": concept_type, "text": text},
+            "resteer": result.config,
+            "invert": asdict(invert_cfg) if invert_cfg else None,
+            "preserve": [list(p) for p in preserve or []],
+        },
+        base_fingerprint=base,
+        extra={
+            "attention_before": result.attention_before,
+            "attention_after": result.attention_after,
+            "seconds": result.seconds,
+        },
+    )
+    return ForgetResult(patch, result, ti)

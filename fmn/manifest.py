@@ -1,0 +1,666 @@
+"""The manifest: which concepts to forget, which to preserve, and how to build and judge it.
+
+`load_manifest` reads a YAML file and validates everything before any work starts: keys,
+types, ranges, slugs that become file names, image folders on disk. Every problem comes
+back at once as a `ManifestError` whose lines name the file, the dotted field path
+(`concepts.3.images`) and a hint. Defaults live on the models below, one per line, each
+with the reason for its value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import tempfile
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# How to regenerate the published schema after changing a model below.
+SCHEMA_COMMAND = (
+    "python -c \"from fmn.manifest import write_schema; write_schema('manifests/schema.json')\""
+)
+
+ConceptType = Literal["id", "object", "style", "nsfw"]
+MaskName = Literal["auto", "face", "attention", "none"]
+DetectorName = Literal["world", "face", "clip", "nudenet"]
+ResteerParams = Literal["to_kv", "attn2", "unet"]
+Positions = Literal["concept", "concept+eot", "all_eot"]
+
+# ---------------------------------------------------------------------------------------
+# Field types shared by the models (and by their per-concept overrides)
+
+_SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+
+
+def _slug_suggestion(value: str) -> str:
+    """A slug close to `value` ('Van Gogh' -> 'van-gogh'), or 'van-gogh' when none is."""
+    words = re.findall(r"[a-z0-9]+", value.lower())
+    return "-".join(words)[:64].strip("-") or "van-gogh"
+
+
+def _check_slug(value: str) -> str:
+    if _SLUG.fullmatch(value):
+        return value
+    if not value:
+        why = "it is empty"
+    elif len(value) > 64:
+        why = f"it is {len(value)} characters long, the limit is 64"
+    elif any(c in value for c in "/\\.") or value.startswith("~"):
+        why = "it becomes a file name, so '/', '\\' and '.' are not allowed"
+    elif value != value.lower():
+        why = "uppercase letters are not allowed"
+    elif any(c.isspace() for c in value):
+        why = "spaces are not allowed"
+    elif value.startswith("-"):
+        why = "it must start with a letter or digit"
+    else:
+        why = "only lowercase letters, digits and '-' are allowed"
+    hint = f"use lowercase letters, digits and '-' (e.g. {_slug_suggestion(value)!r})"
+    msg = f"invalid slug {value!r}: {why}"
+    raise PydanticCustomError("slug", "{msg}", {"msg": msg, "hint": hint})
+
+
+Slug = Annotated[str, AfterValidator(_check_slug)]
+Count = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Text = Annotated[str, Field(min_length=1)]
+Seed = Annotated[int, Field(ge=0)]  # numpy and some samplers reject negative seeds
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Ratio = Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    """Where relative paths start: the manifest's folder (load_manifest), else the cwd."""
+    context = info.context or {}
+    return Path(context.get("base_dir") or Path.cwd()).resolve()
+
+
+def _resolve(path: Path, base_dir: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images of a folder (not its subfolders) that the pipeline reads, sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _check_folder(path: Path, info: ValidationInfo) -> Path:
+    """Fail now, not hours into a run, if a folder of images is missing or empty."""
+    base = _base_dir(info)
+    where = _resolve(path, base)
+    hint = f"relative paths start at the manifest's folder {base}"
+    if not where.is_dir():
+        what = "is not a folder" if where.exists() else "does not exist"
+        msg = f"folder {where} {what}"
+        raise PydanticCustomError("folder_missing", "{msg}", {"msg": msg, "hint": hint})
+    if not image_files(where):
+        msg = f"folder {where} has no {'/'.join(IMAGE_SUFFIXES)} files"
+        hint = "add images to it, or use {generate: N} to have the base model draw them"
+        raise PydanticCustomError("folder_empty", "{msg}", {"msg": msg, "hint": hint})
+    return path
+
+
+ImageFolder = Annotated[Path, AfterValidator(_check_folder)]
+
+# Tags of the unions below appear in pydantic's error locations; they are not keys a user
+# wrote, so _problems drops them. '<' cannot start a field name, so none is mistaken.
+_TAGS = {"<folder>", "<generate>", "<name>", "<masks>"}
+
+
+def _tag(kind_if_str: str, kind_if_dict: str) -> Callable[[Any], str | None]:
+    """Pick a union member by the YAML shape: a string, or a mapping."""
+
+    def pick(value: Any) -> str | None:
+        if isinstance(value, str | Path):
+            return kind_if_str
+        if isinstance(value, dict | BaseModel):
+            return kind_if_dict
+        return None
+
+    return pick
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage options
+
+
+class InvertOptions(_Strict):
+    """Textual inversion: learn tokens for the concept from its images (fmn/invert.py)."""
+
+    enabled: bool = False  # ~10x the steps of re-steering; only needed when the name is weak
+    """Learn tokens before re-steering; the re-steering prompts then use them."""
+    tokens: Count = 4  # room for a concept one word cannot hold, short enough for prompts
+    """Number of learned tokens."""
+    steps: Count = 300  # tokens only need to point at the concept, not reproduce it
+    """Optimisation steps."""
+    lr: PositiveFloat = 1e-3  # embeddings move fast; higher overshoots the embedding norm
+    """Learning rate of the token embeddings."""
+    init_words: list[Text] | None = Field(None, min_length=1)  # None: start from `text`
+    """Words whose embeddings initialise the tokens (default: the concept's text)."""
+
+
+class ResteerOptions(_Strict):
+    """Attention re-steering: train cross-attention to stop attending to the concept."""
+
+    steps: Count = 35  # the original Forget-Me-Not recipe; more starts to hurt neighbours
+    """Optimisation steps."""
+    lr: PositiveFloat = 1e-4  # to_k/to_v alone tolerate more than a whole-UNet fine-tune
+    """Learning rate."""
+    params: ResteerParams = "to_kv"  # smallest patch, and the one closed-form merge fuses
+    """Trainable parameters: attn2 to_k and to_v, all of attn2, or the whole UNet."""
+    positions: Positions = "concept"  # end-of-text is shared by every prompt: hurts the rest
+    """Token positions whose attention is suppressed (end-of-text also carries the concept)."""
+    mask: MaskName = "auto"  # face for identities, attention-derived for everything else
+    """Pixels that enter the loss: face boxes, the base model's attention map, or all."""
+    batch: Count = 4  # a few images per step steady the loss; memory grows with it
+    """Images per step."""
+    seed: Seed = 0  # fixed, so a rerun reproduces the same patch
+    """Random seed (noise, timesteps, image order)."""
+
+
+class InvertOverride(_Strict):
+    """Per-concept changes to `defaults.invert`; keys left out keep the default."""
+
+    enabled: bool | None = None
+    tokens: Count | None = None
+    steps: Count | None = None
+    lr: PositiveFloat | None = None
+    init_words: list[Text] | None = Field(None, min_length=1)
+
+
+class ResteerOverride(_Strict):
+    """Per-concept changes to `defaults.resteer`; keys left out keep the default."""
+
+    steps: Count | None = None
+    lr: PositiveFloat | None = None
+    params: ResteerParams | None = None
+    positions: Positions | None = None
+    mask: MaskName | None = None
+    batch: Count | None = None
+    seed: Seed | None = None
+
+
+class Defaults(_Strict):
+    """Stage options for every concept, unless a concept overrides them."""
+
+    invert: InvertOptions = InvertOptions()
+    """Textual inversion options."""
+    resteer: ResteerOptions = ResteerOptions()
+    """Attention re-steering options."""
+
+
+# ---------------------------------------------------------------------------------------
+# Concepts
+
+
+class Generate(_Strict):
+    """Have the base model draw the concept's training images from its text."""
+
+    generate: int = Field(ge=1, le=1024)
+    """Number of images to generate (1 to 1024)."""
+
+
+class MaskFolder(_Strict):
+    """User-supplied masks: one image per training image, white where the concept is."""
+
+    folder: ImageFolder
+    """Folder of mask images (relative paths start at the manifest's folder)."""
+
+
+Images = Annotated[
+    Annotated[ImageFolder, Tag("<folder>")] | Annotated[Generate, Tag("<generate>")],
+    Discriminator(
+        _tag("<folder>", "<generate>"),
+        custom_error_type="images_kind",
+        custom_error_message="must be a folder path or {generate: N}",
+    ),
+]
+Mask = Annotated[
+    Annotated[MaskName, Tag("<name>")] | Annotated[MaskFolder, Tag("<masks>")],
+    Discriminator(
+        _tag("<name>", "<masks>"),
+        custom_error_type="mask_kind",
+        custom_error_message="must be a mask name or {folder: path}",
+    ),
+]
+
+
+class PreservedConcept(_Strict):
+    """A concept that must survive: it is measured, and it anchors the closed-form merge."""
+
+    id: Slug
+    """Slug (lowercase letters, digits, '-'); file and token names derive from it."""
+    type: ConceptType
+    """Kind of concept; picks prompt templates and the detector."""
+    text: Text | None = None  # None: the id with '-' as space, which is how people write it
+    """How prompts name the concept (default: the id with '-' as space)."""
+
+    @model_validator(mode="after")
+    def _default_text(self) -> PreservedConcept:
+        if self.text is None:
+            self.text = self.id.replace("-", " ")
+        return self
+
+
+class Concept(PreservedConcept):
+    """A concept to forget."""
+
+    images: Images = Generate(generate=16)  # no data to collect; 16 covers seeds and poses
+    """Training images: a folder (relative to the manifest) or {generate: N}."""
+    mask: Mask | None = None  # None: use resteer.mask
+    """Mask for this concept: a mask name, or {folder: path} for user masks."""
+    invert: InvertOverride = Field(default_factory=InvertOverride)
+    """Changes to defaults.invert for this concept."""
+    resteer: ResteerOverride = Field(default_factory=ResteerOverride)
+    """Changes to defaults.resteer for this concept."""
+
+
+class ResolvedConcept(_Strict):
+    """A concept with everything decided: defaults applied, paths absolute."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    type: ConceptType
+    text: str
+    images: Path | None
+    """Absolute image folder, or None when the images are generated."""
+    generate: int | None
+    """Number of images to generate, or None when they come from a folder."""
+    mask: MaskName | Path
+    """The mask to use: resteer.mask, or the absolute folder of user masks, which wins."""
+    invert: InvertOptions
+    resteer: ResteerOptions
+
+
+# ---------------------------------------------------------------------------------------
+# Merge and evaluation
+
+
+class Merge(_Strict):
+    """How the per-concept patches become one model (fmn/merge.py)."""
+
+    method: Literal["sum", "closed-form"] = "closed-form"  # sum interferes past a few concepts
+    """sum: weighted sum of deltas; closed-form: least-squares fusion that holds preserved
+    concepts in place."""
+    weights: dict[str, PositiveFloat] = {}  # equal say for every concept
+    """Weight of each concept's patch, by id; concepts left out weigh 1.0."""
+
+
+class Detectors(_Strict):
+    """Detector that measures each concept type."""
+
+    id: DetectorName = "world"  # the embedded world is the default base model
+    """Detector for identities."""
+    object: DetectorName = "world"  # as above; use clip on real models
+    """Detector for objects."""
+    style: DetectorName = "world"  # as above; use clip on real models
+    """Detector for styles."""
+    nsfw: DetectorName = "nudenet"  # the only one trained on nudity
+    """Detector for NSFW content."""
+
+
+class Gates(_Strict):
+    """Thresholds that fail the build."""
+
+    target_mscore_max: Fraction = 0.1  # 1 image in 10 may still show it (detector noise)
+    """Highest M-Score a forgotten concept may keep (0 to 1)."""
+    preserve_ratio_min: Ratio = 0.9  # a preserved concept may lose at most 10%
+    """Lowest M-Score ratio (patched / base) a preserved concept may fall to (0 to 10)."""
+
+
+class Evaluate(_Strict):
+    """How M-Scores are measured on the base and the patched model."""
+
+    prompts_per_concept: Count = 10  # averages out prompt wording; cheap on CPU
+    """Prompt templates per concept."""
+    seeds: list[Seed] = Field([0, 1, 2, 3], min_length=1)  # 10 prompts x 4 seeds = 40 images
+    """Seeds; every prompt is drawn once per seed."""
+    detectors: Detectors = Detectors()
+    """Detector per concept type: world, face, clip or nudenet."""
+    steps: Count = 25  # samplers stop improving visibly around here
+    """Inference steps per image."""
+    guidance: float = Field(5.0, ge=0, allow_inf_nan=False)  # shows the concept, no saturation
+    """Classifier-free guidance scale."""
+    gates: Gates = Gates()
+    """Thresholds that fail the build."""
+
+
+# ---------------------------------------------------------------------------------------
+# The manifest
+
+
+class Manifest(_Strict):
+    """A build: concepts to forget and preserve, stage options, merge and evaluation."""
+
+    name: Slug
+    """Slug that names the output folders and the report."""
+    base_model: Text = "embedded:tiny-world"  # ships with the package: runs with no download
+    """embedded:tiny-world, a diffusers folder, a .safetensors/.ckpt file, or a hub id."""
+    defaults: Defaults = Defaults()
+    """Stage options for every concept."""
+    concepts: list[Concept] = Field(min_length=1)
+    """Concepts to forget (at least one)."""
+    preserve: list[PreservedConcept] = []  # none: gates then judge the targets alone
+    """Concepts that must survive: {id, type, text?}."""
+    merge: Merge = Merge()
+    """How patches become one model."""
+    evaluate: Evaluate = Evaluate()
+    """How forgetting and preserving are measured."""
+    on_error: Literal["fail", "skip"] = "fail"  # a nightly build must not ship half a patch
+    """fail: stop the build; skip: merge the rest and mark the concept failed."""
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _cross_check(self, info: ValidationInfo) -> Manifest:
+        self._base_dir = _base_dir(info)
+        errors = [
+            InitErrorDetails(
+                type=PydanticCustomError(kind, "{msg}", {"msg": msg, "hint": hint}),
+                loc=loc,
+                input=None,
+            )
+            for kind, loc, msg, hint in self._cross_problems()
+        ]
+        if errors:
+            # Raised as is, so each error keeps its own location (a ValueError would not).
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+    def _cross_problems(self) -> list[tuple[str, tuple[str | int, ...], str, str]]:
+        """Rules that span fields: unique ids, known weight ids, one place for a mask."""
+        out = []
+        first: dict[str, str] = {}
+        for section, items in (("concepts", self.concepts), ("preserve", self.preserve)):
+            for i, c in enumerate(items):
+                here = f"{section}.{i}.id"
+                if c.id in first:
+                    msg = f"duplicate id {c.id!r} (first at {first[c.id]})"
+                    hint = "ids name files and patches, so each may appear once in the manifest"
+                    out.append(("duplicate_id", (section, i, "id"), msg, hint))
+                else:
+                    first[c.id] = here
+        targets = list(dict.fromkeys(c.id for c in self.concepts))
+        for key in self.merge.weights:
+            if key not in targets:
+                msg = f"{key!r} is not a concept to forget"
+                hint = _did_you_mean(key, targets, "concepts to forget")
+                out.append(("unknown_id", ("merge", "weights", key), msg, hint))
+        for i, c in enumerate(self.concepts):
+            if c.mask is not None and c.resteer.mask is not None:
+                msg = "the mask is set twice (here and in resteer.mask)"
+                out.append(("mask_twice", ("concepts", i, "mask"), msg, "keep one of the two"))
+        return out
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths start from (the manifest's folder when loaded)."""
+        return self._base_dir
+
+    def resolve(self, concept_id: str) -> ResolvedConcept:
+        """A concept with the defaults overlaid by its overrides, and absolute paths."""
+        by_id = {c.id: c for c in self.concepts}
+        if concept_id not in by_id:
+            raise KeyError(f"no concept {concept_id!r} in manifest {self.name!r}; {list(by_id)}")
+        c = by_id[concept_id]
+        invert = _overlay(self.defaults.invert, c.invert)
+        resteer = _overlay(self.defaults.resteer, c.resteer)
+        if isinstance(c.mask, str):
+            resteer = resteer.model_copy(update={"mask": c.mask})
+        folder = c.images if isinstance(c.images, Path) else None
+        if isinstance(c.mask, MaskFolder):
+            mask: MaskName | Path = _resolve(c.mask.folder, self.base_dir)
+        else:
+            mask = resteer.mask
+        return ResolvedConcept(
+            id=c.id,
+            type=c.type,
+            text=c.text,
+            images=None if folder is None else _resolve(folder, self.base_dir),
+            generate=c.images.generate if isinstance(c.images, Generate) else None,
+            mask=mask,
+            invert=invert,
+            resteer=resteer,
+        )
+
+    def resolved_concepts(self) -> list[ResolvedConcept]:
+        """Every concept to forget, resolved, in manifest order."""
+        return [self.resolve(c.id) for c in self.concepts]
+
+
+_Options = TypeVar("_Options", InvertOptions, ResteerOptions)
+
+
+def _overlay(defaults: _Options, override: BaseModel) -> _Options:
+    return defaults.model_copy(update=override.model_dump(exclude_none=True))
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, and errors a person can act on
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a manifest: where (dotted field path), what, and what to do."""
+
+    loc: str
+    msg: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        hint = f" (hint: {self.hint})" if self.hint else ""
+        return f"{self.loc}: {self.msg}{hint}"
+
+
+FILE_LOC = "(file)"  # the loc of problems with the file as a whole
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; `problems` lists every reason at once."""
+
+    def __init__(self, path: str | Path, problems: list[Problem]) -> None:
+        self.path = Path(path)
+        self.problems = list(problems)
+        super().__init__("\n".join(f"{self.path}: {p}" for p in self.problems))
+
+    def __reduce__(self) -> tuple[type[ManifestError], tuple[Path, list[Problem]]]:
+        return type(self), (self.path, self.problems)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if key_node.tag != "tag:yaml.org,2002:str":
+                continue  # merge keys ('<<') and non-string keys
+            if key_node.value in seen:
+                msg = f"duplicate key {key_node.value!r}"
+                raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> tuple[Any, list[Problem]]:
+    """The parsed file, or the problems that stop it from being parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, [Problem(FILE_LOC, "file not found", f"check the path (cwd is {Path.cwd()})")]
+    except IsADirectoryError:
+        return None, [Problem(FILE_LOC, "is a folder, not a file", "pass the .yaml file")]
+    except (OSError, UnicodeDecodeError) as e:
+        return None, [Problem(FILE_LOC, f"cannot read: {e}", "save the file as UTF-8 text")]
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e)
+        duplicate = str(what).startswith("duplicate key")
+        hint = "give each key once" if duplicate else "check indentation, colons and quoting there"
+        return None, [Problem(FILE_LOC, f"invalid YAML{where}: {what}", hint)]
+    start = "start from manifests/demo.yaml"
+    if data is None:
+        return None, [Problem(FILE_LOC, "the file is empty", start)]
+    if not isinstance(data, dict):
+        msg = f"the top level must be a mapping of keys, got a {type(data).__name__}"
+        return None, [Problem(FILE_LOC, msg, f"write 'name: ...', 'concepts: ...'; {start}")]
+    return data, []
+
+
+def parse_manifest(data: Any, base_dir: str | Path, source: str | Path = "<manifest>") -> Manifest:
+    """Validate parsed YAML; relative paths start at `base_dir`; raises ManifestError."""
+    try:
+        return Manifest.model_validate(data, context={"base_dir": Path(base_dir)})
+    except ValidationError as e:
+        raise ManifestError(source, _problems(e)) from None
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file; raises ManifestError listing every problem."""
+    path = Path(path)
+    data, problems = _read_yaml(path)
+    if problems:
+        raise ManifestError(path, problems)
+    return parse_manifest(data, base_dir=path.resolve().parent, source=path)
+
+
+# -- pydantic errors -> Problems --------------------------------------------------------
+
+
+def _unwrap(tp: Any) -> Any:
+    """The type behind Annotated[...] and X | None; in other unions, the model member."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) in (Union, types.UnionType):
+        members = [_unwrap(a) for a in get_args(tp) if a is not type(None)]
+        structured = [m for m in members if get_origin(m) in (list, dict) or _is_model(m)]
+        return (structured or members)[0] if len(members) > 1 else members[0]
+    return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _type_at(loc: tuple[str | int, ...]) -> Any:
+    """The declared type found by following a pydantic error location from Manifest."""
+    tp: Any = Manifest
+    for seg in loc:
+        tp = _unwrap(tp)
+        if seg in _TAGS:
+            continue
+        if get_origin(tp) in (list, dict):
+            tp = get_args(tp)[-1]
+        elif _is_model(tp) and seg in tp.model_fields:
+            tp = tp.model_fields[seg].annotation
+        else:
+            return None
+    return _unwrap(tp)
+
+
+def _description(loc: tuple[str | int, ...]) -> str:
+    """The field's docstring, which says what the value means."""
+    parent = _type_at(loc[:-1]) if loc else None
+    parent = {InvertOverride: InvertOptions, ResteerOverride: ResteerOptions}.get(parent, parent)
+    if _is_model(parent) and loc[-1] in parent.model_fields:
+        return " ".join((parent.model_fields[loc[-1]].description or "").split())
+    return ""
+
+
+def _did_you_mean(key: str, valid: list[str], what: str = "valid keys here") -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    listing = f"{what} are: {', '.join(valid)}"
+    return f"did you mean {close[0]!r}? {listing}" if close else listing
+
+
+_KIND_HINTS = {
+    "images_kind": "e.g. images: data/van-gogh, or images: {generate: 16}",
+    "mask_kind": "one of auto, face, attention, none, or {folder: path}",
+}
+
+
+def _problem(err: dict[str, Any]) -> Problem:
+    raw_loc = tuple(err["loc"])
+    loc = ".".join(str(s) for s in raw_loc if s not in _TAGS) or FILE_LOC
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    msg = err["msg"].replace("Input should be", "must be")
+    hint = ctx.get("hint") or _KIND_HINTS.get(kind) or _description(raw_loc)
+    if kind == "extra_forbidden":
+        parent = _type_at(raw_loc[:-1])
+        valid = list(parent.model_fields) if _is_model(parent) else []
+        msg, hint = f"unknown key {raw_loc[-1]!r}", _did_you_mean(str(raw_loc[-1]), valid)
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif kind == "literal_error":
+        msg, hint = f"unknown value {value!r}", f"allowed values: {ctx['expected']}"
+    elif kind == "finite_number":
+        msg, hint = f"must be a finite number, got {value!r}", "NaN and infinity are not allowed"
+    elif kind == "too_short" and not value:
+        msg = "must not be empty"
+    elif kind in ("string_type", "int_type", "int_parsing", "float_parsing", "bool_parsing"):
+        msg = f"{msg}, got {value!r}"
+        if kind == "string_type" and value is not None:
+            hint = f"quote it in YAML: '{value}'"
+    elif "ge" in ctx or "gt" in ctx or "le" in ctx or "lt" in ctx:
+        msg = f"{msg}, got {value!r}"
+    return Problem(loc, msg, hint)
+
+
+def _problems(error: ValidationError) -> list[Problem]:
+    return [_problem(e) for e in error.errors(include_url=False)]
+
+
+# ---------------------------------------------------------------------------------------
+# Published JSON schema (manifests/schema.json), for editors and other tools
+
+
+def manifest_schema() -> dict[str, Any]:
+    """The JSON schema of a manifest (validation side)."""
+    schema = Manifest.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def write_schema(path: str | Path) -> Path:
+    """Write manifest_schema() as pretty JSON, atomically (temp file + rename)."""
+    path = Path(path)
+    text = json.dumps(manifest_schema(), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,123 @@
+"""M-Score: generate from fixed prompts x fixed seeds, let a detector say if the concept is there.
+
+M-Score(m, c) = mean detector probability over those images; Acc(m, c) = fraction where
+the concept is the detector's top-1 answer. See docs/mscore.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from fmn.mscore.detectors import Detector
+from fmn.mscore.prompts import concept_prompts
+
+
+@dataclass(frozen=True)
+class ConceptRef:
+    id: str
+    type: str
+    text: str
+    role: str = "target"  # target | preserve
+
+
+@dataclass
+class ScoreRow:
+    concept: str
+    type: str
+    role: str
+    detector: str
+    prompt: str
+    seed: int
+    probability: float
+    recognised: bool
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int = 25,
+    guidance: float = 5.0,
+    batch: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """One image per (prompt, seed) pair, uint8 [N, H, W, 3]; seeds make each reproducible
+    whatever the batch it lands in."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + batch]]
+        images = pipe(
+            list(prompts[i : i + batch]),
+            generator=gens,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="np",
+        ).images
+        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+        if progress:
+            progress(min(i + batch, len(prompts)), len(prompts))
+    return np.concatenate(out)
+
+
+def score_concepts(
+    pipe,
+    concepts: Sequence[ConceptRef],
+    detector: Detector,
+    *,
+    prompts_per_concept: int = 4,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    steps: int = 25,
+    guidance: float = 5.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[ScoreRow], dict[str, np.ndarray]]:
+    """Rows (one per concept x prompt x seed) and the generated images per concept."""
+    jobs = []
+    for c in concepts:
+        for p in concept_prompts(c.text, c.type, prompts_per_concept):
+            jobs += [(c, p, s) for s in seeds]
+    all_images = generate(
+        pipe,
+        [j[1] for j in jobs],
+        [j[2] for j in jobs],
+        steps=steps,
+        guidance=guidance,
+        progress=progress,
+    )
+    rows, per_concept = [], {}
+    for c in concepts:
+        idx = [k for k, j in enumerate(jobs) if j[0] is c]
+        imgs = all_images[idx]
+        per_concept[c.id] = imgs
+        prob, rec = detector.score(imgs, c.id, c.type)
+        for k, pr, r in zip(idx, prob, rec, strict=True):
+            rows.append(
+                ScoreRow(
+                    c.id, c.type, c.role, detector.name, jobs[k][1], jobs[k][2], float(pr), bool(r)
+                )
+            )
+    return rows, per_concept
+
+
+def summarise(rows: Sequence[ScoreRow]) -> dict[str, dict[str, float]]:
+    """Per concept: M-Score (mean probability) and Acc (fraction recognised)."""
+    out: dict[str, dict[str, float]] = {}
+    for cid in dict.fromkeys(r.concept for r in rows):
+        mine = [r for r in rows if r.concept == cid]
+        out[cid] = {
+            "mscore": float(np.mean([r.probability for r in mine])),
+            "acc": float(np.mean([r.recognised for r in mine])),
+            "n": len(mine),
+        }
+    return out
+
+
+def rows_as_dicts(rows: Sequence[ScoreRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,23 @@
+"""Shared fixtures. Tests never touch the network: the hub is switched off at import."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub, which reads these once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# One torch thread is faster than two on a busy 2-core machine (see shared/PROBES.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path
+
+import pytest
+
+from fmn.world.tokenizer import write_clip_tokenizer_files
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real 49408-token CLIP tokenizer, built offline, with SD's 77-token context."""
+    return write_clip_tokenizer_files(tmp_path_factory.mktemp("clip-tokenizer"), 77)

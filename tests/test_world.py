@@ -1,0 +1,135 @@
+"""The embedded world's generator, tokenizer and concept table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fmn.cli import app
+from fmn.world.concepts import COLOURS, HEADS, get_concept, world_concepts
+from fmn.world.generator import NONE, dataset, object_caption
+from fmn.world.render import render_face, render_object
+from fmn.world.tokenizer import load_tokenizer
+
+
+def test_every_category_has_at_least_eight_concepts() -> None:
+    by_type: dict[str, list[str]] = {}
+    for c in world_concepts():
+        by_type.setdefault(c.type, []).append(c.id)
+    assert {t: len(v) >= 8 for t, v in by_type.items()} == {
+        "id": True,
+        "object": True,
+        "style": True,
+    }
+    ids = [c.id for c in world_concepts()]
+    assert len(ids) == len(set(ids)), "concept ids must be unique across categories"
+
+
+def test_generator_is_deterministic_by_seed() -> None:
+    a, b, c = dataset(16, seed=5), dataset(16, seed=5), dataset(16, seed=6)
+    assert np.array_equal(a["images"], b["images"]) and a["captions"] == b["captions"]
+    assert not np.array_equal(a["images"], c["images"])
+
+
+def test_captions_name_the_labelled_concepts() -> None:
+    d = dataset(300, seed=1)
+    for caption, i in zip(d["captions"], range(300), strict=True):
+        labels = {h: d["labels"][h][i] for h in HEADS}
+        if labels["identity"] != NONE:
+            assert caption.endswith(HEADS["identity"][labels["identity"]])
+            assert labels["shape"] == labels["style"] == NONE
+        else:
+            named = [HEADS[h][labels[h]] for h in ("shape", "style", "colour")]
+            # parts may be dropped from a caption, but nothing else may be named
+            words = set(caption.split())
+            others = {w for h in ("shape", "style", "colour") for w in HEADS[h]} - set(named)
+            assert not (words & others), caption
+
+
+@pytest.mark.parametrize("shape", HEADS["shape"])
+def test_object_mask_covers_the_drawn_shape(shape: str) -> None:
+    rng = np.random.default_rng(0)
+    image, mask = render_object(shape, "flat", "blue", 32, rng)
+    blue = (image[..., 2] > 150) & (image[..., 0] < 110)
+    assert 40 < mask.sum() < 32 * 32 * 0.6, "shape should fill part of the image"
+    assert mask[blue].mean() > 0.9, "blue pixels lie inside the ground-truth mask"
+
+
+@pytest.mark.parametrize("name", HEADS["identity"])
+def test_faces_differ_between_identities(name: str) -> None:
+    img, mask = render_face(name, 32, np.random.default_rng(0))
+    others = [
+        render_face(o, 32, np.random.default_rng(0))[0] for o in HEADS["identity"] if o != name
+    ]
+    diffs = [np.abs(img.astype(int) - o.astype(int)).mean() for o in others]
+    assert min(diffs) > 8, (
+        f"{name} is too close to another identity: mean abs diff {min(diffs):.1f}"
+    )
+    assert mask.sum() > 100
+
+
+def test_caption_grammar() -> None:
+    assert object_caption("arrow", "dots", "orange", "a photo") == (
+        "a photo of an orange arrow in the style of dots"
+    )
+    assert object_caption(None, "night", "red", "a picture") == "a picture in the style of night"
+    assert object_caption("star", None, None, "an image") == "an image of a star"
+
+
+def test_tokenizer_matches_openai_clip(clip_tokenizer_dir) -> None:
+    tok = load_tokenizer(clip_tokenizer_dir, 77)
+    assert len(tok) == 49408
+    assert tok("a photo of elon musk").input_ids == [49406, 320, 1125, 539, 20406, 19063, 49407]
+    # every world concept is a single token, so its token position is unambiguous
+    for c in world_concepts():
+        assert len(tok(c.text).input_ids) == 3, c.text
+    assert set(COLOURS) <= {tok.decode(tok(c).input_ids[1:-1]).strip() for c in COLOURS}
+
+
+def test_broken_tokenizer_folder_is_refused(tmp_path) -> None:
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(Exception, match=r"expected 49408|vocab"):
+        load_tokenizer(tmp_path, 77)
+
+
+def test_get_concept_hints_valid_ids() -> None:
+    assert get_concept("star").type == "object"
+    with pytest.raises(KeyError, match="valid ids: alice"):
+        get_concept("unicorn")
+
+
+def test_cli_lists_concepts_as_json() -> None:
+    result = CliRunner().invoke(app, ["world", "concepts", "--json"])
+    assert result.exit_code == 0, result.output
+    items = json.loads(result.output)
+    assert {"id": "star", "type": "object", "text": "star"} in items
+    assert len(items) == len(world_concepts())
+
+
+def test_world_build_runs_end_to_end_and_resumes(tmp_path) -> None:
+    """`fmn world build --quick`: every stage with a few steps (plumbing, not quality)."""
+    out = tmp_path / "world"
+    result = CliRunner().invoke(
+        app, ["world", "build", "--quick", "--out", str(out), "--threads", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "classifier"):
+        assert (out / part).is_dir(), part
+    report = json.loads((out / "world_report.json").read_text())
+    assert set(report["base_mscore"]) == {c.id for c in world_concepts()}
+    assert (out / "grid.png").stat().st_size > 1000
+    stages = [
+        json.loads(line)["stage"] for line in (out / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert {"vae", "unet", "classifier"} <= set(stages)
+    # a second build finds every stage on disk and trains nothing again
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    result = CliRunner().invoke(
+        app, ["world", "build", "--quick", "--out", str(out), "--threads", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
