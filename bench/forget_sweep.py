@@ -21,8 +21,8 @@ from fmn.conditioning import encode_text
 from fmn.models import load_pipeline
 from fmn.mscore.detectors import WorldDetector
 from fmn.mscore.score import ConceptRef, score_concepts, summarise
-from fmn.prepare import prepare_concept
-from fmn.resteer import ResteerConfig, resteer
+from fmn.prepare import CONCEPT_TEMPLATES, prepare_concept
+from fmn.resteer import resteer, resteer_config_for
 from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
 from fmn.world.concepts import get_concept, world_concepts
 
@@ -64,8 +64,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--out", default="bench/results/forget_sweep.json")
+    ap.add_argument("--extra-templates", nargs="*", default=[], help="TYPE=TEMPLATE, added")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    for item in args.extra_templates:
+        kind, template = item.split("=", 1)
+        CONCEPT_TEMPLATES[kind].append(template)
     pipe = load_pipeline(EMBEDDED_NAME)
     detector = WorldDetector(EMBEDDED_DIR / "classifier")
     seeds = tuple(range(args.seeds))
@@ -78,7 +82,7 @@ def main() -> None:
         data = prepare_concept(pipe, c.id, c.type, c.text, generate=16)
         anchors = encode_text(pipe, anchor_prompts({c.text}))
         for values in itertools.product(*(grid[k] for k in keys)):
-            cfg = ResteerConfig(**dict(zip(keys, values, strict=True)))
+            cfg = resteer_config_for(c.type, **dict(zip(keys, values, strict=True)))
             t0 = time.time()
             r = resteer(pipe, data, cfg, anchors=anchors)
             with applied(pipe.unet, r.deltas):
@@ -88,7 +92,10 @@ def main() -> None:
             worst = min(others, key=others.get)
             row = {
                 "target": target,
-                **dict(zip(keys, values, strict=True)),
+                "lr": cfg.lr,
+                "steps": cfg.steps,
+                "positions": cfg.positions,
+                "preserve_weight": cfg.preserve_weight,
                 "target_base": round(base[target]["mscore"], 3),
                 "target_after": round(after[target]["mscore"], 3),
                 "target_ratio": round(ratios[target], 3),

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-POSITION_MODES = ("concept", "concept+eot", "all_eot")
+POSITION_MODES = ("concept", "concept+eot", "all_eot", "concept+after")
 
 
 class AttentionStore:
@@ -130,6 +130,8 @@ def token_weights(
     concept+eot: plus the first end-of-text token, which summarises the whole prompt.
     all_eot: plus every end-of-text position; with SD1.x tokenizers padding *is* end-of-text,
     so this puts padding shared by every prompt into the loss (the original's use_pooler).
+    concept+after: the concept's tokens and every later position: the causal text encoder
+    carries the concept into each of them ("a star in the style of dots": "dots" too).
     """
     if mode not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {mode!r}")
@@ -142,6 +144,8 @@ def token_weights(
             raise ValueError(f"concept tokens {list(concept_ids)} not found in prompt ids {row}")
         for i in hits:
             out[b, i : i + n] = 1
+        if mode == "concept+after":
+            out[b, hits[0] :] = 1
         eots = [i for i, t in enumerate(row) if t == eos_id]
         if mode == "concept+eot" and eots:
             out[b, eots[0]] = 1

@@ -185,11 +185,16 @@ def forget(
     text: str = typer.Option(None, help="Concept text; default: id with '-' as space."),
     images: Path = typer.Option(None, help="Folder of the concept's images."),
     generate: int = typer.Option(16, help="Images to generate when no --images."),
-    steps: int = typer.Option(35),
-    lr: float = typer.Option(1e-4),
-    params: str = typer.Option("to_kv", help="to_kv | attn2 | unet"),
-    positions: str = typer.Option("concept", help="concept | concept+eot | all_eot"),
-    preserve_weight: float = typer.Option(0.0, help="Weight of the anchor preservation term."),
+    # None: the default of fmn.resteer.ResteerConfig, the one place defaults live
+    steps: int = typer.Option(None, help="Re-steering steps [default: 35]."),
+    lr: float = typer.Option(None, help="Learning rate [default: 3e-3]."),
+    params: str = typer.Option(None, help="to_kv | attn2 | unet [default: to_kv]"),
+    positions: str = typer.Option(
+        None, help="concept | concept+eot | all_eot | concept+after [default: by concept type]"
+    ),
+    preserve_weight: float = typer.Option(
+        None, help="Anchor preservation weight [default: by type: 0.3 id, 1 object, 10 style]."
+    ),
     preserve: list[str] = typer.Option([], help="id:type of a concept to keep (repeatable)."),
     invert: bool = typer.Option(False, help="Textual inversion first; re-steer its tokens."),
     ti_steps: int = typer.Option(300),
@@ -205,14 +210,15 @@ def forget(
     from fmn.prepare import load_image_folder
     from fmn.resteer import ResteerConfig
 
-    cfg = ResteerConfig(
-        steps=steps,
-        lr=lr,
-        params=params,
-        positions=positions,
-        preserve_weight=preserve_weight,
-        seed=seed,
-    )
+    given = {
+        "steps": steps,
+        "lr": lr,
+        "params": params,
+        "positions": positions,
+        "preserve_weight": preserve_weight,
+        "seed": seed,
+    }
+    cfg = ResteerConfig(**{k: v for k, v in given.items() if v is not None})
     kept = [tuple(p.split(":", 1)) for p in preserve]
     if any(len(k) != 2 for k in kept):
         raise typer.BadParameter(

@@ -45,7 +45,7 @@ ConceptType = Literal["id", "object", "style", "nsfw"]
 MaskName = Literal["auto", "face", "attention", "none"]
 DetectorName = Literal["world", "face", "clip", "nudenet"]
 ResteerParams = Literal["to_kv", "attn2", "unet"]
-Positions = Literal["concept", "concept+eot", "all_eot"]
+Positions = Literal["concept", "concept+eot", "all_eot", "concept+after"]
 
 # ---------------------------------------------------------------------------------------
 # Field types shared by the models (and by their per-concept overrides)
@@ -84,6 +84,7 @@ def _check_slug(value: str) -> str:
 Slug = Annotated[str, AfterValidator(_check_slug)]
 Count = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Text = Annotated[str, Field(min_length=1)]
 Seed = Annotated[int, Field(ge=0)]  # numpy and some samplers reject negative seeds
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -171,11 +172,16 @@ class ResteerOptions(_Strict):
 
     steps: Count = 35  # the original Forget-Me-Not recipe; more starts to hurt neighbours
     """Optimisation steps."""
-    lr: PositiveFloat = 1e-4  # to_k/to_v alone tolerate more than a whole-UNet fine-tune
+    lr: PositiveFloat = 3e-3  # with preserve_weight 0.3, forgot 3 world concepts (docs/resteer.md)
     """Learning rate."""
+    # None: by concept type (fmn.resteer.TYPE_DEFAULTS): 0.3; 1 for objects, 10 for styles
+    preserve_weight: NonNegativeFloat | None = None
+    """Weight of the term that keeps generic and preserved prompts' keys/values at the base's."""
     params: ResteerParams = "to_kv"  # smallest patch, and the one closed-form merge fuses
     """Trainable parameters: attn2 to_k and to_v, all of attn2, or the whole UNet."""
-    positions: Positions = "concept"  # end-of-text is shared by every prompt: hurts the rest
+    # None: by concept type (fmn.resteer.TYPE_DEFAULTS): the concept's tokens; plus the
+    # first end-of-text for objects, plus all end-of-text for styles
+    positions: Positions | None = None
     """Token positions whose attention is suppressed (end-of-text also carries the concept)."""
     mask: MaskName = "auto"  # face for identities, attention-derived for everything else
     """Pixels that enter the loss: face boxes, the base model's attention map, or all."""
@@ -200,6 +206,7 @@ class ResteerOverride(_Strict):
 
     steps: Count | None = None
     lr: PositiveFloat | None = None
+    preserve_weight: NonNegativeFloat | None = None
     params: ResteerParams | None = None
     positions: Positions | None = None
     mask: MaskName | None = None

@@ -124,3 +124,25 @@ def test_nan_loss_stops_the_concept_by_name(tiny, star) -> None:
     with pytest.raises(ResteerError, match=r"concept 'star'.*step 0"):
         resteer(tiny, bad, ResteerConfig(steps=2))
     assert all(torch.isfinite(p).all() for p in tiny.unet.parameters())
+
+
+def test_concept_after_takes_every_later_position(clip_tokenizer_dir) -> None:
+    from fmn.world.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(clip_tokenizer_dir, 77)
+    ids = tok(
+        ["a star in the style of dots"], padding="max_length", max_length=12, return_tensors="pt"
+    ).input_ids
+    w = token_weights(ids, tok("star", add_special_tokens=False).input_ids, "concept+after")
+    assert w[0].nonzero().flatten().tolist() == list(range(2, 12))
+
+
+def test_type_defaults_and_overrides() -> None:
+    from fmn.resteer import resteer_config_for
+
+    assert resteer_config_for("id").positions == "concept"
+    assert resteer_config_for("style").positions == "all_eot"
+    assert resteer_config_for("style").preserve_weight == 10.0
+    assert resteer_config_for("object", preserve_weight=None).preserve_weight == 1.0
+    assert resteer_config_for("style", positions="concept", lr=1e-4).positions == "concept"
+    assert resteer_config_for("style", lr=1e-4).lr == 1e-4

@@ -230,7 +230,7 @@ def test_hints_say_what_to_do(tmp_path: Path) -> None:
     assert "'id', 'object', 'style' or 'nsfw'" in hints["concepts.0.type"]
     assert hints["defaults.resteer.stepz"].startswith("did you mean 'steps'?")
     assert (
-        "valid keys here are: steps, lr, params, positions, mask, batch, seed"
+        "valid keys here are: steps, lr, preserve_weight, params, positions, mask, batch, seed"
         in (hints["defaults.resteer.stepz"])
     )
 
@@ -296,7 +296,14 @@ def test_defaults_applied(tmp_path: Path) -> None:
     assert (c.images, c.generate, c.mask) == (None, 16, "auto")
     assert c.invert == InvertOptions(enabled=False, tokens=4, steps=300, lr=1e-3, init_words=None)
     assert c.resteer == ResteerOptions(
-        steps=35, lr=1e-4, params="to_kv", positions="concept", mask="auto", batch=4, seed=0
+        steps=35,
+        lr=3e-3,
+        preserve_weight=None,
+        params="to_kv",
+        positions=None,
+        mask="auto",
+        batch=4,
+        seed=0,
     )
 
 
@@ -382,7 +389,7 @@ def test_demo_manifest_targets() -> None:
     assert [(c.id, c.type, c.generate) for c in m.resolved_concepts()] == [
         ("carol", "id", 16),
         ("triangle", "object", 16),
-        ("checker", "style", 16),
+        ("outline", "style", 16),
     ]
     assert [p.id for p in m.preserve] == ["alice", "circle", "star", "dots", "stripes"]
 
