@@ -74,3 +74,27 @@ def test_base_model_draws_the_concept_it_is_asked_for(world, detector) -> None:
     assert all(img.shape == (32, 32, 3) and img.std() > 5 for img in images["star"])
     assert set(HEADS["identity"]) <= set(summary)
     assert np.isfinite([s["mscore"] for s in summary.values()]).all()
+
+
+def test_world_sample_cli_writes_a_png(tmp_path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from fmn.cli import app
+
+    out = tmp_path / "star.png"
+    args = [
+        "world",
+        "sample",
+        "a photo of a red star",
+        "--out",
+        str(out),
+        "--n",
+        "2",
+        "--steps",
+        "5",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as im:
+        assert im.width > 2 * 32 * 4 and im.height >= 32 * 4
