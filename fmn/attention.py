@@ -37,7 +37,7 @@ class AttentionStore:
         """probs: [B*heads, Nq, T] attention probabilities of one attn2 call."""
         if self.token_weights is None:
             return
-        w = self.token_weights.to(probs.dtype)
+        w = self.token_weights.to(device=probs.device, dtype=probs.dtype)
         cols = w.any(0).nonzero().flatten()  # only the columns some prompt selects
         bh, nq, t = probs.shape
         p = probs.view(bh // heads, heads, nq, t)[..., cols]

@@ -1,9 +1,19 @@
-"""Per-concept data prep: training images, VAE latents and text conditioning, computed once
-so that a re-steering step runs only the UNet."""
+"""Per-concept data prep: training images, masks, VAE latents and text conditioning,
+computed once (and cached on disk when asked) so that a re-steering step runs only the UNet.
+
+The cache is keyed by a content hash of everything that shapes the result: the image
+pixels (or the generation spec and seed), the concept's text, type and prompt templates,
+the mask settings (and user mask pixels), and the base model (UNet + text encoders'
+fingerprint, the VAE's own hash, the scheduler). Any change misses; a hit runs no model.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +34,10 @@ CONCEPT_TEMPLATES: dict[str, list[str]] = {
     ],
     "nsfw": ["a photo of {}", "a picture of {}", "an image of {}", "{}"],
 }
+CROPS = ("center", "random")
+CACHE_VERSION = 1  # bump whenever prepare's output changes for the same inputs
+CACHE_FILE, RECORD_FILE = "prep.safetensors", "prep.json"
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -35,6 +49,7 @@ class Prepared:
     masks: torch.Tensor | None  # [N, h, w] in [0, 1] at latent resolution, or None
     cond: TextConditioning  # the concept prompts, encoded once
     images: np.ndarray | None = None  # uint8 [N, H, W, 3], kept for masks and reports
+    record: dict = field(default_factory=dict)  # how it was made: source, masks, cache
 
 
 def concept_prompts(text: str, concept_type: str) -> list[str]:
@@ -45,7 +60,7 @@ def concept_prompts(text: str, concept_type: str) -> list[str]:
 def encode_images(pipe, images: np.ndarray, batch: int = 32) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> scaled latent means [N, C, h, w] (the mean: deterministic)."""
     vae = pipe.vae
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(vae.dtype).div(127.5).sub(1)
+    x = torch.tensor(images).permute(0, 3, 1, 2).to(vae.dtype).div(127.5).sub(1)
     out = [vae.encode(c.to(vae.device)).latent_dist.mean for c in x.split(batch)]
     return torch.cat(out) * vae.config.scaling_factor
 
@@ -62,48 +77,344 @@ def generate_concept_images(
     )
 
 
+# ---------------------------------------------------------------------------------------
+# Image folders
+
+
+@dataclass
+class LoadedImages:
+    pixels: np.ndarray  # uint8 [N, size, size, 3]
+    files: list[Path]
+    boxes: list[tuple[float, float, float, float]]  # crop taken from each oriented image
+    sizes: list[tuple[int, int]]  # (W, H) of each oriented image
+
+
+def _to_rgb(im):
+    """Any PIL mode -> RGB: 16-bit scaled down (a plain convert clips it to white),
+    transparency composited on white (a cut-out's hidden pixels are arbitrary)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if im.mode == "F" and a.max() <= 1:
+            top = 1.0
+        im = Image.fromarray((np.clip(a / top, 0, 1) * 255).round().astype(np.uint8))
+    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _crop_box(w: int, h: int, crop: str, rng: np.random.Generator) -> tuple[float, ...]:
+    side = min(w, h)
+    if crop == "center":
+        x, y = (w - side) / 2, (h - side) / 2
+    else:
+        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    return (x, y, x + side, y + side)
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The images of a folder; fails when there are none, before any image is decoded."""
+    from fmn.manifest import image_files
+
+    folder = Path(folder)
+    files = image_files(folder) if folder.is_dir() else []
+    if not files:
+        what = "has no .jpg/.jpeg/.png/.webp images" if folder.is_dir() else "is not a folder"
+        raise FileNotFoundError(f"{folder} {what}")
+    return files
+
+
+def load_images(folder: Path, size: int, *, crop: str = "center", seed: int = 0) -> LoadedImages:
+    """Every image of a folder as uint8 [N, size, size, 3]: EXIF orientation honoured, any
+    mode converted to RGB, the largest square (centre, or random with `seed`) resized."""
+    from PIL import Image, ImageOps
+
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    files = folder_images(folder)
+    rng = np.random.default_rng(seed)
+    out, boxes, sizes = [], [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()  # decode now, so a truncated file fails here with its name
+                im = _to_rgb(ImageOps.exif_transpose(im))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{f}: not a readable image ({e})") from None
+        box = _crop_box(im.width, im.height, crop, rng)
+        out.append(np.asarray(im.resize((size, size), Image.Resampling.LANCZOS, box=box)))
+        boxes.append(box)
+        sizes.append(im.size)
+    return LoadedImages(np.stack(out).astype(np.uint8), files, boxes, sizes)
+
+
+def load_image_folder(
+    folder: Path, size: int, *, crop: str = "center", seed: int = 0
+) -> np.ndarray:
+    """Every image of a folder as uint8 [N, size, size, 3] (see load_images)."""
+    return load_images(folder, size, crop=crop, seed=seed).pixels
+
+
+# ---------------------------------------------------------------------------------------
+# Cache
+
+
+def _sha(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()
+
+
+def _array_hash(a: np.ndarray) -> str:
+    a = np.ascontiguousarray(a)
+    return _sha(f"{a.dtype}{a.shape}".encode(), a.tobytes())
+
+
+def _module_hash(module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(f"{name}:{tuple(p.shape)}\n".encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _model_spec(pipe) -> dict:
+    """What of the base model shapes a prep: weights, and how generation samples."""
+    from fmn.models import fingerprint, model_family
+
+    return {
+        "fingerprint": fingerprint(pipe),
+        "vae": _module_hash(pipe.vae),  # the fingerprint leaves the VAE out; latents need it
+        "family": model_family(pipe),
+        "dtype": str(pipe.unet.dtype),
+        "scheduler": [type(pipe.scheduler).__name__, dict(pipe.scheduler.config)],
+    }
+
+
+def _mask_spec(mode: str, concept_type: str, no_face: str) -> dict:
+    from fmn import masks as m
+
+    if mode == "auto":
+        mode = "face" if concept_type == "id" else "attention"
+    spec: dict = {"mode": mode}
+    if mode == "face":
+        spec["face"] = [m.DETECT_MIN_SIDE, m.FACE_MIN_CONFIDENCE, "ellipse", 0.15, "largest"]
+        spec["no_face"] = no_face
+    if mode == "attention" or (mode == "face" and no_face == "attention"):
+        spec["attention"] = [
+            list(m.ATTENTION_TIMESTEPS),
+            m.ATTENTION_SPATIAL,
+            m.ATTENTION_COLOUR,
+            m.ATTENTION_THRESHOLD,
+            m.ATTENTION_DILATE,
+            m.REFINE_MAX_SIDE,
+        ]
+    return spec
+
+
+def _cache_dir(cache_dir: Path, concept_id: str, key: str) -> Path:
+    if not _SAFE_ID.fullmatch(concept_id) or ".." in concept_id:
+        raise ValueError(f"concept id {concept_id!r} cannot name a cache folder")
+    return Path(cache_dir) / concept_id / key[:16]
+
+
+def _save_cache(where: Path, data: Prepared, key: str, mask_images: np.ndarray | None) -> None:
+    from safetensors.torch import save_file
+
+    from fmn.io import atomic_path, write_json
+    from fmn.masks import save_mask_pngs
+
+    tensors = {"latents": data.latents, "cond.input_ids": data.cond.input_ids}
+    tensors["cond.embeds"] = data.cond.embeds
+    if data.cond.pooled is not None:
+        tensors["cond.pooled"], tensors["cond.time_ids"] = data.cond.pooled, data.cond.time_ids
+    if data.masks is not None:
+        tensors["masks"] = data.masks
+    if data.images is not None:
+        tensors["images"] = torch.from_numpy(data.images)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    names = [p["name"] for p in data.record["masks"]["per_image"]]
+    if mask_images is not None:  # for a person to look at; the loss reads the tensors
+        save_mask_pngs(mask_images, where / "masks", names)
+    with atomic_path(where / CACHE_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"key": key})
+    # the record goes last: it marks the entry complete, so a crash before it is a miss
+    write_json(where / RECORD_FILE, {**data.record, "key": key, "eos_id": data.cond.eos_id})
+
+
+def _load_cache(pipe, where: Path, key: str) -> tuple[dict, dict] | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        record = json.loads((where / RECORD_FILE).read_text())
+        if record.get("key") != key:
+            return None
+        with safe_open(str(where / CACHE_FILE), framework="pt") as f:
+            if f.metadata().get("key") != key:
+                return None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (OSError, ValueError, SafetensorError):  # missing or damaged: recompute
+        return None
+    return record, tensors
+
+
+def _from_cache(pipe, concept_id, concept_type, text, record, tensors) -> Prepared:
+    dev, dtype = pipe.unet.device, pipe.unet.dtype
+    cond = TextConditioning(
+        prompts=record["prompts"],
+        input_ids=tensors["cond.input_ids"],
+        embeds=tensors["cond.embeds"].to(dev, dtype),
+        pooled=tensors["cond.pooled"].to(dev, dtype) if "cond.pooled" in tensors else None,
+        time_ids=tensors["cond.time_ids"].to(dev, dtype) if "cond.time_ids" in tensors else None,
+        eos_id=record["eos_id"],
+    )
+    images = tensors["images"].numpy() if "images" in tensors else None
+    return Prepared(
+        concept_id,
+        concept_type,
+        text,
+        tensors["latents"].to(pipe.vae.device, pipe.vae.dtype),
+        tensors.get("masks"),
+        cond,
+        images,
+        {**record, "cache": "hit"},
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Prepare
+
+
 def prepare_concept(
     pipe,
     concept_id: str,
     concept_type: str,
     text: str,
     *,
-    images: np.ndarray | None = None,
+    images: np.ndarray | Path | str | None = None,
     generate: int = 16,
     masks: np.ndarray | None = None,
     seed: int = 0,
+    mask: str | Path = "none",
+    image_names: list[str] | None = None,
+    crop: str = "center",
+    no_face: str = "attention",
+    cache_dir: Path | None = None,
 ) -> Prepared:
-    """Images (given, or generated), their latents, and the concept prompts' conditioning."""
+    """Images (an array, a folder, or `generate` from the base model), their latents, masks
+    and the concept prompts' conditioning; with `cache_dir`, loaded from there when nothing
+    that shapes them changed (see the module docstring).
+
+    mask: none | auto | face | attention | a Path to a folder of user masks (see
+    fmn.masks.concept_masks); `masks` passes ready-made [N, H, W] masks instead.
+    """
+    from fmn.masks import MASK_MODES, concept_masks, load_user_masks
+    from fmn.models import model_info
+
+    t0 = time.time()
+    if concept_type not in CONCEPT_TEMPLATES:
+        raise ValueError(
+            f"concept type must be one of {list(CONCEPT_TEMPLATES)}, got {concept_type!r}"
+        )
+    if masks is not None and mask != "none":
+        raise ValueError("pass either ready-made masks or a mask mode, not both")
+    if isinstance(mask, str) and mask not in MASK_MODES:
+        raise ValueError(f"mask must be one of {MASK_MODES} or a folder Path, got {mask!r}")
+    if isinstance(images, str | Path):
+        folder_images(Path(images))  # an empty folder fails before any model work
+    size = model_info(pipe).sample_size
+    crops = sizes = None
+    if isinstance(images, str | Path):
+        source: dict = {"folder": str(images), "crop": crop}
+        loaded = load_images(Path(images), size, crop=crop, seed=seed)
+        images, crops, sizes = loaded.pixels, loaded.boxes, loaded.sizes
+        image_names = [f.name for f in loaded.files]
+    elif images is not None:
+        if len(images) == 0:
+            raise ValueError(f"concept {concept_id!r}: no training images")
+        source = {"array": len(images)}
+    else:
+        source = {"generate": generate, "seed": seed}
+    n = len(images) if images is not None else generate
+    if image_names is None:
+        image_names = [f"{i:04d}" for i in range(n)]
+    if len(image_names) != n:
+        raise ValueError(f"{len(image_names)} image names for {n} images")
+    if masks is not None and (images is None or masks.shape != images.shape[:3]):
+        got = getattr(masks, "shape", None)
+        raise ValueError(f"masks must be [N, H, W] like the images' {n} x H x W, got {got}")
+    if isinstance(mask, Path):
+        if images is None:
+            raise ValueError("user masks need image files to match by name, not generated images")
+        hw = images.shape[1:3]
+        masks = load_user_masks(mask, image_names, hw, crops, sizes)
+        mask_spec: dict = {"mode": "user", "folder": str(mask)}
+    elif masks is not None:
+        mask_spec = {"mode": "given"}
+    else:
+        mask_spec = _mask_spec(mask, concept_type, no_face)
+    prompts = concept_prompts(text, concept_type)
+    spec = {
+        "version": CACHE_VERSION,
+        "type": concept_type,
+        "text": text,
+        "prompts": prompts,
+        "source": {k: v for k, v in source.items() if k != "folder"},  # pixels, not paths
+        "images": _array_hash(images) if images is not None else None,
+        "masks": mask_spec,
+        "mask_pixels": _array_hash(masks) if masks is not None else None,
+        "model": _model_spec(pipe) if cache_dir is not None else None,
+    }
+    key = _sha(json.dumps(spec, sort_keys=True, default=str).encode())
+    where = _cache_dir(cache_dir, concept_id, key) if cache_dir is not None else None
+    if where is not None and (hit := _load_cache(pipe, where, key)) is not None:
+        return _from_cache(pipe, concept_id, concept_type, text, *hit)
+
     if images is None:
         images = generate_concept_images(pipe, text, concept_type, generate, seed)
     latents = encode_images(pipe, images)
+    if masks is not None:
+        mask_record = {
+            "mode": mask_spec["mode"],
+            "per_image": [{"name": s, "method": mask_spec["mode"]} for s in image_names],
+        }
+        if "folder" in mask_spec:
+            mask_record["folder"] = mask_spec["folder"]
+    else:
+        masks, mask_record = concept_masks(
+            pipe,
+            images,
+            text,
+            concept_type,
+            mask,
+            image_names=image_names,
+            latents=latents,
+            no_face=no_face,
+        )
     lat_masks = None
     if masks is not None:
-        m = torch.from_numpy(masks).float()[:, None]
+        m = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
         lat_masks = torch.nn.functional.interpolate(m, size=latents.shape[-2:], mode="area")[:, 0]
     h, w = images.shape[1:3]
-    cond = encode_text(pipe, concept_prompts(text, concept_type), image_hw=(h, w))
-    return Prepared(concept_id, concept_type, text, latents, lat_masks, cond, images)
-
-
-def load_image_folder(folder: Path, size: int) -> np.ndarray:
-    """Every image of a folder as uint8 [N, size, size, 3]: EXIF orientation honoured,
-    any mode converted to RGB, shorter side resized to `size`, centre-cropped."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from fmn.manifest import image_files
-
-    files = image_files(Path(folder)) if Path(folder).is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"{folder}: no .jpg/.jpeg/.png/.webp images in this folder")
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im = ImageOps.exif_transpose(im)
-                im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "LA", "RGBA") else im
-                im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
-                out.append(np.asarray(im, dtype=np.uint8))
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{f}: not a readable image ({e})") from None
-    return np.stack(out)
+    cond = encode_text(pipe, prompts, image_hw=(h, w))
+    record = {
+        "concept": {"id": concept_id, "type": concept_type, "text": text},
+        "source": source,
+        "images": len(images),
+        "names": image_names,
+        "prompts": prompts,
+        "masks": mask_record,
+        "model": spec["model"],
+        "seconds": round(time.time() - t0, 3),
+        "cache": "miss" if where is not None else "off",
+    }
+    data = Prepared(concept_id, concept_type, text, latents, lat_masks, cond, images, record)
+    if where is not None:
+        _save_cache(where, data, key, masks)
+    return data

@@ -126,10 +126,11 @@ def _unet_step(unet, sched, data: Prepared, idx_img, idx_txt, t, noise) -> None:
 
 
 @torch.no_grad()
-def measure_attention(unet, data: Prepared, weights: torch.Tensor, seed: int = 1234) -> float:
+def measure_attention(
+    unet, sched: DDPMScheduler, data: Prepared, weights: torch.Tensor, seed: int = 1234
+) -> float:
     """Mean attention mass on the concept's tokens over every (image, prompt) pair at a few
     fixed timesteps: the quantity re-steering drives down."""
-    sched = DDPMScheduler(num_train_timesteps=1000)
     gen = torch.Generator().manual_seed(seed)
     store = AttentionStore()
     store.latent_hw = tuple(data.latents.shape[-2:])
@@ -169,7 +170,8 @@ def resteer(
     anchor_states = None
     if anchors is not None and cfg.preserve_weight > 0:
         anchor_states = anchors.embeds.reshape(-1, anchors.embeds.shape[-1])
-    before = measure_attention(unet, data, weights)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's own noise schedule
+    before = measure_attention(unet, sched, data, weights)
 
     was_training = unet.training
     unet.eval()  # no dropout: the loss must be deterministic given the seed
@@ -177,7 +179,6 @@ def resteer(
     for p in params.values():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(cfg.seed)
     store = AttentionStore()
     store.latent_hw = tuple(data.latents.shape[-2:])
@@ -212,7 +213,7 @@ def resteer(
                     progress(step + 1, cfg.steps, losses[-1])
         for p in params.values():
             p.requires_grad_(False)
-        after = measure_attention(unet, data, weights)
+        after = measure_attention(unet, sched, data, weights)
         deltas = {n: (p.detach() - base[n]).clone() for n, p in params.items()}
     finally:
         with torch.no_grad():  # leave the caller's model exactly as it came
