@@ -136,16 +136,13 @@ def world_build(
 def _measure_world(path: Path, update, quick: bool = False) -> dict:
     """Classifier accuracy and base M-Score of a built world; writes grid.png beside it.
     quick: a handful of images, 2 steps (plumbing only)."""
-    from diffusers import AutoencoderKL
-
     from fmn.models import load_pipeline
     from fmn.mscore.detectors import WorldDetector
     from fmn.world.evaluate import base_mscore, classifier_accuracy
 
     pipe = load_pipeline(str(path))
     detector = WorldDetector(path / "classifier")
-    vae = AutoencoderKL.from_pretrained(path / "vae").eval()
-    acc = classifier_accuracy(detector, vae, n=64 if quick else 2000)
+    acc = classifier_accuracy(detector, pipe.vae, n=64 if quick else 2000)
     size = {"prompts": 1, "seeds": (0,), "steps": 2} if quick else {}
     summary, images = base_mscore(pipe, detector, lambda d, t: update("base M-Score", d, t), **size)
     write_with(path / "grid.png", lambda p: _concept_grid(images).save(p, format="PNG"))
