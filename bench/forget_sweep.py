@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--out", default="bench/results/forget_sweep.json")
+    ap.add_argument("--mask", default="none", help="none | auto | face | attention")
     ap.add_argument("--extra-templates", nargs="*", default=[], help="TYPE=TEMPLATE, added")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -79,7 +80,7 @@ def main() -> None:
     rows = []
     for target in args.targets:
         c = get_concept(target)
-        data = prepare_concept(pipe, c.id, c.type, c.text, generate=16)
+        data = prepare_concept(pipe, c.id, c.type, c.text, generate=16, mask=args.mask)
         anchors = encode_text(pipe, anchor_prompts({c.text}))
         for values in itertools.product(*(grid[k] for k in keys)):
             cfg = resteer_config_for(c.type, **dict(zip(keys, values, strict=True)))
@@ -96,6 +97,7 @@ def main() -> None:
                 "steps": cfg.steps,
                 "positions": cfg.positions,
                 "preserve_weight": cfg.preserve_weight,
+                "mask": args.mask,
                 "target_base": round(base[target]["mscore"], 3),
                 "target_after": round(after[target]["mscore"], 3),
                 "target_ratio": round(ratios[target], 3),

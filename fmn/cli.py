@@ -193,6 +193,7 @@ def forget(
         None, help="Anchor preservation weight [default: by type: 0.3 id, 1 object, 10 style]."
     ),
     preserve: list[str] = typer.Option([], help="id:type of a concept to keep (repeatable)."),
+    mask: str = typer.Option("none", help="none | auto | face | attention | a mask folder"),
     invert: bool = typer.Option(False, help="Textual inversion first; re-steer its tokens."),
     ti_steps: int = typer.Option(300),
     ti_tokens: int = typer.Option(4),
@@ -238,6 +239,7 @@ def forget(
             images=pixels,
             generate=generate,
             preserve=[(k[0].replace("-", " "), k[1]) for k in kept],
+            mask=Path(mask) if Path(mask).is_dir() else mask,
             progress=update,
         )
     path = save_patch(res.patch, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -71,9 +72,12 @@ def forget_concept(
     images: np.ndarray | None = None,
     generate: int = 16,
     preserve: list[tuple[str, str]] | None = None,
+    mask: str | Path = "none",
+    cache_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> ForgetResult:
-    """Forget one concept from `pipe`; returns its patch. `pipe` is left as it came."""
+    """Forget one concept from `pipe`; returns its patch. `pipe` is left as it came.
+    mask: none | auto | face | attention | a folder of user masks (fmn.masks)."""
     tick = progress or (lambda *a: None)
     base = fingerprint(pipe)
     data = prepare_concept(
@@ -84,6 +88,8 @@ def forget_concept(
         images=images,
         generate=generate,
         seed=resteer_cfg.seed,
+        mask=mask,
+        cache_dir=cache_dir,
     )
     hw = data.images.shape[1:3]
     anchors = concept_anchors(pipe, data, preserve or [], hw)
@@ -118,6 +124,8 @@ def forget_concept(
             "resteer": result.config,
             "invert": asdict(invert_cfg) if invert_cfg else None,
             "preserve": [list(p) for p in preserve or []],
+            "mask": str(mask),
+            "mask_record": data.record.get("masks") if data.record else None,
         },
         base_fingerprint=base,
         extra={

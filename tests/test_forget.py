@@ -60,3 +60,19 @@ def test_forget_chain(family: str, clip_tokenizer_dir, tmp_path) -> None:
 
     save_ti(res.ti, tmp_path / "ti.safetensors")
     assert load_ti(tmp_path / "ti.safetensors", pipe)
+
+
+def test_forget_with_attention_masks_records_them(clip_tokenizer_dir) -> None:
+    torch.set_num_threads(1)
+    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = ResteerConfig(steps=2, lr=1e-2)
+    masked = forget_concept(pipe, "star", "object", "star", cfg, generate=2, mask="attention")
+    plain = forget_concept(pipe, "star", "object", "star", cfg, generate=2)
+    record = masked.patch.config["mask_record"]
+    assert masked.patch.config["mask"] == "attention"
+    assert [p["method"] for p in record["per_image"]] == ["attention", "attention"]
+    assert plain.patch.config["mask_record"]["mode"] == "none"
+    # the mask changes which pixels enter the loss, so the patches differ
+    name = next(iter(plain.patch.deltas))
+    assert not torch.equal(masked.patch.deltas[name], plain.patch.deltas[name])
