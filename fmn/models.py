@@ -72,7 +72,7 @@ class ModelInfo:
 
 def embedded_path(name: str = "tiny-world") -> Path:
     """Folder of an embedded model shipped in the package (it may not be built yet)."""
-    return Path(fmn.world.__file__).parent / "assets" / name
+    return fmn.world.EMBEDDED_DIR.parent / name
 
 
 def load_pipeline(

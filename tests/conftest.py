@@ -15,9 +15,21 @@ from pathlib import Path
 import pytest
 
 from fmn.world.tokenizer import write_clip_tokenizer_files
+from tests.tiny import FAMILIES, build_tiny_pipeline
 
 
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real 49408-token CLIP tokenizer, built offline, with SD's 77-token context."""
     return write_clip_tokenizer_files(tmp_path_factory.mktemp("clip-tokenizer"), 77)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, clip_tokenizer_dir):
+    """A tiny in-memory pipeline of each family, built once per test module."""
+    import torch
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_pipeline(request.param, clip_tokenizer_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -16,15 +16,6 @@ from fmn.attention import (
 from fmn.conditioning import encode_text
 from fmn.prepare import prepare_concept
 from fmn.resteer import ResteerConfig, ResteerError, resteer
-from tests.tiny import FAMILIES, build_tiny_pipeline
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request, clip_tokenizer_dir):
-    torch.set_num_threads(1)
-    pipe = build_tiny_pipeline(request.param, clip_tokenizer_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

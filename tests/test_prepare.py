@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fmn.prepare import load_image_folder, load_images, prepare_concept
-from tests.tiny import FAMILIES, build_tiny_pipeline
+from tests.tiny import build_tiny_pipeline
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -109,12 +109,9 @@ class _NoModel:
 # Prepare and its cache
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def pipe(request, clip_tokenizer_dir):
-    torch.set_num_threads(1)
-    p = build_tiny_pipeline(request.param, clip_tokenizer_dir)
-    p.set_progress_bar_config(disable=True)
-    return p
+@pytest.fixture(scope="module")
+def pipe(tiny):
+    return tiny  # the shared per-family tiny pipeline (tests/conftest.py)
 
 
 class _Counter:
