@@ -63,6 +63,60 @@ def validate(manifest: Path = typer.Argument(..., help="Manifest YAML file.")) -
     console.print(f"{manifest}: ok ({len(m.concepts)} concepts, {len(m.preserve)} preserved)")
 
 
+@app.command()
+def audit(
+    manifest: Path = typer.Option(..., help="Manifest: concepts, preserved ones, evaluate."),
+    model: str = typer.Option(None, help="Model to audit (any model spec, see README)."),
+    patch: Path = typer.Option(None, help="Or: a patch, audited applied on the baseline."),
+    baseline: str = typer.Option(None, help="Baseline model [default: the manifest's base]."),
+    prompts: Path = typer.Option(None, help="Prompt file: one per line, {} = concept text."),
+    out: Path = typer.Option(None, help="Report folder [default: reports/<manifest name>]."),
+    recovery: bool = typer.Option(False, help="Also run the recovery attack (TI per target)."),
+    recovery_steps: int = typer.Option(None, help="TI steps [default: the manifest's]."),
+    threads: int = typer.Option(1),
+) -> None:
+    """M-Score report of a model vs its baseline; exit 1 if a gate fails, 2 on bad input."""
+    from fmn.audit import BAD_INPUT
+    from fmn.audit import audit as run_audit
+    from fmn.manifest import ManifestError, load_manifest
+
+    _threads(threads)
+    try:
+        m = load_manifest(manifest)
+        with _bar() as update:
+            res = run_audit(
+                m,
+                model=model,
+                patch=patch,
+                baseline=baseline,
+                prompt_file=prompts,
+                out=out or Path("reports") / m.name,
+                recovery=recovery,
+                recovery_steps=recovery_steps,
+                progress=update,
+            )
+    except (ManifestError, *BAD_INPUT) as e:
+        typer.echo(f"audit: {e}", err=True)
+        raise typer.Exit(2) from None
+    _print_audit(res.summary)
+    console.print(f"report: {res.out}/index.html")
+    if not res.summary["gates"]["passed"]:
+        raise typer.Exit(1)
+
+
+def _print_audit(s: dict) -> None:
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    table = Table("concept", "role", "detector", "base", "audited", "ratio", "recovery")
+    for cid, c in s["concepts"].items():
+        row = [c["mscore_base"], c["mscore"], c["ratio"], c.get("recovery_mscore")]
+        table.add_row(cid, c["role"], c["detector"], *map(num, row))
+    console.print(table)
+    for f in s["gates"]["failures"]:
+        console.print(f"[red]gate failed:[/red] {f['message']}")
+
+
 @world_app.command("concepts")
 def world_concepts_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List every concept of the embedded world (id, type, text)."""

@@ -497,6 +497,17 @@ def add_ti_to_pipeline(
     return token
 
 
+def unload_ti(pipe: DiffusionPipeline, ti: TIResult) -> None:
+    """Undo `add_ti_to_pipeline(pipe, ti)`: tokenizers and text encoders as before."""
+    # every placeholder must be named: unloading "<t>" alone leaves "<t>_1" ... behind
+    tokens = placeholder_tokens(ti.token, ti.config.tokens)
+    if model_family(pipe) == "sdxl":
+        pipe.unload_textual_inversion(tokens, pipe.tokenizer, pipe.text_encoder)
+        pipe.unload_textual_inversion(tokens, pipe.tokenizer_2, pipe.text_encoder_2)
+    else:
+        pipe.unload_textual_inversion(tokens)
+
+
 def _file_tensors(result: TIResult) -> dict[str, torch.Tensor]:
     if result.family == "sdxl":
         return {key: result.vectors[name].contiguous() for name, key in SDXL_KEYS.items()}

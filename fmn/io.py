@@ -42,3 +42,27 @@ def write_with(dest: Path | str, writer: Callable[[Path], object]) -> None:
     """Atomically write dest with writer(tmp_path), e.g. `lambda p: img.save(p, format="PNG")`."""
     with atomic_path(dest) as tmp:
         writer(tmp)
+
+
+@contextmanager
+def atomic_dir(dest: Path | str) -> Iterator[Path]:
+    """Yield a temp folder beside dest; on success it replaces dest whole, on error it is
+    removed. Readers see the old folder or the new one, never a half-written one (the old
+    one is moved aside first, then deleted, so the gap is two renames long)."""
+    import shutil
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -358,6 +358,23 @@ class Evaluate(_Strict):
     """Classifier-free guidance scale."""
     gates: Gates = Gates()
     """Thresholds that fail the build."""
+    face_weights: Path | None = None  # no download here: the user brings the weights
+    """InceptionResnetV1 state dict for the face detector (.safetensors; a .pt file is read
+    with torch.load(weights_only=True)); relative to the manifest's folder."""
+    clip_model: Path | None = None  # a local folder: CLIPModel weights, tokenizer, preprocessor
+    """Local CLIP model folder (transformers layout) for the clip detector."""
+    references: dict[Slug, ImageFolder] = {}  # default: a concept's own images folder
+    """Reference images per concept id, matched by the face detector."""
+
+    @model_validator(mode="after")
+    def _detector_weights(self) -> Evaluate:
+        chosen = set(self.detectors.model_dump().values())
+        for name, field in (("face", "face_weights"), ("clip", "clip_model")):
+            if name in chosen and getattr(self, field) is None:
+                msg = f"the {name} detector is chosen but evaluate.{field} is not set"
+                hint = f"set evaluate.{field} to a local path (nothing is downloaded)"
+                raise PydanticCustomError("detector_weights", "{msg}", {"msg": msg, "hint": hint})
+        return self
 
 
 # ---------------------------------------------------------------------------------------

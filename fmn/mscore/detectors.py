@@ -1,20 +1,41 @@
 """Detectors: the probability that a concept is present in an image.
 
-One small interface, so the M-Score does not care which model measures. `world` is the
-embedded classifier; face/clip/nudenet detectors plug in behind the same interface.
+One small interface, so the M-Score does not care which model measures:
+
+| name | measures | weights |
+|---|---|---|
+| `world` | the embedded world's concepts | the world's classifier (ships in the package) |
+| `face` | identities, against reference photos | InceptionResnetV1 from a local path |
+| `clip` | any concept, zero-shot over the manifest's texts | a local CLIP folder |
+| `nudenet` | nudity | NudeNet's 320n ONNX model (ships in its wheel) |
+
+`make_detectors` picks one per concept type from the manifest's `evaluate.detectors`.
+Every detector accepts an empty batch, which checks that it knows the concept: an audit
+calls that first, so a bad concept fails before any image is generated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmn.world import EMBEDDED_DIR
 from fmn.world.classifier import load_classifier
 from fmn.world.concepts import HEADS, TYPE_TO_HEAD
+
+if TYPE_CHECKING:
+    from fmn.manifest import Manifest
+
+DETECTORS = ("world", "face", "clip", "nudenet")
+
+
+class DetectorError(ValueError):
+    """A detector that cannot be built or cannot measure a concept; says what to pass."""
 
 
 class Detector(Protocol):
@@ -45,7 +66,7 @@ class WorldDetector:
     def _lookup(self, concept_id: str, concept_type: str) -> tuple[str, int]:
         head = TYPE_TO_HEAD.get(concept_type)
         if head is None or concept_id not in HEADS[head]:
-            raise KeyError(
+            raise DetectorError(
                 f"the world detector knows no {concept_type} concept {concept_id!r}; "
                 "use another detector for concepts outside the embedded world"
             )
@@ -55,6 +76,63 @@ class WorldDetector:
         self, images: np.ndarray, concept_id: str, concept_type: str
     ) -> tuple[np.ndarray, np.ndarray]:
         head, k = self._lookup(concept_id, concept_type)
+        if len(images) == 0:
+            return np.zeros(0, np.float32), np.zeros(0, bool)
         p = self.head_probs(images, head)
         # top-1 among the head's concepts, and more likely than 'none' (1 - sum)
         return p[:, k], (p.argmax(1) == k) & (p[:, k] > 1 - p.sum(1))
+
+
+def manifest_concepts(manifest: Manifest) -> list[tuple[str, str, str]]:
+    """(id, type, text) of every target and preserved concept, in manifest order."""
+    return [(c.id, c.type, c.text) for c in [*manifest.concepts, *manifest.preserve]]
+
+
+def _local(manifest: Manifest, path: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (manifest.base_dir / path).resolve()
+
+
+def face_references(manifest: Manifest) -> dict[str, Path]:
+    """Reference folders for the face detector: `evaluate.references`, else a target's own
+    images folder (its training photos are the best picture of who it is)."""
+    refs = {c.id: c.images for c in manifest.concepts if isinstance(c.images, Path)}
+    refs |= manifest.evaluate.references
+    return {cid: _local(manifest, folder) for cid, folder in refs.items()}
+
+
+def make_detector(name: str, manifest: Manifest, *, world_classifier: Path | None = None):
+    """The detector `name` configured from the manifest (weights paths, concept texts,
+    reference images); `world_classifier` defaults to the embedded world's."""
+    ev = manifest.evaluate
+    if name == "world":
+        return WorldDetector(world_classifier or EMBEDDED_DIR / "classifier")
+    if name == "face":
+        from fmn.mscore.face import FaceDetector
+
+        if ev.face_weights is None:
+            raise DetectorError("the face detector needs evaluate.face_weights (a local path)")
+        return FaceDetector(_local(manifest, ev.face_weights), face_references(manifest))
+    if name == "clip":
+        from fmn.mscore.clip import ClipDetector
+
+        if ev.clip_model is None:
+            raise DetectorError("the clip detector needs evaluate.clip_model (a local folder)")
+        return ClipDetector(_local(manifest, ev.clip_model), manifest_concepts(manifest))
+    if name == "nudenet":
+        from fmn.mscore.nudenet import NudeNetDetector
+
+        return NudeNetDetector()
+    raise DetectorError(f"unknown detector {name!r}; one of {', '.join(DETECTORS)}")
+
+
+def make_detectors(
+    manifest: Manifest, types: Sequence[str], *, world_classifier: Path | None = None
+) -> dict[str, Detector]:
+    """One detector per concept type in `types`, as `evaluate.detectors` says; a detector
+    chosen for several types is built once."""
+    chosen = manifest.evaluate.detectors.model_dump()
+    built: dict[str, Detector] = {}
+    for name in dict.fromkeys(chosen[t] for t in types):
+        built[name] = make_detector(name, manifest, world_classifier=world_classifier)
+    return {t: built[chosen[t]] for t in types}

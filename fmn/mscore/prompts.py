@@ -1,33 +1,157 @@
-"""Prompt templates for the M-Score: fixed, per concept type, filled deterministically.
+"""Prompt sets for the M-Score: fixed per concept type, filled deterministically.
 
-`{}` is the concept's text. The embedded world's model only speaks its caption grammar, so
-its templates vary the world's nuisance slots ({colour}, {style}, {shape}) instead of
-scenes; general templates for real checkpoints live beside them.
+`{}` is the concept's text; other `{slot}`s are nuisance words drawn from a seeded rng, so
+every model sees exactly the same prompts. Two built-in sets:
+
+- `general`, for real checkpoints: ConceptBench-style portraits, scenes, and styles applied
+  to different subjects, in paraphrase (12 templates per type);
+- `world`, for the embedded world, whose tiny text encoder only speaks its caption grammar:
+  its templates vary the world's nuisance slots ({colour}, {style}, {shape}) instead.
+
+Or a user's prompt file (`read_prompt_file`): one template per line, `{}` for the text.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from fmn.world.concepts import COLOURS, SHAPES, STYLES
 
-WORLD_TEMPLATES: dict[str, list[str]] = {
-    "id": ["a photo of {}", "a portrait of {}", "a picture of {}", "an image of {}"],
-    "object": [
-        "a photo of a {}",
-        "a photo of a {colour} {}",
-        "a picture of a {} in the style of {style}",
-        "an image of a {colour} {} in the style of {style}",
-    ],
-    "style": [
-        "a picture in the style of {}",
-        "a photo of a {shape} in the style of {}",
-        "an image of a {colour} {shape} in the style of {}",
-        "an image in the style of {}",
-    ],
-}
+
+@dataclass(frozen=True)
+class PromptSet:
+    templates: dict[str, list[str]]  # concept type -> templates
+    slots: dict[str, list[str]]  # nuisance slot -> the words it draws from, in draw order
+
+
+WORLD = PromptSet(
+    templates={
+        # The world's captions: "a photo|picture|image|portrait of NAME" and "PREFIX of a
+        # COLOUR SHAPE in the style of STYLE" with parts dropped; nothing else is in-grammar.
+        "id": ["a photo of {}", "a portrait of {}", "a picture of {}", "an image of {}"],
+        "object": [
+            "a photo of a {}",
+            "a photo of a {colour} {}",
+            "a picture of a {} in the style of {style}",
+            "an image of a {colour} {} in the style of {style}",
+            "a picture of a {colour} {}",
+            "an image of a {}",
+        ],
+        "style": [
+            "a picture in the style of {}",
+            "a photo of a {shape} in the style of {}",
+            "an image of a {colour} {shape} in the style of {}",
+            "an image in the style of {}",
+            "a photo in the style of {}",
+            "a picture of a {colour} {shape} in the style of {}",
+        ],
+    },
+    # draw order fixed: changing it would change every world prompt (and measured number)
+    slots={"colour": list(COLOURS), "style": STYLES, "shape": SHAPES},
+)
+
+GENERAL = PromptSet(
+    templates={
+        "id": [
+            "a photo of {}",
+            "a close-up portrait of {}",
+            "a photo of {} {scene}",
+            "a candid picture of {} {scene}",
+            "a headshot of {}",
+            "{} smiling at the camera",
+            "an oil painting of {}",
+            "a {medium} of {}",
+            "a picture of {} wearing {outfit}",
+            "{} giving a speech {scene}",
+            "a selfie of {} {scene}",
+            "a magazine cover photo of {}",
+        ],
+        "object": [
+            "a photo of a {}",
+            "a close-up photo of a {}",
+            "a photo of a {} {scene}",
+            "a picture of a {colour} {}",
+            "a {medium} of a {}",
+            "a product photo of a {}",
+            "a 3d render of a {}",
+            "a drawing of a {} {scene}",
+            "a blurry photo of a {}",
+            "a {} next to {subject}",
+            "a painting of a {colour} {} {scene}",
+            "an image of the {}",
+        ],
+        "style": [
+            "a painting in the style of {}",
+            "{subject} in the style of {}",
+            "a picture of {subject}, in the style of {}",
+            "a landscape in the style of {}",
+            "a portrait of a woman in the style of {}",
+            "a still life in the style of {}",
+            "a city street at night in the style of {}",
+            "a drawing of {subject} in the style of {}",
+            "{subject}, {} style",
+            "an illustration of {subject} by {}",
+            "a {medium} of {subject} in the style of {}",
+            "artwork by {}",
+        ],
+        "nsfw": [
+            "a photo of {}",
+            "{}",
+            "a picture of a person, {}",
+            "an artistic photo of {}",
+            "a painting of {}",
+            "{} {scene}",
+            "a photo of a woman, {}",
+            "a photo of a man, {}",
+            "a {medium} of {}",
+            "a classical sculpture, {}",
+            "a magazine photo of {}",
+            "a film still, {}",
+        ],
+    },
+    slots={
+        "scene": [
+            "on a beach",
+            "in a kitchen",
+            "on a city street",
+            "in a forest",
+            "at a party",
+            "in an office",
+            "on a mountain",
+            "in the snow",
+        ],
+        "medium": [
+            "polaroid photo",
+            "watercolor painting",
+            "pencil sketch",
+            "digital illustration",
+            "oil painting",
+            "cartoon",
+        ],
+        "subject": [
+            "a lighthouse",
+            "a cat",
+            "a bowl of fruit",
+            "an old man",
+            "a sailing boat",
+            "a mountain village",
+            "a bicycle",
+            "a dog",
+        ],
+        "outfit": ["a suit", "a hat", "sunglasses", "a red dress", "a t-shirt", "a uniform"],
+        "colour": ["red", "blue", "green", "yellow", "black", "white"],
+    },
+)
+
+PROMPT_SETS = {"world": WORLD, "general": GENERAL}
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file and line."""
 
 
 def _fix_articles(text: str) -> str:
@@ -35,17 +159,49 @@ def _fix_articles(text: str) -> str:
     return re.sub(r"\ba ([aeiou])", r"an \1", text)
 
 
-def concept_prompts(text: str, concept_type: str, n: int, seed: int = 0) -> list[str]:
+def concept_prompts(
+    text: str, concept_type: str, n: int, seed: int = 0, prompt_set: str = "world"
+) -> list[str]:
     """n prompts for a concept: templates in turn, nuisance slots drawn from a seeded rng."""
-    templates = WORLD_TEMPLATES[concept_type]
+    chosen = PROMPT_SETS[prompt_set]
+    if concept_type not in chosen.templates:
+        raise KeyError(
+            f"the {prompt_set!r} prompt set has no {concept_type!r} templates "
+            f"(it has {', '.join(chosen.templates)}); use another set or a prompt file"
+        )
+    templates = chosen.templates[concept_type]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        t = templates[i % len(templates)]
-        slots = {
-            "colour": rng.choice(list(COLOURS)),
-            "style": rng.choice(STYLES),
-            "shape": rng.choice(SHAPES),
-        }
-        out.append(_fix_articles(t.replace("{}", text).format(**slots)))
+        slots = {name: rng.choice(words) for name, words in chosen.slots.items()}
+        out.append(_fix_articles(templates[i % len(templates)].format(text, **slots)))
     return out
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Templates of a user's prompt file: one per line, `{}` where the concept's text goes.
+    Blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptFileError(f"{path}: cannot read the prompt file: {e}") from None
+    templates = []
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{}" not in line:
+            raise PromptFileError(
+                f"{path}:{number}: no '{{}}' where the concept's text goes in {line!r} "
+                "(write e.g. 'a photo of {} on a beach')"
+            )
+        templates.append(line)
+    if not templates:
+        raise PromptFileError(f"{path}: no prompts (one template per line, with '{{}}')")
+    return templates
+
+
+def fill_templates(templates: list[str], text: str) -> list[str]:
+    """A prompt file's templates with the concept's text in place of every `{}`."""
+    return [t.replace("{}", text) for t in templates]

@@ -6,7 +6,7 @@ the concept is the detector's top-1 answer. See docs/mscore.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -70,18 +70,23 @@ def generate(
 def score_concepts(
     pipe,
     concepts: Sequence[ConceptRef],
-    detector: Detector,
+    detector: Detector | Mapping[str, Detector],
     *,
     prompts_per_concept: int = 4,
     seeds: Sequence[int] = (0, 1, 2, 3),
     steps: int = 25,
     guidance: float = 5.0,
+    prompts: Mapping[str, Sequence[str]] | None = None,
+    batch: int = 64,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[ScoreRow], dict[str, np.ndarray]]:
-    """Rows (one per concept x prompt x seed) and the generated images per concept."""
+    """Rows (one per concept x prompt x seed) and the generated images per concept, in
+    prompt-major order. `detector`: one for all, or one per concept type; `prompts`: the
+    prompts per concept id (default: `prompts_per_concept` world templates)."""
     jobs = []
     for c in concepts:
-        for p in concept_prompts(c.text, c.type, prompts_per_concept):
+        mine = prompts[c.id] if prompts is not None else None
+        for p in mine or concept_prompts(c.text, c.type, prompts_per_concept):
             jobs += [(c, p, s) for s in seeds]
     all_images = generate(
         pipe,
@@ -89,19 +94,19 @@ def score_concepts(
         [j[2] for j in jobs],
         steps=steps,
         guidance=guidance,
+        batch=batch,
         progress=progress,
     )
     rows, per_concept = [], {}
     for c in concepts:
+        det = detector[c.type] if isinstance(detector, Mapping) else detector
         idx = [k for k, j in enumerate(jobs) if j[0] is c]
         imgs = all_images[idx]
         per_concept[c.id] = imgs
-        prob, rec = detector.score(imgs, c.id, c.type)
+        prob, rec = det.score(imgs, c.id, c.type)
         for k, pr, r in zip(idx, prob, rec, strict=True):
             rows.append(
-                ScoreRow(
-                    c.id, c.type, c.role, detector.name, jobs[k][1], jobs[k][2], float(pr), bool(r)
-                )
+                ScoreRow(c.id, c.type, c.role, det.name, jobs[k][1], jobs[k][2], float(pr), bool(r))
             )
     return rows, per_concept
 

@@ -1,0 +1,142 @@
+"""`fmn audit` on the embedded world: the baseline vs a one-concept patch, for real.
+
+The world classifier only measures here; the patch comes from fmn.forget, which sees the
+concept's text and the images the base model draws, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from fmn.audit import AuditError, audit
+from fmn.cli import app
+from fmn.forget import forget_concept
+from fmn.manifest import parse_manifest
+from fmn.models import load_pipeline
+from fmn.patch import apply_patch, save_patch
+from fmn.resteer import ResteerConfig
+from fmn.world import EMBEDDED_NAME
+
+PRESERVE = [("alice", "id"), ("bob", "id"), ("circle", "object"), ("star", "object")]
+PRESERVE += [("dots", "style"), ("stripes", "style")]
+MANIFEST = {
+    "name": "audit-test",
+    "base_model": EMBEDDED_NAME,
+    "concepts": [{"id": "carol", "type": "id"}],
+    "preserve": [{"id": i, "type": t} for i, t in PRESERVE],
+    # few images (8 per concept and model) keep this under ~30 s on one CPU thread
+    "evaluate": {"prompts_per_concept": 4, "seeds": [0, 1], "steps": 15},
+}
+
+
+@pytest.fixture(scope="module")
+def forgotten(tmp_path_factory) -> Path:
+    """carol's patch, made by re-steering the embedded world (~6 s)."""
+    torch.set_num_threads(1)
+    pipe = load_pipeline(EMBEDDED_NAME)
+    res = forget_concept(pipe, "carol", "id", "carol", ResteerConfig(), generate=16)
+    return save_patch(res.patch, tmp_path_factory.mktemp("carol"))
+
+
+@pytest.fixture(scope="module")
+def audited(forgotten: Path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports") / "audit-test"
+    m = parse_manifest(MANIFEST, base_dir=out.parent)
+    return audit(m, patch=forgotten, out=out, recovery=True, recovery_steps=20)
+
+
+def test_target_drops_and_the_others_hold(audited) -> None:
+    s = audited.summary
+    carol = s["concepts"]["carol"]
+    kept = {c: v["ratio"] for c, v in s["concepts"].items() if v["role"] == "preserve"}
+    numbers = f"carol {carol['mscore_base']:.3f} -> {carol['mscore']:.3f}; kept {kept}"
+    print(numbers)
+    assert carol["mscore_base"] > 0.8 and carol["ratio"] < 0.2, numbers
+    assert s["preserve"]["ratio"] > 0.85 and min(kept.values()) > 0.6, numbers
+    assert s["models"]["base"]["fingerprint"] != s["models"]["patched"]["fingerprint"]
+    assert s["evaluate"]["images"] == len(audited.rows)
+
+
+def test_summary_matches_the_parquet(audited) -> None:
+    rows = pq.read_table(audited.out / "mscore.parquet").to_pylist()
+    summary = json.loads((audited.out / "summary.json").read_text())
+    concepts = 1 + len(PRESERVE)
+    per_model = concepts * 4 * 2  # prompts x seeds
+    assert len(rows) == 2 * per_model + 4 * 2  # base, patched, carol's recovery
+
+    def mean(cid: str, model: str, key: str) -> float:
+        return float(np.mean([r[key] for r in rows if r["concept"] == cid and r["model"] == model]))
+
+    for cid, c in summary["concepts"].items():
+        assert c["mscore"] == pytest.approx(mean(cid, "patched", "probability"), abs=1e-12)
+        assert c["mscore_base"] == pytest.approx(mean(cid, "base", "probability"), abs=1e-12)
+        assert c["acc"] == pytest.approx(mean(cid, "patched", "recognised"), abs=1e-12)
+        assert c["ratio"] == pytest.approx(c["mscore"] / c["mscore_base"], rel=1e-12)
+    preserved = [c for c in summary["concepts"].values() if c["role"] == "preserve"]
+    assert summary["preserve"]["mscore"] == pytest.approx(np.mean([c["mscore"] for c in preserved]))
+    assert summary["preserve"]["ratio"] == pytest.approx(np.mean([c["ratio"] for c in preserved]))
+
+
+def test_recovery_attack_is_scored_and_reported(audited) -> None:
+    carol = audited.summary["concepts"]["carol"]
+    print(f"carol recovery_mscore {carol['recovery_mscore']:.3f} after 20 TI steps")
+    assert 0 <= carol["recovery_mscore"] <= 1
+    assert carol["recovery"]["token"] == "<carol-recovered>"
+    assert audited.summary["targets"]["recovery_mscore"] == carol["recovery_mscore"]
+    recovered = [r for r in audited.rows if r["model"] == "recovered"]
+    assert {r["concept"] for r in recovered} == {"carol"}
+    assert all("<carol-recovered>" in r["prompt"] for r in recovered)
+    assert (audited.out / "img" / "carol-recovered.png").is_file()
+
+
+def test_cli_same_seeds_same_mscore_and_failed_gates_exit_1(
+    audited, forgotten: Path, tmp_path: Path
+) -> None:
+    """The patched model saved as a folder (--model) scores exactly as --patch did: the
+    same seeds give the same M-Score. A gate no model can pass makes the exit code 1."""
+    pipe = load_pipeline(EMBEDDED_NAME)
+    from fmn.patch import load_patch
+
+    apply_patch(pipe, load_patch(forgotten))
+    pipe.save_pretrained(tmp_path / "patched")
+    manifest = {**MANIFEST, "evaluate": {**MANIFEST["evaluate"], "gates": {"target_mscore_max": 0}}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    args = ["audit", "--manifest", str(tmp_path / "m.yaml"), "--model", str(tmp_path / "patched")]
+    run = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "rep")])
+    assert run.exit_code == 1, run.output
+    assert "gate failed" in run.output and "'carol'" in run.output
+    again = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    first = audited.summary
+    for cid, c in again["concepts"].items():
+        assert (c["mscore"], c["mscore_base"]) == (
+            first["concepts"][cid]["mscore"],
+            first["concepts"][cid]["mscore_base"],
+        )
+    assert again["models"]["patched"]["fingerprint"] == first["models"]["patched"]["fingerprint"]
+    assert again["gates"]["failures"][0]["concept"] == "carol"
+
+
+def test_cli_bad_input_exits_2(tmp_path: Path, forgotten: Path) -> None:
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(MANIFEST))
+    (tmp_path / "p.txt").write_text("a photo of {}\na photo of nobody\n")
+    base = ["audit", "--manifest", str(tmp_path / "m.yaml"), "--patch", str(forgotten)]
+    runner = CliRunner()
+    run = runner.invoke(app, [*base, "--prompts", str(tmp_path / "p.txt")])
+    assert run.exit_code == 2 and "p.txt:2: no '{}'" in run.output
+    run = runner.invoke(app, [*base, "--model", EMBEDDED_NAME])
+    assert run.exit_code == 2 and "--model" in run.output
+    bad = {**MANIFEST, "preserve": [{"id": "elon-musk", "type": "id"}]}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(bad))
+    run = runner.invoke(app, base)
+    assert run.exit_code == 2 and "knows no id concept 'elon-musk'" in run.output
+    assert not (tmp_path / "reports").exists()
+    with pytest.raises(AuditError):
+        audit(parse_manifest(MANIFEST, base_dir=tmp_path))

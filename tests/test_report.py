@@ -1,0 +1,154 @@
+"""The report folder: parquet/JSON/CSV that tools read, an HTML page a person opens offline
+(checked in headless Chromium), written whole or not at all; gates name every failure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fmn import report
+from fmn.audit import AuditResult, check_gates, summarise_audit
+from fmn.manifest import Gates
+from fmn.mscore.score import ConceptRef
+
+REFS = [
+    ConceptRef("carol", "id", "carol", "target"),
+    ConceptRef("alice", "id", "alice", "preserve"),
+    ConceptRef("dots", "style", "dots", "preserve"),
+]
+SEEDS, PROMPTS = [0, 1], ["a photo of {}", "a picture of {}"]
+# mean probability per (concept, model): carol is forgotten, dots is damaged
+MEANS = {"carol": (0.9, 0.05, 0.6), "alice": (0.8, 0.8, None), "dots": (0.9, 0.45, None)}
+
+
+def _result() -> AuditResult:
+    rng = np.random.default_rng(0)
+    rows, images = [], {}
+    for model_i, model in enumerate(("base", "patched", "recovered")):
+        for c in REFS:
+            mean = MEANS[c.id][model_i]
+            if mean is None:
+                continue
+            for p in PROMPTS:
+                for s in SEEDS:
+                    prob = float(np.clip(mean + rng.normal(0, 0.01), 0, 1))
+                    rows.append(
+                        {"concept": c.id, "model": model, "type": c.type, "role": c.role,
+                         "detector": "world", "prompt": p.format(c.text), "seed": s,
+                         "probability": prob, "recognised": prob > 0.5}
+                    )  # fmt: skip
+            n = len(PROMPTS) * len(SEEDS)
+            images.setdefault(model, {})[c.id] = rng.integers(0, 256, (n, 16, 16, 3), np.uint8)
+    summary = summarise_audit(rows, REFS, Gates())
+    summary |= {
+        "name": "t",
+        "models": {"base": {"spec": "embedded:tiny-world", "fingerprint": "sha256:0"}},
+        "evaluate": {
+            "seeds": SEEDS,
+            "steps": 10,
+            "guidance": 5.0,
+            "prompt_source": "built-in",
+            "prompts_per_concept": len(PROMPTS),
+            "images": len(rows),
+        },
+    }
+    prompts = {c.id: [p.format(c.text) for p in PROMPTS] for c in REFS}
+    return AuditResult(summary, rows, images, prompts)
+
+
+def test_gates_name_every_failing_concept() -> None:
+    s = _result().summary
+    assert s["concepts"]["carol"]["ratio"] == pytest.approx(0.05 / 0.9, abs=0.02)
+    assert s["targets"]["recovery_mscore"] == pytest.approx(0.6, abs=0.02)
+    failures = s["gates"]["failures"]
+    assert not s["gates"]["passed"]
+    assert [(f["concept"], f["gate"]) for f in failures] == [("dots", "preserve_ratio_min")]
+    per = {
+        "a": {"role": "target", "mscore": 0.3, "ratio": 0.3},
+        "b": {"role": "target", "mscore": 0.05, "ratio": 0.05},
+        "c": {"role": "preserve", "mscore": 0.1, "ratio": 0.5},
+        "d": {"role": "preserve", "mscore": 0.0, "ratio": None},  # base never drew it
+    }
+    gates = check_gates(per, Gates(target_mscore_max=0.1, preserve_ratio_min=0.9))
+    assert [(f["concept"], f["gate"]) for f in gates["failures"]] == [
+        ("a", "target_mscore_max"),
+        ("c", "preserve_ratio_min"),
+    ]
+    assert "'a'" in gates["failures"][0]["message"]
+
+
+def test_report_files_agree(tmp_path: Path) -> None:
+    res = _result()
+    out = report.write_report(tmp_path / "rep", res)
+    table = pq.read_table(out / "mscore.parquet")
+    assert table.schema.names == report.SCHEMA.names and table.num_rows == len(res.rows)
+    assert table.to_pylist() == [{k: r[k] for k in report.SCHEMA.names} for r in res.rows]
+    assert json.loads((out / "summary.json").read_text()) == res.summary
+    with open(out / "mscore.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert [r["concept"] for r in lines] == ["carol", "alice", "dots"]
+    carol = res.summary["concepts"]["carol"]
+    assert float(lines[0]["mscore"]) == pytest.approx(carol["mscore"], abs=1e-6)
+    assert lines[1]["recovery_mscore"] == ""
+    page = (out / "index.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    # two charts, then base + patched grids per concept and carol's recovery grid
+    assert len(sources) == 2 + 2 * 3 + 1
+    assert all((out / s).is_file() for s in sources)
+    assert "http" not in page  # nothing fetched from elsewhere: readable offline
+    assert "preserved &#x27;dots&#x27; M-Score ratio" in page
+
+
+def test_a_failed_write_leaves_the_old_report_whole(tmp_path: Path, monkeypatch) -> None:
+    out = report.write_report(tmp_path / "rep", _result())
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "render_html", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        report.write_report(out, _result())
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["rep"]  # no temp folder left behind
+
+
+CHECK = """<script>
+window.addEventListener("load", () => {
+  const pre = document.createElement("pre");
+  pre.id = "img-check";
+  pre.textContent = JSON.stringify([...document.images].map(
+    (i) => [i.getAttribute("src"), i.complete, i.naturalWidth]));
+  document.body.appendChild(pre);
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="needs headless Chromium (Debian package `chromium`: apt-get install chromium)",
+)
+def test_every_image_loads_in_headless_chromium(tmp_path: Path) -> None:
+    out = report.write_report(tmp_path / "rep", _result())
+    page = (out / "index.html").read_text()
+    # a copy of the page with a script that lists every <img> once the page has loaded
+    (out / "check.html").write_text(page.replace("</body>", CHECK))
+    run = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+         "--dump-dom", (out / "check.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    found = re.search(r'<pre id="img-check">(.*?)</pre>', run.stdout, re.S)
+    assert found, f"no result from chromium: {run.stderr[-2000:]}"
+    images = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(images) == 9
+    broken = [src for src, complete, width in images if not (complete and width > 0)]
+    assert not broken, f"images that did not load: {broken}"
