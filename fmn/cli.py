@@ -56,7 +56,7 @@ def validate(manifest: Path = typer.Argument(..., help="Manifest YAML file.")) -
     from fmn.manifest import ManifestError, load_manifest
 
     try:
-        m = load_manifest(manifest)
+        m = load_manifest(manifest, verify_images=True)  # decodes every image: finds corrupt ones
     except ManifestError as e:
         typer.echo(str(e), err=True)  # plain lines: one problem each, easy to grep
         raise typer.Exit(2) from None
@@ -145,11 +145,10 @@ def world_sample(
 ) -> None:
     """Generate a few images for a prompt, for a quick look."""
     from fmn.grids import labelled_grid
-    from fmn.models import load_pipeline
     from fmn.mscore.score import generate
 
     _threads(threads)
-    pipe = load_pipeline(model)
+    pipe = _load_model_or_exit(model)
     images = generate(
         pipe, [prompt] * n, list(range(seed, seed + n)), steps=steps, guidance=guidance
     )
@@ -257,7 +256,6 @@ def forget(
     """Re-steer one concept out of a model and write its patch (for researchers)."""
     from fmn.forget import forget_concept
     from fmn.invert import InvertConfig, save_ti
-    from fmn.models import load_pipeline
     from fmn.patch import save_patch
     from fmn.prepare import load_image_folder
     from fmn.resteer import ResteerConfig
@@ -270,15 +268,14 @@ def forget(
         "preserve_weight": preserve_weight,
         "seed": seed,
     }
+    # every option is checked before the model loads, with the manifest's rules and hints
+    concept = {"id": concept_id, "type": concept_type, "text": text}
+    _exit_on_problems(_forget_problems(concept, given, generate, images, mask, ti_steps, ti_tokens))
     cfg = ResteerConfig(**{k: v for k, v in given.items() if v is not None})
-    kept = [tuple(p.split(":", 1)) for p in preserve]
-    if any(len(k) != 2 for k in kept):
-        raise typer.BadParameter(
-            "use id:type, e.g. --preserve circle:object", param_hint="--preserve"
-        )
+    kept = [_id_type(p, "--preserve") for p in preserve]
     text = text or concept_id.replace("-", " ")
     _threads(threads)
-    pipe = load_pipeline(model)
+    pipe = _load_model_or_exit(model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels = load_image_folder(images, size) if images else None
     ti_cfg = InvertConfig(steps=ti_steps, tokens=ti_tokens, seed=seed) if invert else None
@@ -292,7 +289,7 @@ def forget(
             invert_cfg=ti_cfg,
             images=pixels,
             generate=generate,
-            preserve=[(k[0].replace("-", " "), k[1]) for k in kept],
+            preserve=kept,
             mask=Path(mask) if Path(mask).is_dir() else mask,
             progress=update,
         )
@@ -316,6 +313,67 @@ def forget(
     )
 
 
+def _forget_problems(concept, resteer, generate, images, mask, ti_steps, ti_tokens) -> list[str]:
+    """`fmn forget`'s options checked like the same fields of a manifest: '--opt: problem'."""
+    from typing import get_args
+
+    from fmn.manifest import (
+        Generate,
+        ImageFolderError,
+        InvertOverride,
+        MaskName,
+        PreservedConcept,
+        ResteerOverride,
+        check_image_folder,
+        option_problems,
+    )
+
+    ti = {"steps": ti_steps, "tokens": ti_tokens}
+    checks = [
+        (PreservedConcept, concept, {}),
+        (ResteerOverride, resteer, {}),
+        (InvertOverride, ti, {"steps": "ti-steps", "tokens": "ti-tokens"}),
+        (Generate, {"generate": generate}, {}),
+    ]
+    lines = [
+        f"--{names.get(p.loc, p.loc.replace('_', '-'))}: {p.msg}"
+        + (f" (hint: {p.hint})" if p.hint else "")
+        for model, values, names in checks
+        for p in option_problems(model, values)
+    ]
+    folders = [("--images", images)] if images is not None else []
+    if mask not in get_args(MaskName):
+        if Path(mask).is_dir():
+            folders.append(("--mask", Path(mask)))
+        else:
+            allowed = ", ".join(get_args(MaskName))
+            lines.append(f"--mask: unknown mask {mask!r} (hint: {allowed} or a mask folder)")
+    for option, folder in folders:
+        try:
+            check_image_folder(folder, deep=True)
+        except ImageFolderError as e:
+            lines.append(f"{option}: {e}")
+    return lines
+
+
+def _exit_on_problems(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(line, err=True)
+    if lines:
+        raise typer.Exit(2)
+
+
+def _load_model_or_exit(spec: str, where: str = "--model"):
+    """load_pipeline, or exit 2 with the reason (missing path, pickle, unsupported model)."""
+    from fmn.models import ModelLoadError, load_pipeline
+
+    try:
+        return load_pipeline(spec)
+    except ModelLoadError as e:
+        typer.echo(f"{where}: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def apply(
     patch: Path = typer.Option(..., help="delta.safetensors or its folder."),
@@ -327,12 +385,16 @@ def apply(
     """Apply a patch to a model and save the result as a diffusers pipeline folder."""
     import shutil
 
-    from fmn.models import load_pipeline
     from fmn.patch import PatchError, apply_patch, load_patch
 
-    pipe = load_pipeline(model)
     try:
-        apply_patch(pipe, load_patch(patch), scale, check_base=not force)
+        the_patch = load_patch(patch)  # read and checked before the model loads
+    except PatchError as e:
+        typer.echo(f"{patch}: {e}", err=True)
+        raise typer.Exit(2) from None
+    pipe = _load_model_or_exit(model)
+    try:
+        apply_patch(pipe, the_patch, scale, check_base=not force)
     except PatchError as e:
         typer.echo(f"{patch}: {e}", err=True)
         raise typer.Exit(2) from None
@@ -352,7 +414,7 @@ def export(
     fmt: str = typer.Option(
         "lora", "--format", help="lora (diffusers/peft) | kohya (A1111, ComfyUI)"
     ),
-    rank: int = typer.Option(None, help="SVD rank; default: full rank (exact)."),
+    rank: int = typer.Option(None, min=1, help="SVD rank; default: full rank (exact)."),
 ) -> None:
     """Export a patch as a LoRA file that diffusers, ComfyUI or AUTOMATIC1111 loads."""
     from fmn.patch import PatchError, export_kohya, export_lora, load_patch
@@ -367,6 +429,22 @@ def export(
         raise typer.Exit(2) from None
     err = report["relative_error"]
     console.print(f"wrote {report['path']}: rank {report['rank']}, relative error {err:.2e}")
+
+
+def _id_type(value: str, option: str) -> tuple[str, str]:
+    from typing import get_args
+
+    from fmn.manifest import ConceptType
+
+    cid, _, kind = value.partition(":")
+    if not cid or not kind:
+        raise typer.BadParameter("use id:type, e.g. circle:object", param_hint=option)
+    if kind not in get_args(ConceptType):
+        types = " | ".join(get_args(ConceptType))
+        raise typer.BadParameter(
+            f"unknown type {kind!r} in {value!r}; use {types}", param_hint=option
+        )
+    return cid.replace("-", " "), kind
 
 
 @app.command()

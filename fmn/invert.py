@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -429,9 +429,20 @@ def load_ti(path: Path | str, pipe: DiffusionPipeline | None = None) -> dict[str
         raise TIFormatError(f"{path} is not a .safetensors TI file")
     if not path.is_file():
         raise FileNotFoundError(f"TI file does not exist: {path}")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as e:
+        raise TIFormatError(
+            f"{path} is truncated or not a safetensors file ({e}); re-create it, or copy it "
+            "again if it came from elsewhere"
+        ) from None
+    if not tensors:
+        raise TIFormatError(f"{path} holds no tensors: not a TI file")
     if pipe is not None:
-        check_ti(pipe, tensors)
+        try:
+            check_ti(pipe, tensors)
+        except TIFormatError as e:
+            raise TIFormatError(f"{path}: {e}") from None
     return tensors
 
 

@@ -10,11 +10,13 @@ with the reason for its value.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
 import tempfile
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,23 +109,140 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+# PIL's own limit (about 9459 x 9459). A bigger image is a decompression bomb (a tiny file
+# that claims to decode to gigabytes) or a scan no model needs: every image is resized to
+# the model's few hundred pixels anyway.
+MAX_IMAGE_PIXELS = 89_478_485
+IMAGE_HINT = "delete it or re-save it as PNG, JPEG or WebP (any bit depth or colour mode)"
+_SHOW_BAD = 3  # how many unusable images a message lists
+
+
+class ImageFolderError(ValueError):
+    """A folder of images that cannot be used: `msg` names the folder or file, `hint` says
+    what to do."""
+
+    def __init__(self, kind: str, msg: str, hint: str) -> None:
+        self.kind, self.msg, self.hint = kind, msg, hint
+        super().__init__(f"{msg} (hint: {hint})")
+
+
+def image_problem(path: Path, *, deep: bool = False) -> str | None:
+    """Why `path` is not a usable image, or None. From the header alone (cheap): not an
+    image, or more than MAX_IMAGE_PIXELS. With `deep`, the pixels are decoded too (JPEGs at
+    1/8 scale), which finds truncated and corrupt data. Results are cached per file version."""
+    try:
+        st = Path(path).stat()
+    except OSError as e:
+        return f"cannot read it ({e.strerror})"
+    return _image_problem(str(path), st.st_mtime_ns, st.st_size, deep)
+
+
+@functools.lru_cache(maxsize=65536)
+def _image_problem(path: str, mtime_ns: int, size: int, deep: bool) -> str | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    return (
+                        f"it claims {w} x {h} px, more than the limit of {MAX_IMAGE_PIXELS:,} "
+                        "px (a decompression bomb?); it was not decoded"
+                    )
+                if deep:
+                    im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: decode small
+                    im.load()
+    except Image.DecompressionBombError as e:
+        return f"too many pixels to decode safely ({e}); it was not decoded"
+    except UnidentifiedImageError:
+        return "not an image (no PNG/JPEG/WebP/... header)"
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's decoders raise these
+        return f"corrupt or truncated image data ({e})"
+    return None
+
+
+def check_image_folder(folder: Path, *, deep: bool = False) -> list[Path]:
+    """The images of `folder`; raises ImageFolderError when it is missing, has no images, or
+    holds an image that cannot be used (see image_problem), naming the files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ImageFolderError("folder_missing", f"folder {folder} {what}", "check the path")
+    files = image_files(folder)
+    if not files:
+        msg = f"folder {folder} has no {'/'.join(IMAGE_SUFFIXES)} files"
+        hint = "add images to it, or use {generate: N} to have the base model draw them"
+        raise ImageFolderError("folder_empty", msg, hint)
+    bad = [(f, why) for f in files if (why := image_problem(f, deep=deep)) is not None]
+    if bad:
+        listed = "; ".join(f"{f.name}: {why}" for f, why in bad[:_SHOW_BAD])
+        more = f" (and {len(bad) - _SHOW_BAD} more)" if len(bad) > _SHOW_BAD else ""
+        msg = f"{len(bad)} of {len(files)} images in {folder} cannot be used: {listed}{more}"
+        raise ImageFolderError("bad_image", msg, IMAGE_HINT)
+    return files
+
+
 def _check_folder(path: Path, info: ValidationInfo) -> Path:
-    """Fail now, not hours into a run, if a folder of images is missing or empty."""
+    """Fail now, not hours into a run, if a folder of images is missing, empty, or holds a
+    file that is not a usable image (headers only, unless the context asks verify_images)."""
     base = _base_dir(info)
     where = _resolve(path, base)
-    hint = f"relative paths start at the manifest's folder {base}"
-    if not where.is_dir():
-        what = "is not a folder" if where.exists() else "does not exist"
-        msg = f"folder {where} {what}"
-        raise PydanticCustomError("folder_missing", "{msg}", {"msg": msg, "hint": hint})
-    if not image_files(where):
-        msg = f"folder {where} has no {'/'.join(IMAGE_SUFFIXES)} files"
-        hint = "add images to it, or use {generate: N} to have the base model draw them"
-        raise PydanticCustomError("folder_empty", "{msg}", {"msg": msg, "hint": hint})
+    deep = bool((info.context or {}).get("verify_images"))
+    try:
+        check_image_folder(where, deep=deep)
+    except ImageFolderError as e:
+        hint = f"relative paths start at the manifest's folder {base}"
+        hint = hint if e.kind == "folder_missing" else e.hint
+        raise PydanticCustomError(e.kind, "{msg}", {"msg": e.msg, "hint": hint}) from None
     return path
 
 
 ImageFolder = Annotated[Path, AfterValidator(_check_folder)]
+
+# Checkpoint suffixes that are Python pickles: loading one can run arbitrary code, so no
+# fmn reader opens them (models, patches, TI files); fmn.models re-exports this.
+PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as fmn.models reads it
+MODEL_HINT = (
+    "use a diffusers pipeline folder, a .safetensors checkpoint, a hub id (org/name) or "
+    "embedded:tiny-world"
+)
+
+
+def _check_model_spec(spec: str, info: ValidationInfo) -> str:
+    """What can be told about a base model without loading it: a pickle is refused, a
+    local path must exist (relative to the manifest's folder or the cwd) and be a pipeline
+    folder or a .safetensors file. Anything else must look like a hub id."""
+    if spec.startswith("embedded:"):
+        return spec  # fmn.models says how to build a missing one
+    path = Path(spec).expanduser()
+
+    def fail(kind: str, msg: str, hint: str = MODEL_HINT) -> PydanticCustomError:
+        return PydanticCustomError(kind, "{msg}", {"msg": msg, "hint": hint})
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        msg = f"{spec} is a Python pickle ({path.suffix}): loading one can run arbitrary code"
+        hint = "convert it to .safetensors in a sandbox you trust and point base_model there"
+        raise fail("model_pickle", msg, hint)
+    base = _base_dir(info)
+    where = next((p for p in (_resolve(path, base), path) if p.exists()), None)
+    if where is None:
+        if _HUB_ID.fullmatch(spec) and not spec.startswith((".", "~")):
+            return spec  # a hub id: only loading can tell
+        msg = f"model path {_resolve(path, base)} does not exist"
+        raise fail("model_missing", msg, f"{MODEL_HINT}; relative paths start at {base}")
+    if where.is_dir() and not (where / "model_index.json").is_file():
+        raise fail(
+            "model_folder", f"{where} is not a diffusers pipeline folder (no model_index.json)"
+        )
+    if where.is_file() and where.suffix.lower() != ".safetensors":
+        raise fail("model_file", f"{where} is a file but not a .safetensors checkpoint")
+    return spec
+
+
+ModelSpec = Annotated[str, Field(min_length=1), AfterValidator(_check_model_spec)]
 
 # Tags of the unions below appear in pydantic's error locations; they are not keys a user
 # wrote, so _problems drops them. '<' cannot start a field name, so none is mistaken.
@@ -386,7 +505,7 @@ class Manifest(_Strict):
 
     name: Slug
     """Slug that names the output folders and the report."""
-    base_model: Text = "embedded:tiny-world"  # ships with the package: runs with no download
+    base_model: ModelSpec = "embedded:tiny-world"  # ships with the package: runs with no download
     """embedded:tiny-world, a diffusers folder, a .safetensors/.ckpt file, or a hub id."""
     defaults: Defaults = Defaults()
     """Stage options for every concept."""
@@ -562,21 +681,32 @@ def _read_yaml(path: Path) -> tuple[Any, list[Problem]]:
     return data, []
 
 
-def parse_manifest(data: Any, base_dir: str | Path, source: str | Path = "<manifest>") -> Manifest:
-    """Validate parsed YAML; relative paths start at `base_dir`; raises ManifestError."""
+def parse_manifest(
+    data: Any,
+    base_dir: str | Path,
+    source: str | Path = "<manifest>",
+    *,
+    verify_images: bool = False,
+) -> Manifest:
+    """Validate parsed YAML; relative paths start at `base_dir`; raises ManifestError.
+    Image files are checked from their headers; `verify_images` decodes them too (slower,
+    finds truncated and corrupt files: `fmn validate` and the start of a build use it)."""
+    context = {"base_dir": Path(base_dir), "verify_images": verify_images}
     try:
-        return Manifest.model_validate(data, context={"base_dir": Path(base_dir)})
+        return Manifest.model_validate(data, context=context)
     except ValidationError as e:
         raise ManifestError(source, _problems(e)) from None
 
 
-def load_manifest(path: str | Path) -> Manifest:
+def load_manifest(path: str | Path, *, verify_images: bool = False) -> Manifest:
     """Read and validate a manifest file; raises ManifestError listing every problem."""
     path = Path(path)
     data, problems = _read_yaml(path)
     if problems:
         raise ManifestError(path, problems)
-    return parse_manifest(data, base_dir=path.resolve().parent, source=path)
+    return parse_manifest(
+        data, base_dir=path.resolve().parent, source=path, verify_images=verify_images
+    )
 
 
 # -- pydantic errors -> Problems --------------------------------------------------------
@@ -597,9 +727,10 @@ def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-def _type_at(loc: tuple[str | int, ...]) -> Any:
-    """The declared type found by following a pydantic error location from Manifest."""
-    tp: Any = Manifest
+def _type_at(loc: tuple[str | int, ...], root: type[BaseModel] | None = None) -> Any:
+    """The declared type found by following a pydantic error location from `root`
+    (default: Manifest)."""
+    tp: Any = root or Manifest
     for seg in loc:
         tp = _unwrap(tp)
         if seg in _TAGS:
@@ -613,12 +744,19 @@ def _type_at(loc: tuple[str | int, ...]) -> Any:
     return _unwrap(tp)
 
 
-def _description(loc: tuple[str | int, ...]) -> str:
-    """The field's docstring, which says what the value means."""
-    parent = _type_at(loc[:-1]) if loc else None
-    parent = {InvertOverride: InvertOptions, ResteerOverride: ResteerOptions}.get(parent, parent)
-    if _is_model(parent) and loc[-1] in parent.model_fields:
-        return " ".join((parent.model_fields[loc[-1]].description or "").split())
+def _description(loc: tuple[str | int, ...], root: type[BaseModel] | None = None) -> str:
+    """The field's docstring, which says what the value means (for an item of a list or
+    a dict, the docstring of that list or dict)."""
+    while loc:
+        parent = _type_at(loc[:-1], root)
+        parent = {InvertOverride: InvertOptions, ResteerOverride: ResteerOptions}.get(
+            parent, parent
+        )
+        if _is_model(parent) and loc[-1] in parent.model_fields:
+            return " ".join((parent.model_fields[loc[-1]].description or "").split())
+        if get_origin(parent) not in (list, dict):
+            return ""
+        loc = loc[:-1]
     return ""
 
 
@@ -634,14 +772,14 @@ _KIND_HINTS = {
 }
 
 
-def _problem(err: dict[str, Any]) -> Problem:
+def _problem(err: dict[str, Any], root: type[BaseModel] | None = None) -> Problem:
     raw_loc = tuple(err["loc"])
     loc = ".".join(str(s) for s in raw_loc if s not in _TAGS) or FILE_LOC
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     msg = err["msg"].replace("Input should be", "must be")
-    hint = ctx.get("hint") or _KIND_HINTS.get(kind) or _description(raw_loc)
+    hint = ctx.get("hint") or _KIND_HINTS.get(kind) or _description(raw_loc, root)
     if kind == "extra_forbidden":
-        parent = _type_at(raw_loc[:-1])
+        parent = _type_at(raw_loc[:-1], root)
         valid = list(parent.model_fields) if _is_model(parent) else []
         msg, hint = f"unknown key {raw_loc[-1]!r}", _did_you_mean(str(raw_loc[-1]), valid)
     elif kind == "missing":
@@ -661,8 +799,20 @@ def _problem(err: dict[str, Any]) -> Problem:
     return Problem(loc, msg, hint)
 
 
-def _problems(error: ValidationError) -> list[Problem]:
-    return [_problem(e) for e in error.errors(include_url=False)]
+def _problems(error: ValidationError, root: type[BaseModel] | None = None) -> list[Problem]:
+    return [_problem(e, root) for e in error.errors(include_url=False)]
+
+
+def option_problems(model: type[BaseModel], values: dict[str, Any]) -> list[Problem]:
+    """Check values given outside a manifest (command-line options) against the fields of
+    one of its models, with the same messages and hints; a Problem's loc is the field name.
+    None means "not given" and is skipped."""
+    given = {k: v for k, v in values.items() if v is not None}
+    try:
+        model.model_validate(given, context={"verify_images": True})
+    except ValidationError as e:
+        return _problems(e, model)
+    return []
 
 
 # ---------------------------------------------------------------------------------------

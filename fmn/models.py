@@ -35,11 +35,11 @@ from safetensors import safe_open
 from transformers.utils import logging as transformers_logging
 
 import fmn.world
+from fmn.manifest import PICKLE_SUFFIXES  # defined there (light); patch, invert import it here
 
 Family = Literal["sd1", "sd2", "sdxl"]
 
 EMBEDDED_PREFIX = "embedded:"
-PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 # model_index.json class -> the text-to-image class we load it as. Img2img directories
 # hold the same weights as text-to-image ones; inpainting/depth/upscale UNets do not.
 SUPPORTED_CLASSES: dict[str, type[DiffusionPipeline]] = {
@@ -207,7 +207,10 @@ def _load(
         return _load_single_file(path, dtype=dtype, offline=offline, config=config)
     if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
         return _load_hub(spec, dtype=dtype, offline=offline)
-    raise ModelNotFoundError(f"model path does not exist: {spec}")
+    raise ModelNotFoundError(
+        f"model path does not exist: {spec} (hint: give a diffusers pipeline folder, a "
+        ".safetensors checkpoint, a hub id org/name or embedded:tiny-world)"
+    )
 
 
 def _embedded_dir(spec: str) -> Path:
@@ -239,7 +242,13 @@ def _read_class_name(directory: Path) -> str | None:
             f"{directory} is not a diffusers pipeline directory (no model_index.json); "
             "pass a pipeline directory, a .safetensors checkpoint or a hub id"
         )
-    return json.loads(index.read_text()).get("_class_name")
+    try:
+        index_data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{index} is not readable JSON ({e}); re-save the pipeline") from e
+    if not isinstance(index_data, dict):
+        raise ModelLoadError(f"{index} is not a diffusers model index (not a JSON object)")
+    return index_data.get("_class_name")
 
 
 def _from_pretrained_kwargs(cls: type[DiffusionPipeline], dtype: torch.dtype) -> dict:

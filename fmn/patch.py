@@ -458,6 +458,11 @@ def _export_metadata(patch: Patch, report: dict) -> dict[str, str]:
 
 def _export_file(path: Path | str, default_name: str) -> Path:
     file = Path(path)
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        raise PatchError(
+            f"{file}: exports are .safetensors files, not {file.suffix} (a pickle format that "
+            "loaders would have to unpickle); name it *.safetensors or give a folder"
+        )
     return file if file.suffix.lower() == ".safetensors" else file / default_name
 
 

@@ -133,9 +133,15 @@ def load_images(folder: Path, size: int, *, crop: str = "center", seed: int = 0)
     mode converted to RGB, the largest square (centre, or random with `seed`) resized."""
     from PIL import Image, ImageOps
 
+    from fmn.manifest import IMAGE_HINT, image_problem
+
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     files = folder_images(folder)
+    # headers first, so that a non-image or a decompression bomb fails before any decoding
+    for f in files:
+        if (why := image_problem(f)) is not None:
+            raise ValueError(f"{f}: not a readable image: {why} (hint: {IMAGE_HINT})")
     rng = np.random.default_rng(seed)
     out, boxes, sizes = [], [], []
     for f in files:
@@ -144,7 +150,7 @@ def load_images(folder: Path, size: int, *, crop: str = "center", seed: int = 0)
                 im.load()  # decode now, so a truncated file fails here with its name
                 im = _to_rgb(ImageOps.exif_transpose(im))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{f}: not a readable image ({e})") from None
+            raise ValueError(f"{f}: not a readable image ({e}) (hint: {IMAGE_HINT})") from None
         box = _crop_box(im.width, im.height, crop, rng)
         out.append(np.asarray(im.resize((size, size), Image.Resampling.LANCZOS, box=box)))
         boxes.append(box)

@@ -43,11 +43,17 @@ def problems(path: Path) -> list[Problem]:
 def folders(tmp_path: Path) -> Path:
     """tmp_path with an image folder `faces/`, and `empty/` that holds no image."""
     (tmp_path / "faces").mkdir()
-    for name in ("a.png", "b.JPG"):
-        (tmp_path / "faces" / name).write_bytes(b"not decoded at load time")
+    for name in ("a.png", "b.JPG"):  # real images: loading reads every image's header
+        tiny_image(tmp_path / "faces" / name)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     return tmp_path
+
+
+def tiny_image(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "white").save(path, format="JPEG" if path.suffix == ".JPG" else "PNG")
 
 
 BAD = [
@@ -352,7 +358,7 @@ def test_relative_paths_resolve_against_the_manifest_folder(
     folders: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (folders / "masks").mkdir()
-    (folders / "masks" / "a.png").write_bytes(b"")
+    tiny_image(folders / "masks" / "a.png")
     text = """
 name: t
 concepts:
