@@ -28,17 +28,22 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-@contextmanager
-def _bar() -> Iterator:
-    """A rich progress bar; yields update(stage, done, total, metrics)."""
-    with Progress(
+def progress_columns(out: Console | None = None) -> Progress:
+    """The progress view of every command: stage, bar, n/total, metrics, time."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+        console=out or console,
+    )
+
+
+@contextmanager
+def _bar() -> Iterator:
+    """A rich progress bar; yields update(stage, done, total, metrics)."""
+    with progress_columns() as bar:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int, metrics: dict | None = None) -> None:
@@ -445,6 +450,39 @@ def _id_type(value: str, option: str) -> tuple[str, str]:
             f"unknown type {kind!r} in {value!r}; use {types}", param_hint=option
         )
     return cid.replace("-", " "), kind
+
+
+@app.command()
+def run(
+    manifest: Path = typer.Argument(..., help="Manifest YAML file."),
+    runner: str = typer.Option("default", help="default | dask | dask-cuda (see README)."),
+    workers: int = typer.Option(2, help="Dask workers (default runner: threads)."),
+    address: str = typer.Option(None, help="An existing Dask scheduler, e.g. tcp://host:8786."),
+    out: Path = typer.Option(None, help="Run folder (default: build/<name>)."),
+    report: Path = typer.Option(
+        None, help="Report folder (default: reports/<name>; with --out: <out>/report)."
+    ),
+    threads: int = typer.Option(1, help="torch threads per process."),
+    fail_on_gates: bool = typer.Option(
+        True, help="Exit 1 when a gate fails (--no-fail-on-gates: the summary records it)."
+    ),
+) -> None:
+    """Build a manifest with Prefect: forget every concept, merge, audit, report. A re-run
+    redoes only what changed. Exit 1 if a gate fails, 2 on bad input or a busy run folder."""
+    from fmn.cli_run import run_manifest
+
+    code = run_manifest(
+        manifest,
+        runner=runner,
+        workers=workers,
+        address=address,
+        out=out,
+        report=report,
+        threads=threads,
+        fail_on_gates=fail_on_gates,
+        console=console,
+    )
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -78,8 +78,6 @@ def forget_concept(
 ) -> ForgetResult:
     """Forget one concept from `pipe`; returns its patch. `pipe` is left as it came.
     mask: none | auto | face | attention | a folder of user masks (fmn.masks)."""
-    tick = progress or (lambda *a: None)
-    base = fingerprint(pipe)
     data = prepare_concept(
         pipe,
         concept_id,
@@ -91,10 +89,9 @@ def forget_concept(
         mask=mask,
         cache_dir=cache_dir,
     )
-    hw = data.images.shape[1:3]
-    anchors = concept_anchors(pipe, data, preserve or [], hw)
     ti = None
     if invert_cfg is not None:
+        tick = progress or (lambda *a: None)
         ti = invert(
             pipe,
             data.latents,
@@ -103,6 +100,31 @@ def forget_concept(
             concept_type,
             progress=lambda d, t, loss: tick("inversion", d, t, {"loss": loss}),
         )
+    return resteer_prepared(
+        pipe, data, resteer_cfg, ti=ti, preserve=preserve, mask=mask, progress=progress
+    )
+
+
+def resteer_prepared(
+    pipe,
+    data: Prepared,
+    resteer_cfg: ResteerConfig,
+    *,
+    ti: TIResult | None = None,
+    preserve: list[tuple[str, str]] | None = None,
+    mask: str | Path = "none",
+    progress: Progress | None = None,
+) -> ForgetResult:
+    """Re-steer a prepared concept (through its learned tokens when `ti` is given) and
+    build its patch: the second half of forget_concept, and the pipeline's resteer stage
+    (fmn.stages), which prepares and inverts in stages of their own. `mask` is only
+    recorded here (prepare applied it). `pipe` is left as it came."""
+    tick = progress or (lambda *a: None)
+    base = fingerprint(pipe)
+    concept_id, concept_type, text = data.concept_id, data.concept_type, data.text
+    hw = data.images.shape[1:3]
+    anchors = concept_anchors(pipe, data, preserve or [], hw)
+    if ti is not None:
         data = _with_ti(pipe, data, ti)
     try:
         result = resteer(
@@ -122,7 +144,7 @@ def forget_concept(
         config={
             "concept": {"id": concept_id, "type": concept_type, "text": text},
             "resteer": result.config,
-            "invert": asdict(invert_cfg) if invert_cfg else None,
+            "invert": asdict(ti.config) if ti else None,
             "preserve": [list(p) for p in preserve or []],
             "mask": str(mask),
             "mask_record": data.record.get("masks") if data.record else None,

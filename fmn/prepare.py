@@ -419,6 +419,7 @@ def prepare_concept(
         "model": spec["model"],
         "seconds": round(time.time() - t0, 3),
         "cache": "miss" if where is not None else "off",
+        "key": key,  # names the cache entry (a hit's record carries it too)
     }
     data = Prepared(concept_id, concept_type, text, latents, lat_masks, cond, images, record)
     if where is not None:

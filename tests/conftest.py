@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fmn.world.tokenizer import write_clip_tokenizer_files
+from tests.flow_helpers import prefect_api  # noqa: F401  (one Prefect API for the session)
 from tests.tiny import FAMILIES, build_tiny_pipeline
 
 

@@ -1,0 +1,95 @@
+"""The forget flow: manifest -> per concept (prepare -> invert? -> resteer) -> merge ->
+score (baseline vs merged) -> report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.futures import PrefectFuture
+
+import tasks
+from fmn.manifest import load_manifest
+from fmn.runs import default_paths, run_lock
+from tasks.slots import ensure_device_slot
+
+
+class ConceptsFailedError(RuntimeError):
+    """Concepts failed to train and the manifest says on_error: fail (or all failed)."""
+
+
+def _why(futures: list[PrefectFuture]) -> str:
+    """The first error in a concept's chain (later tasks never ran)."""
+    for f in futures:
+        if f.state.is_failed() or f.state.is_crashed():
+            exc = f.state.result(raise_on_failure=False)
+            if isinstance(exc, BaseException):
+                return f"{type(exc).__name__}: {exc}"
+            return f.state.message or f.state.name
+    return futures[-1].state.message or futures[-1].state.name
+
+
+def _done(future: PrefectFuture, ran: str = "done") -> str:
+    return "cached" if future.state.name == "Cached" else ran
+
+
+def _settle(chains: dict[str, list[PrefectFuture]], on_error: str):
+    """Wait for every concept; split the finished patches from the failed concepts."""
+    patches, failed, status = [], {}, {}
+    for futures in chains.values():
+        futures[-1].wait()
+    for cid, futures in chains.items():
+        last = futures[-1]
+        if last.state.is_completed():
+            patches.append(last.result())
+            status[cid] = _done(last, "trained")
+        else:
+            failed[cid], status[cid] = _why(futures), "failed"
+    if failed and on_error == "fail":
+        lines = "; ".join(f"{c}: {why}" for c, why in failed.items())
+        raise ConceptsFailedError(f"{len(failed)} concept(s) failed (on_error: fail): {lines}")
+    if not patches and chains:
+        raise ConceptsFailedError(f"every concept failed: {failed}")
+    return patches, failed, status
+
+
+@flow(name="forget")
+def forget(manifest: str, out: str | None = None, report: str | None = None) -> dict:
+    """Forget a manifest's concepts, merge them, audit the merged model and write the
+    report. Re-runs reuse every result whose inputs did not change (tasks/_common.py)."""
+    m = load_manifest(manifest)
+    manifest = str(Path(manifest).resolve())
+    run_dir, report_dir = default_paths(m.name, out, report)
+    run = str(run_dir)
+    with run_lock(run_dir):
+        ensure_device_slot()
+        t = tasks.for_run(run)
+        chains: dict[str, list[PrefectFuture]] = {}
+        if m.merge.method != "joint":  # joint re-steers every concept in the merge task
+            for c in m.concepts:
+                prep = t.prepare.submit(manifest, c.id, run)
+                chain = [prep]
+                if m.resolve(c.id).invert.enabled:
+                    chain.append(t.invert.submit(manifest, c.id, run, prep))
+                ti = chain[-1] if len(chain) == 2 else None
+                chain.append(t.resteer.submit(manifest, c.id, run, prep, ti))
+                chains[c.id] = chain
+        patches, failed, status = _settle(chains, m.on_error)
+        merge_run = t.merge.submit(manifest, run, patches)
+        merged = merge_run.result()
+        score_run = t.score.submit(manifest, run, merged, failed)
+        scored = score_run.result()
+        rep = t.report.submit(run, scored, str(report_dir)).result()
+        stages = {"merge": _done(merge_run), "audit": _done(score_run)}
+    return {
+        "name": m.name,
+        "run": run,
+        "report": rep["report"],
+        "index": rep["index"],
+        "passed": rep["passed"],
+        "failures": rep["failures"],
+        "concepts": status,
+        "stages": stages,
+        "failed": failed,
+        "merged": merged,
+    }

@@ -1,0 +1,24 @@
+"""Prefect tasks: one per stage, each a thin wrapper over one fmn.stages function. The
+only layer that knows caching, retries, tags, the device slot and artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from fmn.runs import RunPaths
+
+
+def for_run(run: Path | str) -> SimpleNamespace:
+    """The stage tasks with their results persisted in `run`'s folder (its cache)."""
+    from tasks.invert import invert
+    from tasks.merge import merge
+    from tasks.prepare import prepare
+    from tasks.report import report
+    from tasks.resteer import resteer
+    from tasks.score import score
+
+    storage = RunPaths(Path(run)).results
+    cached = {t.name: t.with_options(result_storage=storage) for t in (prepare, invert, resteer)}
+    cached |= {t.name: t.with_options(result_storage=storage) for t in (merge, score)}
+    return SimpleNamespace(**cached, report=report)

@@ -1,0 +1,25 @@
+"""Task: attention re-steering of one concept -> its patch."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from fmn.stages import Record, stage_resteer
+from tasks._common import CACHED, cache_key
+from tasks.slots import device_slot
+
+
+@task(
+    name="resteer",
+    task_run_name="resteer-{concept_id}",
+    cache_key_fn=cache_key("resteer"),
+    tags=["fmn", "device", "training"],
+    **CACHED,
+)
+def resteer(
+    manifest: str, concept_id: str, run: str, prep: Record, ti: Record | None = None
+) -> Record:
+    """fmn.stages.stage_resteer -> patches/<id>/delta.safetensors. A NaN loss fails the
+    concept at once (no retry: it would diverge again)."""
+    with device_slot():
+        return stage_resteer(manifest, concept_id, run, prep, ti)

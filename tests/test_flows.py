@@ -1,0 +1,200 @@
+"""The forget flow end to end on the embedded world, at tiny sizes: caching across runs
+(task-run states), a concept added later, a failing concept skipped, the Dask runner, a
+killed `fmn run` resumed, and the run-folder lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fmn.patch import load_patch, patch_hash
+from fmn.runs import run_lock
+from tests.flow_helpers import FMN, ROOT, subprocess_env, task_states, write_manifest
+
+THREE = ["carol", "triangle", "outline"]
+TRAINING = ("prepare-", "invert-", "resteer-")
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, tmp_path_factory):
+    """The 3-concept build, run once (default runner)."""
+    from flows.forget import forget
+
+    folder = tmp_path_factory.mktemp("flows")
+    manifest = write_manifest(folder / "tiny.yaml", THREE)
+    out = folder / "run"
+    t0 = time.time()
+    state = forget(str(manifest), str(out), return_state=True)
+    print(f"first run (3 concepts): {time.time() - t0:.1f} s")
+    return SimpleNamespace(folder=folder, manifest=manifest, out=out, state=state)
+
+
+def _run(manifest: Path, out: Path):
+    from flows.forget import forget
+
+    t0 = time.time()
+    state = forget(str(manifest), str(out), return_state=True)
+    result = state.result()
+    print(f"{manifest.name}: {time.time() - t0:.1f} s, {result['concepts']}")
+    return result, task_states(state)
+
+
+def test_first_run_builds_everything(first_run) -> None:
+    out, state = first_run.out, first_run.state
+    result, states = state.result(), task_states(state)
+    assert result["concepts"] == dict.fromkeys(THREE, "trained")
+    assert {states[f"resteer-{c}"] for c in THREE} == {"Completed"}
+    merge = json.loads((out / "merged" / "merge.json").read_text())
+    assert [c["id"] for c in merge["concepts"]] == THREE
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert set(summary["concepts"]) == {*THREE, "alice"}
+    assert (out / "report" / "index.html").is_file()
+
+
+def test_second_run_trains_nothing(first_run) -> None:
+    out = first_run.out
+    result, states = _run(first_run.manifest, out)
+    assert result["concepts"] == dict.fromkeys(THREE, "cached")
+    trained = {n: s for n, s in states.items() if n.startswith(TRAINING)}
+    assert len(trained) == 6 and set(trained.values()) == {"Cached"}, states
+    assert result["stages"] == {"merge": "cached", "audit": "cached"}
+
+
+def test_fourth_concept_trains_alone(first_run) -> None:
+    folder, out = first_run.folder, first_run.out
+    manifest = write_manifest(folder / "tiny.yaml", [*THREE, "star"])
+    result, states = _run(manifest, out)
+    ran = sorted(n for n, s in states.items() if n.startswith(TRAINING) and s != "Cached")
+    assert ran == ["prepare-star", "resteer-star"], states
+    assert result["concepts"] == {**dict.fromkeys(THREE, "cached"), "star": "trained"}
+    assert result["stages"]["merge"] == "done"
+
+
+def test_failed_concept_is_skipped_and_a_stale_entry_rebuilt(first_run) -> None:
+    folder, out = first_run.folder, first_run.out
+    # an absurd learning rate: the weights blow up, the loss turns NaN, ResteerError
+    manifest = write_manifest(
+        folder / "tiny.yaml", [*THREE, "star", "dots"], dots={"resteer": {"lr": 1e30}}
+    )
+    # a cached result whose file vanished (a hand edit, a DVC checkout) runs again
+    (out / "patches" / "triangle" / "delta.safetensors").unlink()
+    result, states = _run(manifest, out)
+    assert states["resteer-triangle"] == "Completed" and states["resteer-carol"] == "Cached"
+    assert states["resteer-dots"] == "Failed"  # once: a NaN is not worth a retry
+    assert "nan" in result["failed"]["dots"].lower()
+    merge = json.loads((out / "merged" / "merge.json").read_text())
+    assert [c["id"] for c in merge["concepts"]] == [*THREE, "star"]
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert not summary["gates"]["passed"]
+    assert any(
+        f["concept"] == "dots" and f["gate"] == "trained" for f in summary["gates"]["failures"]
+    )
+    assert summary["concepts"]["dots"]["status"] == "failed"
+
+
+def _deltas(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {c: load_patch(folder / "patches" / c).deltas for c in THREE}
+
+
+def test_dask_runner_makes_the_same_patches(first_run) -> None:
+    from flows.forget import forget
+    from flows.runners import task_runner
+
+    folder, out = first_run.folder, first_run.out
+    manifest = write_manifest(folder / "tiny.yaml", THREE)
+    dask_out = folder / "dask-run"
+    flow = forget.with_options(task_runner=task_runner("dask", dask_out, workers=2))
+    t0 = time.time()
+    result = flow(str(manifest), str(dask_out))
+    print(f"dask runner, 2 workers, 3 concepts: {time.time() - t0:.1f} s")
+    assert result["concepts"] == dict.fromkeys(THREE, "trained")
+    assert (dask_out / "dask").is_dir()  # Dask's scratch space stays in the run folder
+    ours, theirs = _deltas(out), _deltas(dask_out)
+    for c in THREE:
+        assert ours[c].keys() == theirs[c].keys()
+        for k in ours[c]:
+            torch.testing.assert_close(theirs[c][k], ours[c][k], rtol=1e-4, atol=1e-6)
+
+
+def test_busy_run_folder_is_refused(prefect_api, tmp_path) -> None:
+    manifest = write_manifest(tmp_path / "tiny.yaml", THREE)
+    with run_lock(tmp_path / "run"):
+        proc = subprocess.run(
+            [*FMN, "run", str(manifest), "--out", str(tmp_path / "run")],
+            env=subprocess_env(prefect_api),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "being written by another run" in proc.stderr
+
+
+def test_killed_run_resumes_with_intact_files(prefect_api, tmp_path) -> None:
+    from fmn.models import fingerprint, load_pipeline
+
+    manifest = write_manifest(tmp_path / "tiny.yaml", THREE)
+    out = tmp_path / "run"
+    cmd = [*FMN, "run", str(manifest), "--out", str(out)]
+    env = subprocess_env(prefect_api)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 300
+    while not list(out.glob("patches/*/delta.safetensors")):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the CLI and anything it started
+    proc.wait()
+    assert not (out / "merged").exists(), "killed too late: the run had finished merging"
+
+    from flows.forget import forget
+
+    again = forget(str(manifest), str(out))  # the same build, resumed (here: in process)
+    assert set(again["concepts"].values()) <= {"cached", "trained"}, again
+    merge = json.loads((out / "merged" / "merge.json").read_text())
+    for c in merge["concepts"]:
+        assert patch_hash(out / "patches" / c["id"]) == c["hash"], c["id"]
+    assert patch_hash(out / "merged") == merge["patch_hash"]
+    recorded = json.loads((out / "merged.json").read_text())
+    assert (
+        fingerprint(load_pipeline(str(out / "merged" / "model"))) == recorded["model_fingerprint"]
+    )
+
+
+def test_nightly_fails_when_a_gate_fails(first_run) -> None:
+    from flows.nightly import nightly
+
+    manifest = write_manifest(first_run.folder / "tiny.yaml", THREE)  # 2 steps: not forgotten
+    state = nightly(str(manifest), out=str(first_run.out), return_state=True)
+    assert state.is_failed() and "gates failed" in state.message, state.message
+
+
+def test_prefect_yaml_deploys_the_nightly_flow() -> None:
+    import inspect
+
+    import yaml
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    (dep,) = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
+    assert flow.name == "nightly"
+    assert set(dep["parameters"]) <= set(inspect.signature(flow.fn).parameters)
+    assert (ROOT / dep["parameters"]["manifest"]).is_file()
+    for s in dep["schedules"]:
+        CronSchedule(cron=s["cron"], timezone=s["timezone"])
