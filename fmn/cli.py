@@ -263,7 +263,7 @@ def forget(
     from fmn.invert import InvertConfig, save_ti
     from fmn.patch import save_patch
     from fmn.prepare import load_image_folder
-    from fmn.resteer import ResteerConfig
+    from fmn.resteer import resteer_config_for
 
     given = {
         "steps": steps,
@@ -276,7 +276,7 @@ def forget(
     # every option is checked before the model loads, with the manifest's rules and hints
     concept = {"id": concept_id, "type": concept_type, "text": text}
     _exit_on_problems(_forget_problems(concept, given, generate, images, mask, ti_steps, ti_tokens))
-    cfg = ResteerConfig(**{k: v for k, v in given.items() if v is not None})
+    cfg = resteer_config_for(concept_type, **given)  # per-type defaults, then the options
     kept = [_id_type(p, "--preserve") for p in preserve]
     text = text or concept_id.replace("-", " ")
     _threads(threads)
@@ -436,6 +436,81 @@ def export(
     console.print(f"wrote {report['path']}: rank {report['rank']}, relative error {err:.2e}")
 
 
+@app.command()
+def merge(
+    patches: list[Path] = typer.Argument(
+        ..., help="Patch files/folders, or a folder of concept folders (one patch each)."
+    ),
+    out: Path = typer.Option(..., help="Folder: delta.safetensors, lora.safetensors, model/."),
+    model: str = typer.Option(None, help="Base model [default: the manifest's, else embedded]."),
+    manifest: Path = typer.Option(None, help="Take preserve list, method and weights from it."),
+    method: str = typer.Option(None, help="closed-form | sum [default: manifest's or closed-form]"),
+    preserve: list[str] = typer.Option([], help="id:type of a concept to keep (repeatable)."),
+    weight: list[str] = typer.Option([], help="id=w weight of a concept's patch (repeatable)."),
+    lora_rank: int = typer.Option(None, help="Rank of lora.safetensors; default: full (exact)."),
+    threads: int = typer.Option(1),
+) -> None:
+    """Merge per-concept patches into one model (closed-form least squares or a sum)."""
+    from fmn.merge import MergeConfig, MergeError, concept_patches, merge_patches, write_merged
+    from fmn.patch import PatchError
+
+    cfg, kept, base = MergeConfig(), [], model or "embedded:tiny-world"
+    if manifest is not None:
+        m = _load_manifest_or_exit(manifest)
+        cfg = MergeConfig(
+            m.merge.method, dict(m.merge.weights), m.merge.preserve_weight, m.merge.ridge
+        )
+        kept = [(p.text, p.type) for p in m.preserve]
+        base = model or m.base_model
+    kept += [_id_type(p, "--preserve") for p in preserve]
+    for item in weight:
+        cid, _, w = item.partition("=")
+        try:
+            cfg.weights[cid] = float(w)
+        except ValueError:
+            raise typer.BadParameter(
+                f"use id=weight, got {item!r}", param_hint="--weight"
+            ) from None
+    cfg.method = method or cfg.method
+    if cfg.method == "joint":
+        typer.echo("joint trains all concepts in one run: use `fmn run`, not merge", err=True)
+        raise typer.Exit(2)
+    try:
+        files = [f for p in patches for f in (concept_patches(p) if _is_patch_dir(p) else [p])]
+    except PatchError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    _threads(threads)
+    pipe = _load_model_or_exit(base, "--model" if model or manifest is None else "base_model")
+    try:
+        with _bar() as update:
+            res = merge_patches(pipe, files, cfg, preserve=kept, progress=update)
+    except (MergeError, PatchError) as e:
+        typer.echo(f"merge: {e}", err=True)
+        raise typer.Exit(2) from None
+    merged = [c["id"] for c in res.patch.extra["concepts"]]
+    unknown = [w.partition("=")[0] for w in weight if w.partition("=")[0] not in merged]
+    if unknown:  # a typo would otherwise merge at weight 1 without a word
+        typer.echo(
+            f"--weight: no patch of concept {', '.join(map(repr, unknown))} "
+            f"(hint: the patches are of: {', '.join(merged)})",
+            err=True,
+        )
+        raise typer.Exit(2)
+    record = write_merged(pipe, res, out, lora_rank=lora_rank)
+    for cid, k in record["kept"].items():
+        console.print(f"  {cid}: {k:.1%} of its edit kept")
+    console.print(
+        f"merged {len(record['concepts'])} patches ({cfg.method}) in {res.seconds:.2f} s: "
+        f"{out}/ (delta.safetensors, lora.safetensors, model/, merge.json)"
+    )
+
+
+def _is_patch_dir(path: Path) -> bool:
+    """A folder of concept folders (not itself a patch folder)."""
+    return path.is_dir() and not (path / "delta.safetensors").exists()
+
+
 def _id_type(value: str, option: str) -> tuple[str, str]:
     from typing import get_args
 
@@ -450,6 +525,16 @@ def _id_type(value: str, option: str) -> tuple[str, str]:
             f"unknown type {kind!r} in {value!r}; use {types}", param_hint=option
         )
     return cid.replace("-", " "), kind
+
+
+def _load_manifest_or_exit(path: Path):
+    from fmn.manifest import ManifestError, load_manifest
+
+    try:
+        return load_manifest(path)
+    except ManifestError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fmn.anchors import anchor_prompts
 from fmn.conditioning import encode_text
@@ -18,7 +19,7 @@ from fmn.invert import InvertConfig, TIResult, add_ti_to_pipeline, invert, place
 from fmn.models import fingerprint, model_family
 from fmn.patch import Patch
 from fmn.prepare import Prepared, concept_prompts, prepare_concept
-from fmn.resteer import ResteerConfig, ResteerResult, resteer
+from fmn.resteer import ResteerConfig, ResteerResult, resteer, resteer_joint
 
 Progress = Callable[[str, int, int, dict], None]
 
@@ -157,3 +158,49 @@ def resteer_prepared(
         },
     )
     return ForgetResult(patch, result, ti)
+
+
+def forget_joint(
+    pipe,
+    concepts: list[tuple[str, str, str]],
+    cfgs: list[ResteerConfig],
+    *,
+    generate: int = 16,
+    preserve: list[tuple[str, str]] | None = None,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> Patch:
+    """Forget several concepts in one re-steering run (the original's multi_concept; the
+    baseline of the merge benchmark, and `merge.method: joint` in a manifest).
+    concepts: (id, type, text). Returns one patch over all of them."""
+    tick = progress or (lambda *a: None)
+    base = fingerprint(pipe)
+    datas = [
+        prepare_concept(
+            pipe, cid, kind, text, generate=generate, seed=cfg.seed, cache_dir=cache_dir
+        )
+        for (cid, kind, text), cfg in zip(concepts, cfgs, strict=True)
+    ]
+    hw = datas[0].images.shape[1:3]
+    # every concept's own anchors (its context words, the preserve list, generic words)
+    anchors = [concept_anchors(pipe, d, preserve or [], hw) for d in datas]
+    joint = replace(anchors[0], embeds=torch.cat([a.embeds for a in anchors]))
+    result = resteer_joint(
+        pipe,
+        datas,
+        cfgs,
+        anchors=joint,
+        progress=lambda d, t, loss: tick("joint re-steering", d, t, {"loss": loss}),
+    )
+    return Patch(
+        concept=",".join(c[0] for c in concepts),
+        method="resteer:joint",
+        deltas=result.deltas,
+        config={
+            "concepts": [{"id": i, "type": k, "text": t} for i, k, t in concepts],
+            "resteer": result.config,
+            "preserve": [list(p) for p in preserve or []],
+        },
+        base_fingerprint=base,
+        extra={"seconds": result.seconds},
+    )

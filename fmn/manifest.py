@@ -433,11 +433,16 @@ class ResolvedConcept(_Strict):
 class Merge(_Strict):
     """How the per-concept patches become one model (fmn/merge.py)."""
 
-    method: Literal["sum", "closed-form"] = "closed-form"  # sum interferes past a few concepts
+    # sum interferes past a few concepts; joint trains all concepts in one run (a baseline)
+    method: Literal["sum", "closed-form", "joint"] = "closed-form"
     """sum: weighted sum of deltas; closed-form: least-squares fusion that holds preserved
-    concepts in place."""
+    concepts in place; joint: one re-steering run over every concept (docs/merge.md)."""
     weights: dict[str, PositiveFloat] = {}  # equal say for every concept
     """Weight of each concept's patch, by id; concepts left out weigh 1.0."""
+    preserve_weight: PositiveFloat = 0.3  # fmn.merge.MergeConfig: measured in docs/merge.md
+    """closed-form: weight of the preserved and generic prompts against one concept's edit."""
+    ridge: PositiveFloat = 1e-3  # only holds directions no prompt constrains
+    """closed-form: pull towards the base weights, relative to the statistics' scale."""
 
 
 class Detectors(_Strict):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -105,14 +105,32 @@ def concept_token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+class AnchorGram:
+    """Anchor states [M, D] reduced to their Gram matrix G = sum_e e e^T ([D, D], summed in
+    float64): sum ||dW e||^2 = trace(dW G dW^T), so a step of the preservation term costs
+    O(out * D^2) per layer instead of O(M * out * D) (bench/resteer.py, docs/performance.md)."""
+
+    def __init__(self, anchors: torch.Tensor) -> None:
+        a = anchors.detach().double()
+        self.gram = (a.T @ a).to(anchors.dtype)
+        self.shape = anchors.shape
+
+
 def preservation_loss(
-    params: dict[str, torch.nn.Parameter], base: dict[str, torch.Tensor], anchors: torch.Tensor
+    params: dict[str, torch.nn.Parameter],
+    base: dict[str, torch.Tensor],
+    anchors: torch.Tensor | AnchorGram,
 ) -> torch.Tensor:
     """Relative change of anchor keys/values: sum ||dW e||^2 / sum ||W e||^2, averaged over
-    the trained to_k/to_v layers. anchors: [M, D] text-encoder states of anchor prompts."""
+    the trained to_k/to_v layers. anchors: [M, D] text-encoder states of anchor prompts, or
+    their AnchorGram (the same value up to rounding, much cheaper)."""
     terms = []
     for n, p in params.items():
         if not re.search(PARAM_PATTERNS["to_kv"], n) or p.shape[1] != anchors.shape[1]:
+            continue
+        if isinstance(anchors, AnchorGram):
+            g, d = anchors.gram, p - base[n]
+            terms.append(((d @ g) * d).sum() / ((base[n] @ g) * base[n]).sum())
             continue
         ref = anchors @ base[n].T
         terms.append((anchors @ (p - base[n]).T).pow(2).sum() / ref.pow(2).sum())
@@ -157,21 +175,45 @@ def resteer(
     progress: Callable[[int, int, float], None] | None = None,
 ) -> ResteerResult:
     """Re-steer one concept; returns its deltas and leaves `pipe` as it was."""
+    return resteer_joint(pipe, [data], [cfg], anchors=anchors, progress=progress)
+
+
+def resteer_joint(
+    pipe,
+    datas: Sequence[Prepared],
+    cfgs: Sequence[ResteerConfig],
+    *,
+    anchors: TextConditioning | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> ResteerResult:
+    """Re-steer several concepts in one run (the original's multi_concept), taking them in
+    turn, one per step, each with its own token positions, masks and preservation weight;
+    as many steps in all as the concepts would get alone. Returns one set of deltas and
+    leaves `pipe` as it was. With one concept this is plain re-steering."""
     t0 = time.time()
+    if not datas or len(datas) != len(cfgs):
+        raise ValueError("one ResteerConfig per concept, and at least one concept")
+    cfg = cfgs[0]
+    for c in cfgs[1:]:
+        if (c.params, c.lr, c.batch, c.seed) != (cfg.params, cfg.lr, cfg.batch, cfg.seed):
+            raise ValueError("joint re-steering shares params, lr, batch and seed across concepts")
     unet = pipe.unet
-    weights = token_weights(
-        data.cond.input_ids,
-        concept_token_ids(pipe.tokenizer, data.text),
-        cfg.positions,
-        eos_id=data.cond.eos_id,
-    )
+    weights = [
+        token_weights(
+            d.cond.input_ids,
+            concept_token_ids(pipe.tokenizer, d.text),
+            c.positions,
+            eos_id=d.cond.eos_id,
+        )
+        for d, c in zip(datas, cfgs, strict=True)
+    ]
     params = select_params(unet, cfg.params)
     base = {n: p.detach().clone() for n, p in params.items()}
     anchor_states = None
-    if anchors is not None and cfg.preserve_weight > 0:
-        anchor_states = anchors.embeds.reshape(-1, anchors.embeds.shape[-1])
+    if anchors is not None and any(c.preserve_weight > 0 for c in cfgs):
+        anchor_states = AnchorGram(anchors.embeds.reshape(-1, anchors.embeds.shape[-1]))
     sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's own noise schedule
-    before = measure_attention(unet, sched, data, weights)
+    before = _attention(unet, sched, datas, weights)
 
     was_training = unet.training
     unet.eval()  # no dropout: the loss must be deterministic given the seed
@@ -181,24 +223,27 @@ def resteer(
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     store = AttentionStore()
-    store.latent_hw = tuple(data.latents.shape[-2:])
+    store.latent_hw = tuple(datas[0].latents.shape[-2:])
     losses: list[float] = []
+    total = sum(c.steps for c in cfgs)
+    # round-robin over the concepts still owed steps, so each gets exactly its own count
+    longest = max(c.steps for c in cfgs)
+    order = [k for s in range(longest) for k, c in enumerate(cfgs) if s < c.steps]
     try:
         with capture_cross_attention(unet, store):
-            for step in range(cfg.steps):
-                idx_img = torch.randint(0, len(data.latents), (cfg.batch,), generator=gen)
-                idx_txt = torch.randint(0, len(data.cond.prompts), (cfg.batch,), generator=gen)
-                t = torch.randint(cfg.t_min, cfg.t_max, (cfg.batch,), generator=gen)
+            for step, k in enumerate(order):
+                data, c = datas[k], cfgs[k]
+                idx_img = torch.randint(0, len(data.latents), (c.batch,), generator=gen)
+                idx_txt = torch.randint(0, len(data.cond.prompts), (c.batch,), generator=gen)
+                t = torch.randint(c.t_min, c.t_max, (c.batch,), generator=gen)
                 noise = torch.randn(data.latents[idx_img].shape, generator=gen)
                 store.reset()
-                store.token_weights = weights[idx_txt]
+                store.token_weights = weights[k][idx_txt]
                 _unet_step(unet, sched, data, idx_img, idx_txt, t, noise)
                 masks = data.masks[idx_img] if data.masks is not None else None
                 loss = attention_loss(store, masks)
-                if anchor_states is not None:
-                    loss = loss + cfg.preserve_weight * preservation_loss(
-                        params, base, anchor_states
-                    )
+                if anchor_states is not None and c.preserve_weight > 0:
+                    loss = loss + c.preserve_weight * preservation_loss(params, base, anchor_states)
                 if not torch.isfinite(loss):
                     raise ResteerError(
                         f"concept {data.concept_id!r}: loss became {loss.item()} at step {step}; "
@@ -206,14 +251,14 @@ def resteer(
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
                 opt.step()
                 losses.append(loss.item())
                 if progress:
-                    progress(step + 1, cfg.steps, losses[-1])
+                    progress(step + 1, total, losses[-1])
         for p in params.values():
             p.requires_grad_(False)
-        after = measure_attention(unet, sched, data, weights)
+        after = _attention(unet, sched, datas, weights)
         deltas = {n: (p.detach() - base[n]).clone() for n, p in params.items()}
     finally:
         with torch.no_grad():  # leave the caller's model exactly as it came
@@ -222,6 +267,19 @@ def resteer(
                 p.requires_grad_(False)
         unet.train(was_training)
     deltas = {n: d for n, d in deltas.items() if d.abs().max() > 0}
+    config = asdict(cfg) if len(cfgs) == 1 else {"joint": [asdict(c) for c in cfgs]}
     return ResteerResult(
-        data.concept_id, deltas, losses, before, after, time.time() - t0, asdict(cfg)
+        ",".join(d.concept_id for d in datas),
+        deltas,
+        losses,
+        before,
+        after,
+        time.time() - t0,
+        config,
     )
+
+
+def _attention(unet, sched, datas: Sequence[Prepared], weights: list[torch.Tensor]) -> float:
+    """Mean over concepts of measure_attention."""
+    vals = [measure_attention(unet, sched, d, w) for d, w in zip(datas, weights, strict=True)]
+    return sum(vals) / len(vals)

@@ -1,0 +1,340 @@
+"""Merge many concept patches into one model (`fmn merge`).
+
+Two methods (docs/merge.md has the derivation and the measured trade-offs):
+
+`sum`: the weighted sum of dense deltas. Exact for one concept; past a few concepts the
+edits pile up on every prompt they share directions with.
+
+`closed-form`: for every cross-attention key/value projection W0 ([out, D], reading text
+states e in R^D) find the delta dW that solves
+
+    min  sum_i w_i * sum_{e in T_i} a_e ||(dW - dW_i) e||^2        (each concept's own edit)
+       + alpha     * sum_{e in P}   b_e ||dW e||^2                 (preserved + general prompts)
+       + beta      * ||dW||_F^2                                     (stay near the base)
+
+T_i are the text states of concept i's training prompts: the positions its patch was
+trained on carry total weight 1, the rest of those prompts' positions total weight 1
+(they map to whatever the patch does there, usually ~nothing). P is the preserve set:
+every preserved concept of the manifest in its type's prompts, weighted like a target
+(total 2), plus the generic anchor prompts of fmn.anchors and the empty prompt, which
+together weigh as much as the targets (total 2 per target), so neither side is outvoted
+as concepts are added; alpha (`merge.preserve_weight`) scales the whole set. The
+normal equations give
+
+    dW (sum_i w_i C_i + alpha C_P + beta' I) = sum_i w_i dW_i C_i,   C = sum_e a_e e e^T
+
+C_i and C_P depend only on the text encoder, so one D x D matrix (plus one [out, D] sum
+per layer) is accumulated concept by concept: time grows linearly with the number of
+concepts and memory stays at one patch. beta' = beta * trace(lhs) / D keeps the ridge
+unit-free. Parameters other than attn2 to_k/to_v (patches trained with params=attn2 or
+unet) cannot be fused this way and fall back to the weighted sum; the result says which.
+
+Nothing here reads the embedded world's labels or classifier: the preserve set is the
+manifest's `preserve` list and plain-English anchors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fmn.anchors import anchor_prompts
+from fmn.attention import token_weights
+from fmn.conditioning import encode_text
+from fmn.io import atomic_dir, write_json
+from fmn.models import fingerprint
+from fmn.patch import (
+    Patch,
+    PatchError,
+    apply_patch,
+    export_lora,
+    load_patch,
+    patch_hash,
+    revert_patch,
+    save_patch,
+)
+from fmn.prepare import concept_prompts
+from fmn.resteer import PARAM_PATTERNS, concept_token_ids, resteer_config_for
+
+METHODS = ("sum", "closed-form")
+_KV = re.compile(PARAM_PATTERNS["to_kv"])
+
+
+class MergeError(ValueError):
+    """Patches that cannot be merged; the message names the concept at fault."""
+
+
+@dataclass
+class MergeConfig:
+    method: str = "closed-form"
+    weights: dict[str, float] = field(default_factory=dict)  # concept id -> weight (default 1)
+    # scale of the preserve set (module docstring). At 1 a preserved concept weighs what a
+    # target weighs; on the world benchmark (docs/merge.md, N = 8) 1 kept the preserved
+    # concepts at 0.98 but forgot less (Acc_e 0.71), 0.3 kept 0.975 with Acc_e 0.55
+    preserve_weight: float = 0.3
+    ridge: float = 1e-3  # relative to the mean eigenvalue of the statistics
+
+
+@dataclass
+class MergeResult:
+    patch: Patch
+    seconds: float
+    # closed-form only: per concept, the share of its own edit (on its target rows) the
+    # merged delta keeps (1 = all of it), and the relative change of the preserve set
+    kept: dict[str, float] = field(default_factory=dict)
+    preserve_drift: float = 0.0
+    summed_keys: list[str] = field(default_factory=list)  # keys fused by the plain sum
+
+
+PatchSource = Patch | Path | str
+Progress = Callable[[str, int, int], None]
+
+
+def _load(source: PatchSource) -> tuple[Patch, str]:
+    if isinstance(source, Patch):
+        return source, ""
+    return load_patch(source), patch_hash(source)
+
+
+def _check_patch(patch: Patch, base_fp: str | None, seen: set[str]) -> None:
+    cid = patch.concept
+    if cid in seen:
+        raise MergeError(f"concept {cid!r} is given twice; merge each concept's patch once")
+    if base_fp and patch.base_fingerprint and patch.base_fingerprint != base_fp:
+        raise MergeError(
+            f"patch {cid!r} was made on base {patch.base_fingerprint}, not on this base "
+            f"({base_fp}); re-run its concept on this model"
+        )
+    for k, d in patch.deltas.items():
+        if not torch.isfinite(d).all():
+            raise MergeError(f"patch {cid!r}: {k} holds NaN/Inf; re-run that concept")
+
+
+def _concept_spec(patch: Patch) -> tuple[str, str, str]:
+    """(text, type, positions) the patch was trained on, from its recorded config."""
+    c = patch.config.get("concept") or {}
+    if not c.get("text") or not c.get("type"):
+        raise MergeError(
+            f"patch {patch.concept!r} does not record its concept text/type; closed-form "
+            "merge needs them (re-create the patch with this version, or use method sum)"
+        )
+    positions = (patch.config.get("resteer") or {}).get("positions", "concept")
+    return c["text"], c["type"], positions
+
+
+def _row_weights(pipe, text: str, kind: str, positions: str):
+    """Text states of the concept's prompts [R, D] and each row's weight: the trained
+    positions share weight 1, the other positions of the same prompts share weight 1."""
+    cond = encode_text(pipe, concept_prompts(text, kind))
+    w = token_weights(
+        cond.input_ids, concept_token_ids(pipe.tokenizer, text), positions, cond.eos_id
+    )
+    on = w > 0
+    a = torch.where(on, 1.0 / on.sum().clamp(min=1), 1.0 / (~on).sum().clamp(min=1))
+    return cond.embeds.reshape(-1, cond.embeds.shape[-1]).double(), a.reshape(-1).double()
+
+
+def _gram(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return (rows * a[:, None]).T @ rows
+
+
+def preserve_rows(
+    pipe, exclude: set[str], preserve: Sequence[tuple[str, str]], n_targets: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states [R, D] the merge must leave in place and their weights [R]: every
+    preserved concept weighs what a target weighs (its prompts, as the targets'), and the
+    generic anchors (fmn.anchors) together weigh one target per target, so neither side
+    is outvoted as the number of concepts grows."""
+    rows, weights = [], []
+    for text, kind in preserve:
+        r, a = _row_weights(pipe, text, kind, resteer_config_for(kind).positions)
+        rows.append(r)
+        weights.append(a)
+    cond = encode_text(pipe, anchor_prompts(exclude))
+    generic = cond.embeds.reshape(-1, cond.embeds.shape[-1]).double()
+    rows.append(generic)
+    weights.append(torch.full((len(generic),), 2.0 * max(n_targets, 1) / len(generic)))
+    return torch.cat(rows), torch.cat(weights).double()
+
+
+def merge_patches(
+    pipe,
+    patches: Iterable[PatchSource],
+    cfg: MergeConfig | None = None,
+    *,
+    preserve: Sequence[tuple[str, str]] = (),
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge patches made on `pipe`'s base into one. `patches` are Patch objects or paths,
+    loaded one at a time. preserve: (text, type) of concepts that must survive (they anchor
+    the closed-form fit). `pipe` is only read (its text encoder and weights)."""
+    cfg = cfg or MergeConfig()
+    if cfg.method not in METHODS:
+        raise MergeError(f"merge method must be one of {METHODS}, got {cfg.method!r}")
+    for cid, w in cfg.weights.items():
+        if not math.isfinite(w) or w < 0:
+            raise MergeError(f"merge weight of {cid!r} is {w}; use a finite number >= 0")
+    tick = progress or (lambda *a: None)
+    t0 = time.time()
+    sources = list(patches)
+    if not sources:
+        raise MergeError("no patches to merge")
+    base_fp = fingerprint(pipe)
+    unet = dict(pipe.unet.named_parameters())
+    merger = _ClosedForm(pipe, unet) if cfg.method == "closed-form" else None
+    total: dict[str, torch.Tensor] = {}  # plain weighted sum of every key
+    seen: set[str] = set()
+    records, texts = [], set()
+    for k, src in enumerate(sources):
+        patch, digest = _load(src)
+        _check_patch(patch, base_fp, seen)
+        seen.add(patch.concept)
+        w = float(cfg.weights.get(patch.concept, 1.0))
+        for name, d in patch.deltas.items():
+            if name not in unet or unet[name].shape != d.shape:
+                raise MergeError(
+                    f"patch {patch.concept!r}: {name} does not fit this base's UNet; was it "
+                    "made for another model?"
+                )
+            total[name] = total.get(name, 0) + w * d.double()
+        if merger is not None:
+            text, kind, positions = _concept_spec(patch)
+            texts.add(text)
+            merger.add(patch, w, text, kind, positions)
+        records.append({"id": patch.concept, "weight": w, "hash": digest, "method": patch.method})
+        tick("merging", k + 1, len(sources))
+        del patch  # memory stays at one patch (plus the running sums)
+    unknown = sorted(set(cfg.weights) - seen)
+    if unknown:
+        raise MergeError(
+            f"merge weights name {unknown}, which no patch forgets; merged: {sorted(seen)}"
+        )
+    result = MergeResult(patch=None, seconds=0.0)  # type: ignore[arg-type]
+    deltas = {n: d.float() for n, d in total.items()}
+    if merger is not None:
+        prows = preserve_rows(pipe, texts, preserve, len(records))
+        fused, result.kept, result.preserve_drift = merger.solve(*prows, cfg)
+        result.summed_keys = sorted(set(deltas) - set(fused))
+        deltas.update(fused)
+    ids = [r["id"] for r in records]
+    result.patch = Patch(
+        concept=",".join(ids),
+        method=f"merge:{cfg.method}",
+        deltas={n: d for n, d in deltas.items() if d.abs().max() > 0},
+        config={
+            "merge": {
+                "method": cfg.method,
+                "weights": {r["id"]: r["weight"] for r in records},
+                "preserve_weight": cfg.preserve_weight,
+                "ridge": cfg.ridge,
+                "preserve": [list(p) for p in preserve],
+            }
+        },
+        base_fingerprint=base_fp,
+        extra={
+            "concepts": records,
+            "kept": {k: round(v, 4) for k, v in result.kept.items()},
+            "preserve_drift": round(result.preserve_drift, 6),
+            "summed_keys": result.summed_keys,
+        },
+    )
+    result.seconds = time.time() - t0
+    result.patch.extra["seconds"] = round(result.seconds, 3)
+    return result
+
+
+class _ClosedForm:
+    """Running statistics of the closed-form fit (module docstring), one concept at a time."""
+
+    def __init__(self, pipe, unet: dict[str, torch.nn.Parameter]) -> None:
+        self.pipe = pipe
+        self.keys = [n for n in unet if _KV.search(n)]
+        self.w0 = {n: unet[n].detach().double() for n in self.keys}
+        self.lhs: dict[int, torch.Tensor] = {}  # D -> sum_i w_i C_i (one per text width)
+        self.rhs: dict[str, torch.Tensor] = {}  # layer -> sum_i w_i dW_i C_i
+        self.targets: list[tuple[str, torch.Tensor, torch.Tensor, dict]] = []
+
+    def add(self, patch: Patch, w: float, text: str, kind: str, positions: str) -> None:
+        rows, a = _row_weights(self.pipe, text, kind, positions)
+        gram = _gram(rows, a)
+        dim = gram.shape[0]
+        self.lhs[dim] = self.lhs.get(dim, 0) + w * gram
+        own = {}
+        for n in self.keys:
+            if self.w0[n].shape[1] != dim:
+                continue
+            d = patch.deltas.get(n)
+            if d is not None:
+                self.rhs[n] = self.rhs.get(n, 0) + w * d.double() @ gram
+                own[n] = (d.double() @ rows.T).pow(2).mul(a).sum().item()
+        # kept only: rows and weights to report how much of the edit survives
+        self.targets.append((patch.concept, rows, a, {"deltas": patch.deltas, "own": own}))
+
+    def solve(self, prows: torch.Tensor, pweights: torch.Tensor, cfg: MergeConfig):
+        fused: dict[str, torch.Tensor] = {}
+        solved: dict[int, torch.Tensor] = {}
+        for dim, lhs in self.lhs.items():
+            if prows.shape[1] == dim:
+                lhs = lhs + cfg.preserve_weight * _gram(prows, pweights)
+            eye = torch.eye(dim, dtype=lhs.dtype)
+            solved[dim] = lhs + cfg.ridge * lhs.trace() / dim * eye
+        for n in self.keys:
+            dim = self.w0[n].shape[1]
+            if n in self.rhs:
+                # dW = rhs @ lhs^-1; lhs is symmetric positive definite thanks to the ridge
+                fused[n] = torch.linalg.solve(solved[dim], self.rhs[n].T).T
+        kept = {}
+        for cid, rows, a, info in self.targets:
+            num = den = 0.0
+            for n, own in info["own"].items():
+                d = info["deltas"][n].double()
+                err = ((fused[n] - d) @ rows.T).pow(2).mul(a).sum().item()
+                num, den = num + err, den + own
+            kept[cid] = 1.0 - math.sqrt(num / den) if den > 0 else 1.0
+        drift_num = sum((fused[n] @ prows.T).pow(2).mul(pweights).sum().item() for n in fused)
+        drift_den = sum((self.w0[n] @ prows.T).pow(2).mul(pweights).sum().item() for n in fused)
+        drift = math.sqrt(drift_num / drift_den) if drift_den > 0 else 0.0
+        return {n: d.float() for n, d in fused.items()}, kept, drift
+
+
+def concept_patches(folder: Path) -> list[Path]:
+    """Every patch file under a folder (one `delta.safetensors` per concept folder)."""
+    files = sorted(folder.glob("*/delta.safetensors")) or sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise PatchError(f"no patches (*/delta.safetensors) under {folder}")
+    return files
+
+
+def write_merged(pipe, result: MergeResult, out: Path, *, lora_rank: int | None = None) -> dict:
+    """Write a merge's outputs into `out` (replaced whole, atomically): delta.safetensors
+    (the merged patch), lora.safetensors (diffusers/peft LoRA; full rank is exact),
+    model/ (a diffusers pipeline with the patch applied) and merge.json (every concept,
+    its patch hash and weight, how much of its edit the merge kept). `pipe` comes back
+    unchanged. Returns the merge.json record."""
+    with atomic_dir(out) as tmp:
+        save_patch(result.patch, tmp)
+        lora = export_lora(result.patch, tmp / "lora.safetensors", lora_rank)
+        apply_patch(pipe, result.patch)
+        try:
+            pipe.save_pretrained(tmp / "model", safe_serialization=True)
+        finally:
+            revert_patch(pipe, result.patch)
+        record = {
+            "method": result.patch.method,
+            "base_fingerprint": result.patch.base_fingerprint,
+            "patch_hash": patch_hash(tmp),
+            "concepts": result.patch.extra["concepts"],
+            "kept": result.kept,
+            "preserve_drift": result.preserve_drift,
+            "summed_keys": result.summed_keys,
+            "seconds": result.seconds,
+            "lora": {"rank": lora["rank"], "relative_error": lora["relative_error"]},
+        }
+        write_json(tmp / "merge.json", record)
+    return record

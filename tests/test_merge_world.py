@@ -1,0 +1,59 @@
+"""Three world concepts forgotten one by one, merged in closed form: all three gone, the
+preserved concepts kept. The world classifier only measures; the forgetting side sees the
+concepts' texts, the preserve list and images the base model draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmn.forget import forget_concept
+from fmn.merge import MergeConfig, merge_patches
+from fmn.models import load_pipeline
+from fmn.mscore.detectors import WorldDetector
+from fmn.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.patch import apply_patch, revert_patch
+from fmn.resteer import resteer_config_for
+from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
+from fmn.world.concepts import get_concept
+
+TARGETS = ["carol", "triangle", "outline"]
+PRESERVED = ["alice", "eve", "circle", "star", "arrow", "flat", "dots", "shadow"]
+
+
+def _mscores(pipe, detector) -> dict[str, float]:
+    refs = [ConceptRef(c.id, c.type, c.text) for c in map(get_concept, TARGETS + PRESERVED)]
+    rows, _ = score_concepts(pipe, refs, detector, prompts_per_concept=3, seeds=(0, 1, 2), steps=20)
+    return {c: s["mscore"] for c, s in summarise(rows).items()}
+
+
+@pytest.mark.slow
+def test_closed_form_merge_of_three_forgets_all_and_keeps_the_rest() -> None:
+    torch.set_num_threads(1)
+    pipe = load_pipeline(EMBEDDED_NAME)
+    detector = WorldDetector(EMBEDDED_DIR / "classifier")
+    preserve = [(c.text, c.type) for c in map(get_concept, PRESERVED)]
+    patches = []
+    for cid in TARGETS:
+        c = get_concept(cid)
+        cfg = resteer_config_for(c.type)
+        patches.append(forget_concept(pipe, c.id, c.type, c.text, cfg, preserve=preserve).patch)
+    merged = merge_patches(pipe, patches, MergeConfig("closed-form"), preserve=preserve)
+    base = _mscores(pipe, detector)
+    apply_patch(pipe, merged.patch)
+    try:
+        after = _mscores(pipe, detector)
+    finally:
+        revert_patch(pipe, merged.patch)
+    ratio = {c: after[c] / max(base[c], 1e-6) for c in base}
+    kept = sum(ratio[c] for c in PRESERVED) / len(PRESERVED)
+    numbers = (
+        "; ".join(f"{c} {base[c]:.3f} -> {after[c]:.3f}" for c in TARGETS)
+        + f"; preserved mean ratio {kept:.3f} (worst "
+        + ", ".join(f"{c} {ratio[c]:.2f}" for c in sorted(PRESERVED, key=ratio.get)[:2])
+        + f"); edit kept by the merge {merged.kept}"
+    )
+    print(numbers)
+    for c in TARGETS:
+        assert ratio[c] <= 0.25, f"{c} not forgotten after the merge: {numbers}"
+    assert kept >= 0.9, f"preserved concepts damaged: {numbers}"
