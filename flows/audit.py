@@ -28,9 +28,10 @@ def audit(
     m = load_manifest(manifest)
     run_dir = Path(run or Path("build") / f"{m.name}-audit").resolve()
     out_dir = Path(out or Path("reports") / f"{m.name}-audit").resolve()
-    audited = {"model": str(Path(model).resolve()) if Path(model).exists() else model}
     if patch is not None:
         audited = {"patch": str(Path(patch).resolve())}
+    else:  # a local folder or file by absolute path; anything else is a model spec
+        audited = {"model": str(Path(model).resolve()) if Path(model).exists() else model}
     with run_lock(run_dir):
         ensure_device_slot()
         t = tasks.for_run(run_dir)

@@ -21,6 +21,8 @@ from tests.flow_helpers import FMN, ROOT, subprocess_env, task_states, write_man
 
 THREE = ["carol", "triangle", "outline"]
 TRAINING = ("prepare-", "invert-", "resteer-")
+# the fourth concept learns tokens first (textual inversion); re-steering then suppresses them
+STAR_TI = {"invert": {"enabled": True, "steps": 2, "tokens": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,23 @@ def test_first_run_builds_everything(first_run) -> None:
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert set(summary["concepts"]) == {*THREE, "alice"}
     assert (out / "report" / "index.html").is_file()
+    table, markdown = _artifacts(state, ["tiny-mscore", "tiny-summary"])
+    assert table.type == "table" and "carol" in str(table.data)
+    assert markdown.type == "markdown" and "index.html" in markdown.data
+
+
+def _artifacts(flow_state, keys: list[str]) -> list:
+    """The flow run's artifacts with these keys, in that order."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    by_key = {a.key: a for a in found}
+    return [by_key[k] for k in keys]
 
 
 def test_second_run_trains_nothing(first_run) -> None:
@@ -70,10 +89,11 @@ def test_second_run_trains_nothing(first_run) -> None:
 
 def test_fourth_concept_trains_alone(first_run) -> None:
     folder, out = first_run.folder, first_run.out
-    manifest = write_manifest(folder / "tiny.yaml", [*THREE, "star"])
+    manifest = write_manifest(folder / "tiny.yaml", [*THREE, "star"], star=STAR_TI)
     result, states = _run(manifest, out)
     ran = sorted(n for n, s in states.items() if n.startswith(TRAINING) and s != "Cached")
-    assert ran == ["prepare-star", "resteer-star"], states
+    assert ran == ["invert-star", "prepare-star", "resteer-star"], states
+    assert load_patch(out / "patches" / "star").method == "resteer+ti"
     assert result["concepts"] == {**dict.fromkeys(THREE, "cached"), "star": "trained"}
     assert result["stages"]["merge"] == "done"
 
@@ -82,12 +102,16 @@ def test_failed_concept_is_skipped_and_a_stale_entry_rebuilt(first_run) -> None:
     folder, out = first_run.folder, first_run.out
     # an absurd learning rate: the weights blow up, the loss turns NaN, ResteerError
     manifest = write_manifest(
-        folder / "tiny.yaml", [*THREE, "star", "dots"], dots={"resteer": {"lr": 1e30}}
+        folder / "tiny.yaml",
+        [*THREE, "star", "dots"],
+        star=STAR_TI,
+        dots={"resteer": {"lr": 1e30}},
     )
     # a cached result whose file vanished (a hand edit, a DVC checkout) runs again
     (out / "patches" / "triangle" / "delta.safetensors").unlink()
     result, states = _run(manifest, out)
     assert states["resteer-triangle"] == "Completed" and states["resteer-carol"] == "Cached"
+    assert states["resteer-star"] == "Cached"
     assert states["resteer-dots"] == "Failed"  # once: a NaN is not worth a retry
     assert "nan" in result["failed"]["dots"].lower()
     merge = json.loads((out / "merged" / "merge.json").read_text())
@@ -198,3 +222,17 @@ def test_prefect_yaml_deploys_the_nightly_flow() -> None:
     assert (ROOT / dep["parameters"]["manifest"]).is_file()
     for s in dep["schedules"]:
         CronSchedule(cron=s["cron"], timezone=s["timezone"])
+
+
+def test_audit_flow_reports_on_a_patch(first_run) -> None:
+    from flows.audit import audit
+
+    out = first_run.folder / "audit-report"
+    rec = audit(
+        str(first_run.manifest),
+        patch=str(first_run.out / "merged"),
+        out=str(out),
+        run=str(first_run.folder / "audit-run"),
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert rec["index"] == str(out / "index.html") and "patch" in summary["models"]["patched"]

@@ -69,6 +69,13 @@ def pipeline(spec: str) -> Iterator:
             raise
 
 
+def drop_pipeline() -> None:
+    """Forget the loaded pipeline (after a stage that loaded and unloaded learned tokens:
+    the next stage starts from the files, not from a tokenizer that was resized twice)."""
+    with _pipe_lock:
+        _pipes.clear()
+
+
 def base_spec(m: Manifest) -> str:
     """The manifest's base model; a relative path starts at the manifest's folder."""
     spec = m.base_model

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from fmn.manifest import ResolvedConcept, load_manifest
 from fmn.runs import ProgressFile, RunPaths, file_hash
-from fmn.stages.common import Record, base_spec, check_record, pipeline, preserve_list
+from fmn.stages.common import (
+    Record,
+    base_spec,
+    check_record,
+    drop_pipeline,
+    pipeline,
+    preserve_list,
+)
 
 
 def _prepared(pipe, r: ResolvedConcept, run: RunPaths):
@@ -132,6 +139,8 @@ def stage_resteer(
             mask=r.mask,
             progress=ProgressFile(rp, concept_id),
         )
+    if learned is not None:
+        drop_pipeline()
     where = rp.patch(concept_id)
     path = save_patch(res.patch, where)
     s = res.resteer
