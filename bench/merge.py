@@ -92,10 +92,15 @@ def main() -> None:
                 if method == "joint":
                     patch = _joint(pipe, chosen, preserve)
                 else:
-                    # "closed-form@0.1": the method with another preserve_weight
-                    name, _, alpha = method.partition("@")
-                    pw = float(alpha) if alpha else args.preserve_weight
-                    cfg = MergeConfig(method=name, preserve_weight=pw, ridge=args.ridge)
+                    # "closed-form@0.1": another preserve_weight; "closed-form~1": erase 1
+                    name, _, erase = method.partition("~")
+                    name, _, alpha = name.partition("@")
+                    cfg = MergeConfig(
+                        method=name,
+                        preserve_weight=float(alpha) if alpha else args.preserve_weight,
+                        ridge=args.ridge,
+                        erase_weight=float(erase) if erase else 0.0,
+                    )
                     files = [folder / c for c in chosen]
                     patch = merge_patches(pipe, files, cfg, preserve=preserve).patch
                 seconds = time.time() - t

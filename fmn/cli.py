@@ -457,9 +457,7 @@ def merge(
     cfg, kept, base = MergeConfig(), [], model or "embedded:tiny-world"
     if manifest is not None:
         m = _load_manifest_or_exit(manifest)
-        cfg = MergeConfig(
-            m.merge.method, dict(m.merge.weights), m.merge.preserve_weight, m.merge.ridge
-        )
+        cfg = MergeConfig.from_manifest(m.merge)
         kept = [(p.text, p.type) for p in m.preserve]
         base = model or m.base_model
     kept += [_id_type(p, "--preserve") for p in preserve]

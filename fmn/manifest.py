@@ -443,6 +443,9 @@ class Merge(_Strict):
     """closed-form: weight of the preserved and generic prompts against one concept's edit."""
     ridge: PositiveFloat = 1e-3  # only holds directions no prompt constrains
     """closed-form: pull towards the base weights, relative to the statistics' scale."""
+    erase_weight: NonNegativeFloat = 0.0  # measured on the world: no better (docs/merge.md)
+    """closed-form: also map each concept's prompts to the prompts without it, at this
+    weight (0: fuse the patches as they are)."""
 
 
 class Detectors(_Strict):

@@ -79,6 +79,21 @@ class MergeConfig:
     # concepts at 0.98 but forgot less (Acc_e 0.71), 0.3 kept 0.975 with Acc_e 0.55
     preserve_weight: float = 0.3
     ridge: float = 1e-3  # relative to the mean eigenvalue of the statistics
+    # weight of the erase term (module docstring): 0 fuses the patches as they are; > 0
+    # also maps each concept's prompt states, from the concept on, to the base model's
+    # keys/values of the same prompt with the concept left out
+    erase_weight: float = 0.0
+
+    @classmethod
+    def from_manifest(cls, merge) -> MergeConfig:
+        """From a manifest's `merge:` section (fmn.manifest.Merge)."""
+        return cls(
+            merge.method,
+            dict(merge.weights),
+            merge.preserve_weight,
+            merge.ridge,
+            merge.erase_weight,
+        )
 
 
 @dataclass
@@ -144,6 +159,32 @@ def _gram(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (rows * a[:, None]).T @ rows
 
 
+def erase_rows(pipe, text: str, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of the concept's prompts, the text states from the concept's first token
+    on (the causal encoder carries the concept into all of them), each paired with the
+    state at the same place of the prompt with the concept left out ("a photo of bob" ->
+    "a photo of"): (states [R, D], states without the concept [R, D], weights [R], total 1)."""
+    prompts = concept_prompts(text, kind)
+    removed = [" ".join(p.replace(text, " ").split()) for p in prompts]
+    cond, cond_r = encode_text(pipe, prompts), encode_text(pipe, removed)
+    cids = concept_token_ids(pipe.tokenizer, text)
+    src, dst = [], []
+    for b, ids in enumerate(cond.input_ids.tolist()):
+        hits = [i for i in range(len(ids) - len(cids) + 1) if ids[i : i + len(cids)] == cids]
+        if not hits:
+            continue
+        h, last = hits[0], len(ids) - 1
+        for p in range(h, len(ids)):
+            # the concept's own tokens map to what follows the prefix without it
+            q = h if p < h + len(cids) else min(p - len(cids), last)
+            src.append(cond.embeds[b, p])
+            dst.append(cond_r.embeds[b, q])
+    if not src:
+        raise MergeError(f"concept {text!r}: its tokens are in none of its prompts")
+    c = torch.full((len(src),), 1.0 / len(src), dtype=torch.float64)
+    return torch.stack(src).double(), torch.stack(dst).double(), c
+
+
 def preserve_rows(
     pipe, exclude: set[str], preserve: Sequence[tuple[str, str]], n_targets: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +228,7 @@ def merge_patches(
         raise MergeError("no patches to merge")
     base_fp = fingerprint(pipe)
     unet = dict(pipe.unet.named_parameters())
-    merger = _ClosedForm(pipe, unet) if cfg.method == "closed-form" else None
+    merger = _ClosedForm(pipe, unet, cfg.erase_weight) if cfg.method == "closed-form" else None
     total: dict[str, torch.Tensor] = {}  # plain weighted sum of every key
     seen: set[str] = set()
     records, texts = [], set()
@@ -233,6 +274,7 @@ def merge_patches(
                 "weights": {r["id"]: r["weight"] for r in records},
                 "preserve_weight": cfg.preserve_weight,
                 "ridge": cfg.ridge,
+                "erase_weight": cfg.erase_weight,
                 "preserve": [list(p) for p in preserve],
             }
         },
@@ -252,8 +294,8 @@ def merge_patches(
 class _ClosedForm:
     """Running statistics of the closed-form fit (module docstring), one concept at a time."""
 
-    def __init__(self, pipe, unet: dict[str, torch.nn.Parameter]) -> None:
-        self.pipe = pipe
+    def __init__(self, pipe, unet: dict[str, torch.nn.Parameter], erase: float = 0.0) -> None:
+        self.pipe, self.erase = pipe, erase
         self.keys = [n for n in unet if _KV.search(n)]
         self.w0 = {n: unet[n].detach().double() for n in self.keys}
         self.lhs: dict[int, torch.Tensor] = {}  # D -> sum_i w_i C_i (one per text width)
@@ -273,6 +315,13 @@ class _ClosedForm:
             if d is not None:
                 self.rhs[n] = self.rhs.get(n, 0) + w * d.double() @ gram
                 own[n] = (d.double() @ rows.T).pow(2).mul(a).sum().item()
+        if self.erase > 0:
+            src, dst, c = erase_rows(self.pipe, text, kind)
+            self.lhs[dim] = self.lhs[dim] + w * self.erase * _gram(src, c)
+            cross = ((dst - src) * c[:, None]).T @ src  # sum_e c (e' - e) e^T
+            for n in self.keys:
+                if self.w0[n].shape[1] == dim:
+                    self.rhs[n] = self.rhs.get(n, 0) + w * self.erase * self.w0[n] @ cross
         # kept only: rows and weights to report how much of the edit survives
         self.targets.append((patch.concept, rows, a, {"deltas": patch.deltas, "own": own}))
 

@@ -178,3 +178,25 @@ def test_cli_merge_with_a_manifest(pipe, tmp_path) -> None:
     assert merged["method"] == "merge:closed-form" and merged["concepts"][0]["weight"] == 2.0
     bad = runner.invoke(app, ["merge", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and not (tmp_path / "x").exists()
+
+
+def test_erase_term_moves_the_concept_towards_the_prompt_without_it(pipe) -> None:
+    from fmn.merge import erase_rows
+
+    p = _patch(pipe, "cat", "object", 3, scale=0.0)  # a patch that changes nothing
+    p.deltas = {n: d + 1e-8 for n, d in p.deltas.items()}
+    src, dst, _ = erase_rows(pipe, "cat", "object")
+    params = dict(pipe.unet.named_parameters())
+
+    def gap(deltas) -> float:
+        return sum(
+            ((src @ (params[n] + deltas.get(n, 0)).double().T) - dst @ params[n].double().T)
+            .norm()
+            .item()
+            for n in p.deltas
+        )
+
+    plain = merge_patches(pipe, [p], MergeConfig("closed-form")).patch.deltas
+    erased = merge_patches(pipe, [p], MergeConfig("closed-form", erase_weight=3.0)).patch.deltas
+    numbers = f"gap to 'a photo of a' states: plain {gap(plain):.3f}, erase {gap(erased):.3f}"
+    assert gap(erased) < 0.85 * gap(plain), numbers  # the preserve set holds back the rest

@@ -61,8 +61,7 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[Record]) ->
 def _merge_config(m: Manifest):
     from fmn.merge import MergeConfig
 
-    mc = m.merge
-    return MergeConfig(mc.method, dict(mc.weights), mc.preserve_weight, mc.ridge)
+    return MergeConfig.from_manifest(m.merge)
 
 
 def _joint(pipe, m: Manifest, rp: RunPaths, tick):
