@@ -67,16 +67,16 @@ def forget(manifest: str, out: str | None = None, report: str | None = None) -> 
         chains: dict[str, list[PrefectFuture]] = {}
         if m.merge.method != "joint":  # joint re-steers every concept in the merge task
             for c in m.concepts:
+                learn_tokens = m.resolve(c.id).invert.enabled
                 prep = t.prepare.submit(manifest, c.id, run)
-                chain = [prep]
-                if m.resolve(c.id).invert.enabled:
-                    chain.append(t.invert.submit(manifest, c.id, run, prep))
-                ti = chain[-1] if len(chain) == 2 else None
-                chain.append(t.resteer.submit(manifest, c.id, run, prep, ti))
-                chains[c.id] = chain
+                ti = t.invert.submit(manifest, c.id, run, prep) if learn_tokens else None
+                patch = t.resteer.submit(manifest, c.id, run, prep, ti)
+                chains[c.id] = [f for f in (prep, ti, patch) if f is not None]
         patches, failed, status = _settle(chains, m.on_error)
         merge_run = t.merge.submit(manifest, run, patches)
         merged = merge_run.result()
+        if not chains:  # joint: every concept was trained (or cached) in the merge task
+            status = {c.id: _done(merge_run, "trained") for c in m.concepts}
         score_run = t.score.submit(manifest, run, merged, failed)
         scored = score_run.result()
         rep = t.report.submit(run, scored, str(report_dir)).result()
