@@ -452,7 +452,7 @@ def merge(
 ) -> None:
     """Merge per-concept patches into one model (closed-form least squares or a sum)."""
     from fmn.merge import MergeConfig, MergeError, concept_patches, merge_patches, write_merged
-    from fmn.patch import PatchError
+    from fmn.patch import PatchError, patch_concept
 
     cfg, kept, base = MergeConfig(), [], model or "embedded:tiny-world"
     if manifest is not None:
@@ -475,9 +475,19 @@ def merge(
         raise typer.Exit(2)
     try:
         files = [f for p in patches for f in (concept_patches(p) if _is_patch_dir(p) else [p])]
+        merged = [patch_concept(f) for f in files]  # metadata only: checked before any work
     except PatchError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
+    unknown = [cid for cid in cfg.weights if cid not in merged]
+    if unknown:  # a typo would otherwise merge at weight 1 without a word
+        where = "--weight" if weight else "merge.weights"
+        typer.echo(
+            f"{where}: no patch of concept {', '.join(map(repr, unknown))} "
+            f"(hint: the patches are of: {', '.join(merged)})",
+            err=True,
+        )
+        raise typer.Exit(2)
     _threads(threads)
     pipe = _load_model_or_exit(base, "--model" if model or manifest is None else "base_model")
     try:
@@ -486,15 +496,6 @@ def merge(
     except (MergeError, PatchError) as e:
         typer.echo(f"merge: {e}", err=True)
         raise typer.Exit(2) from None
-    merged = [c["id"] for c in res.patch.extra["concepts"]]
-    unknown = [w.partition("=")[0] for w in weight if w.partition("=")[0] not in merged]
-    if unknown:  # a typo would otherwise merge at weight 1 without a word
-        typer.echo(
-            f"--weight: no patch of concept {', '.join(map(repr, unknown))} "
-            f"(hint: the patches are of: {', '.join(merged)})",
-            err=True,
-        )
-        raise typer.Exit(2)
     record = write_merged(pipe, res, out, lora_rank=lora_rank)
     for cid, k in record["kept"].items():
         console.print(f"  {cid}: {k:.1%} of its edit kept")

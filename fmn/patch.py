@@ -140,6 +140,18 @@ def load_patch(path: Path | str) -> Patch:
     )
 
 
+def patch_concept(path: Path | str) -> str:
+    """The concept id a patch file is of, from its metadata alone (no tensor is read)."""
+    file = _patch_file(path)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise PatchError(f"{file} is truncated or not a safetensors file ({e})") from e
+    _check_format(meta, file)
+    return meta.get("concept", "")
+
+
 def patch_hash(path: Path | str) -> str:
     """sha256 of a patch file's bytes ("sha256:<64 hex>"); accepts the folder or the file."""
     h = hashlib.sha256()
