@@ -1,5 +1,6 @@
 """The DVC pipeline in a temporary git repository: `dvc repro` of a forget stage on a small
-manifest runs `fmn run`, and `dvc metrics show` prints the build's summary."""
+manifest runs `fmn run`, `dvc metrics show` prints the build's summary, and after a second
+build (one more concept) `dvc metrics diff` and `dvc plots diff` compare the two."""
 
 from __future__ import annotations
 
@@ -64,3 +65,14 @@ def test_dvc_repro_and_metrics_show(prefect_api, tmp_path) -> None:
     assert "targets.mscore" in shown and "gates.passed" in shown
     status = _sh([DVC, "status", "forget@small"], repo, env)
     assert "up to date" in status
+
+    # a second build: commit the first, add a concept, rebuild, compare
+    _sh(["git", "add", "-A"], repo, env)
+    _sh([*git, "commit", "-q", "-m", "first build"], repo, env)
+    write_manifest(repo / "manifests" / "small.yaml", ["triangle", "outline"], name="small")
+    _sh([DVC, "repro", "forget@small"], repo, env)
+    diff = _sh([DVC, "metrics", "diff", "--all"], repo, env)
+    print(diff)
+    assert "concepts.outline.mscore" in diff, diff  # the new concept's metrics appear
+    plots = _sh([DVC, "plots", "diff", "-o", str(tmp_path / "plots")], repo, env)
+    assert (tmp_path / "plots" / "index.html").is_file(), plots
