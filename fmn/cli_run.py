@@ -109,7 +109,7 @@ def run_manifest(
     the run folder is busy."""
     _quiet_defaults()
     from fmn.manifest import ManifestError, load_manifest
-    from fmn.runs import RunLockedError, run_lock
+    from fmn.runs import RunLockedError, run_lock, sweep_stale_temp
 
     console = console or Console()
     try:
@@ -135,6 +135,9 @@ def run_manifest(
             torch.set_num_threads(max(1, threads))
             rp = RunPaths(run_dir)
             shutil.rmtree(rp.progress, ignore_errors=True)  # the last run's rows
+            # a killed run leaves its half-written temp files; nobody else writes here now
+            sweep_stale_temp(run_dir)
+            sweep_stale_temp(report_dir.parent, prefix=f".{report_dir.name}.")
             ensure_device_slot()
             flow = forget.with_options(task_runner=task_runner(runner, run_dir, workers, address))
             keys = [c.id for c in m.concepts] + ["merge", "audit"]

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -140,6 +141,31 @@ def run_lock(root: Path | str) -> Iterator[Path]:
                 fd = _held.pop(path)[0]
                 os.ftruncate(fd, 0)
                 os.close(fd)  # closing releases the flock
+
+
+def sweep_stale_temp(folder: Path | str, prefix: str = ".") -> list[Path]:
+    """Delete what killed writers left behind under `folder`: the temp files and folders of
+    fmn.io's atomic writes (`.<name>.<random>.tmp`) and folders moved aside for replacement
+    (`.<name>.old.<pid>`). Call it only while holding the folder's run lock, when no other
+    writer can be mid-write. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [
+        p
+        for p in folder.rglob(f"{prefix}*")
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or ".old." in p.name)
+    ]
+    removed = []
+    for p in sorted(stale, key=lambda q: len(q.parts)):  # parents first
+        if not p.exists() and not p.is_symlink():
+            continue  # inside a folder removed already
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------
