@@ -61,6 +61,13 @@ def main() -> None:
     ap.add_argument("--preserve-weight", type=float, default=MergeConfig.preserve_weight)
     ap.add_argument("--ridge", type=float, default=MergeConfig.ridge)
     ap.add_argument("--out", default="bench/results/merge.json")
+    ap.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="TYPE:key=value re-steering settings for the per-concept patches, e.g. "
+        "id:positions=all_eot id:preserve_weight=1 (use another --patches folder)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = load_pipeline(EMBEDDED_NAME)
@@ -74,7 +81,7 @@ def main() -> None:
         if not (folder / cid / "delta.safetensors").exists():
             c = get_concept(cid)
             res = forget_concept(
-                pipe, c.id, c.type, c.text, resteer_config_for(c.type), preserve=preserve
+                pipe, c.id, c.type, c.text, _config(c.type, args.override), preserve=preserve
             )
             save_patch(res.patch, folder / cid)
             print(f"patch {cid}: {res.resteer.seconds:.1f} s", flush=True)
@@ -130,6 +137,19 @@ def _joint(pipe, chosen: list[str], preserve) -> Patch:
     return forget_joint(
         pipe, concepts, [resteer_config_for(c[1]) for c in concepts], preserve=preserve
     )
+
+
+def _config(kind: str, overrides: list[str]):
+    """Per-type defaults, then TYPE:key=value overrides (numbers parsed as floats/ints)."""
+    given: dict = {}
+    for item in overrides:
+        target, _, kv = item.partition(":")
+        key, _, value = kv.partition("=")
+        if target == kind:
+            given[key] = value if not value.replace(".", "").isdigit() else float(value)
+    if "steps" in given:
+        given["steps"] = int(given["steps"])
+    return resteer_config_for(kind, **given)
 
 
 def _write(out: Path, rows: list[dict], base: dict, args) -> None:
