@@ -44,6 +44,9 @@ from bench.common import (
     write_results,
 )
 
+# OpenAI CLIP ViT-L/14's text tower: SD1.5's encoder and SDXL's first one
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+
 SIZES = {
     "sd15": {
         "unet": dict(
@@ -55,14 +58,7 @@ SIZES = {
             cross_attention_dim=768,
             attention_head_dim=8,
         ),
-        "text": [
-            dict(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-            )
-        ],
+        "text": [CLIP_L],
         "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
         "latent": 64,
     },
@@ -82,12 +78,7 @@ SIZES = {
             projection_class_embeddings_input_dim=2816,
         ),
         "text": [
-            dict(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-            ),
+            CLIP_L,
             dict(
                 hidden_size=1280,
                 intermediate_size=5120,

@@ -24,7 +24,7 @@ from fmn.mscore.detectors import Detector, DetectorError, make_detectors
 from fmn.mscore.prompts import PromptFileError, concept_prompts, fill_templates, read_prompt_file
 from fmn.mscore.score import ConceptRef, score_concepts
 from fmn.patch import PatchError, apply_patch, load_patch, revert_patch
-from fmn.prepare import prepare_concept
+from fmn.prepare import prepare_resolved
 
 Progress = Callable[[str, int, int, dict], None]
 MODELS = ("base", "patched", "recovered")  # the `model` column of the rows
@@ -205,16 +205,7 @@ def _anchor_latents(base, manifest: Manifest, targets: Sequence[ConceptRef]) -> 
     the baseline with the re-steering seed), as VAE latents."""
     out = {}
     for c in targets:
-        r = manifest.resolve(c.id)
-        data = prepare_concept(
-            base,
-            c.id,
-            c.type,
-            c.text,
-            images=r.images,
-            generate=r.generate or 16,
-            seed=r.resteer.seed,
-        )
+        data = prepare_resolved(base, manifest.resolve(c.id))
         out[c.id] = data.latents
     return out
 

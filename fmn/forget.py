@@ -15,8 +15,15 @@ import torch
 
 from fmn.anchors import anchor_prompts
 from fmn.conditioning import encode_text
-from fmn.invert import InvertConfig, TIResult, add_ti_to_pipeline, invert, placeholder_tokens
-from fmn.models import fingerprint, model_family
+from fmn.invert import (
+    InvertConfig,
+    TIResult,
+    add_ti_to_pipeline,
+    invert,
+    placeholder_tokens,
+    unload_ti,
+)
+from fmn.models import fingerprint
 from fmn.patch import Patch
 from fmn.prepare import Prepared, concept_prompts, prepare_concept
 from fmn.resteer import ResteerConfig, ResteerResult, resteer, resteer_joint
@@ -50,16 +57,6 @@ def _with_ti(pipe, data: Prepared, ti: TIResult) -> Prepared:
     hw = data.images.shape[1:3] if data.images is not None else None
     cond = encode_text(pipe, concept_prompts(ti.token, data.concept_type), image_hw=hw)
     return replace(data, text=tokens, cond=cond)
-
-
-def _unload_ti(pipe, ti: TIResult) -> None:
-    # every placeholder must be named: unloading "<t>" alone leaves "<t>_1" ... behind
-    tokens = placeholder_tokens(ti.token, ti.config.tokens)
-    if model_family(pipe) == "sdxl":
-        pipe.unload_textual_inversion(tokens, pipe.tokenizer, pipe.text_encoder)
-        pipe.unload_textual_inversion(tokens, pipe.tokenizer_2, pipe.text_encoder_2)
-    else:
-        pipe.unload_textual_inversion(tokens)
 
 
 def forget_concept(
@@ -137,7 +134,7 @@ def resteer_prepared(
         )
     finally:
         if ti is not None:
-            _unload_ti(pipe, ti)
+            unload_ti(pipe, ti)
     patch = Patch(
         concept=concept_id,
         method="resteer+ti" if ti else "resteer",

@@ -15,11 +15,15 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fmn.conditioning import TextConditioning, encode_text
+
+if TYPE_CHECKING:
+    from fmn.manifest import ResolvedConcept
 
 # Prompts that show the concept, per type. Generic English, never the world's labels: the
 # same templates serve a real checkpoint.
@@ -425,3 +429,21 @@ def prepare_concept(
     if where is not None:
         _save_cache(where, data, key, masks)
     return data
+
+
+def prepare_resolved(
+    pipe, r: ResolvedConcept, *, mask: str | Path = "none", cache_dir: Path | None = None
+) -> Prepared:
+    """prepare_concept for a manifest's resolved concept: its images (or `generate`, 16
+    when unset) drawn with its re-steering seed."""
+    return prepare_concept(
+        pipe,
+        r.id,
+        r.type,
+        r.text,
+        images=r.images,
+        generate=r.generate or 16,
+        seed=r.resteer.seed,
+        mask=mask,
+        cache_dir=cache_dir,
+    )

@@ -17,19 +17,9 @@ from fmn.stages.common import (
 
 
 def _prepared(pipe, r: ResolvedConcept, run: RunPaths):
-    from fmn.prepare import prepare_concept
+    from fmn.prepare import prepare_resolved
 
-    return prepare_concept(
-        pipe,
-        r.id,
-        r.type,
-        r.text,
-        images=r.images,
-        generate=r.generate or 16,
-        seed=r.resteer.seed,
-        mask=r.mask,
-        cache_dir=run.prep,
-    )
+    return prepare_resolved(pipe, r, mask=r.mask, cache_dir=run.prep)
 
 
 def stage_prepare(manifest: Path | str, concept_id: str, run: Path | str) -> Record:
