@@ -40,17 +40,39 @@ def _settle(chains: dict[str, list[PrefectFuture]], on_error: str):
         futures[-1].wait()
     for cid, futures in chains.items():
         last = futures[-1]
-        if last.state.is_completed():
-            patches.append(last.result())
-            status[cid] = _done(last, "trained")
-        else:
+        if not last.state.is_completed():
             failed[cid], status[cid] = _why(futures), "failed"
+            continue
+        record, ran = last.result(), "trained"
+        if "concepts" in record:  # a group's record: this concept's part of it
+            record = next(r for r in record["concepts"] if r["concept"] == cid)
+            if "error" in record:
+                failed[cid], status[cid] = record["error"], "failed"
+                continue
+            ran = "cached" if record.pop("reused", False) else ran
+        patches.append(record)
+        status[cid] = _done(last, ran)
     if failed and on_error == "fail":
         lines = "; ".join(f"{c}: {why}" for c, why in failed.items())
         raise ConceptsFailedError(f"{len(failed)} concept(s) failed (on_error: fail): {lines}")
     if not patches and chains:
         raise ConceptsFailedError(f"every concept failed: {failed}")
     return patches, failed, status
+
+
+def _groups(t, manifest: str, run: str, ids: list[str], chains: dict, size: int) -> None:
+    """Re-steer `ids` in groups of `size` once their inputs are ready; a concept whose
+    preparation or inversion failed stays out (its chain already ends in the failure)."""
+    for cid in ids:
+        chains[cid][-1].wait()
+    ready = [cid for cid in ids if chains[cid][-1].state.is_completed()]
+    for i in range(0, len(ready), size):
+        group = ready[i : i + size]
+        preps = [chains[cid][0] for cid in group]
+        tis = [chains[cid][1] if len(chains[cid]) > 1 else None for cid in group]
+        future = t.resteer_group.submit(manifest, group, run, preps, tis)
+        for cid in group:
+            chains[cid].append(future)
 
 
 @flow(name="forget")
@@ -66,12 +88,17 @@ def forget(manifest: str, out: str | None = None, report: str | None = None) -> 
         t = tasks.for_run(run)
         chains: dict[str, list[PrefectFuture]] = {}
         if m.merge.method != "joint":  # joint re-steers every concept in the merge task
+            together = []  # concepts for shared re-steering passes (defaults.train_together)
             for c in m.concepts:
-                learn_tokens = m.resolve(c.id).invert.enabled
+                r = m.resolve(c.id)
                 prep = t.prepare.submit(manifest, c.id, run)
-                ti = t.invert.submit(manifest, c.id, run, prep) if learn_tokens else None
-                patch = t.resteer.submit(manifest, c.id, run, prep, ti)
-                chains[c.id] = [f for f in (prep, ti, patch) if f is not None]
+                ti = t.invert.submit(manifest, c.id, run, prep) if r.invert.enabled else None
+                chains[c.id] = [f for f in (prep, ti) if f is not None]
+                if m.defaults.train_together > 1 and r.resteer.params == "to_kv":
+                    together.append(c.id)
+                else:
+                    chains[c.id].append(t.resteer.submit(manifest, c.id, run, prep, ti))
+            _groups(t, manifest, run, together, chains, m.defaults.train_together)
         patches, failed, status = _settle(chains, m.on_error)
         merge_run = t.merge.submit(manifest, run, patches)
         merged = merge_run.result()

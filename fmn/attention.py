@@ -8,7 +8,7 @@ computes them explicitly, and only on cross-attention; self-attention keeps its 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -56,6 +56,10 @@ class CaptureProcessor:
 
     def __init__(self, store: AttentionStore) -> None:
         self.store = store
+        # optional (attn, context) -> (key delta, value delta) added to the module's own
+        # keys/values: lets each sample of a batch carry its own concept's trained delta
+        # (fmn.resteer_batch trains several concepts in one pass)
+        self.kv_delta: Callable | None = None
 
     def __call__(
         self,
@@ -84,6 +88,9 @@ class CaptureProcessor:
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         key, value = attn.to_k(context), attn.to_v(context)
+        if self.kv_delta is not None:
+            dk, dv = self.kv_delta(attn, context)
+            key, value = key + dk, value + dv
         query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
         probs = attn.get_attention_scores(query, key, attention_mask)
         self.store.record(probs, attn.heads)
@@ -102,11 +109,15 @@ def is_cross_attention(name: str) -> bool:
 
 
 @contextmanager
-def capture_cross_attention(unet, store: AttentionStore | None = None) -> Iterator[AttentionStore]:
-    """Install CaptureProcessor on every attn2 module; always restore the originals."""
+def capture_cross_attention(
+    unet, store: AttentionStore | None = None, kv_delta: Callable | None = None
+) -> Iterator[AttentionStore]:
+    """Install CaptureProcessor on every attn2 module; always restore the originals.
+    kv_delta: see CaptureProcessor."""
     store = store or AttentionStore()
     originals = dict(unet.attn_processors)
     capture = CaptureProcessor(store)
+    capture.kv_delta = kv_delta
     procs = {n: capture if is_cross_attention(n) else p for n, p in originals.items()}
     if not any(is_cross_attention(n) for n in procs):
         raise ValueError("this UNet has no cross-attention (attn2) modules to re-steer")

@@ -340,6 +340,11 @@ class Defaults(_Strict):
     """Textual inversion options."""
     resteer: ResteerOptions = ResteerOptions()
     """Attention re-steering options."""
+    # 1: one concept per pass, each in a task of its own. More shares every UNet pass
+    # between that many concepts (fmn.resteer_batch): the same patches, ~3x less time per
+    # concept at 6 (bench/results/resteer.md); memory grows with it
+    train_together: Count = 1
+    """Concepts re-steered together in one batched pass, each still into its own patch."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -143,18 +143,24 @@ def _unet_step(unet, sched, data: Prepared, idx_img, idx_txt, t, noise) -> None:
     unet(noisy, t, encoder_hidden_states=embeds, **kwargs)
 
 
+def measure_pairs(data: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (image, prompt) pairs attention is measured on: up to 8 images, each with one
+    of the prompts in turn. Every prompt counts; the cost stays a fraction of training
+    (every image with every prompt cost a third of a whole re-steering run at world size)."""
+    idx_img = torch.arange(min(len(data.latents), 8))
+    return idx_img, idx_img % len(data.cond.prompts)
+
+
 @torch.no_grad()
 def measure_attention(
     unet, sched: DDPMScheduler, data: Prepared, weights: torch.Tensor, seed: int = 1234
 ) -> float:
-    """Mean attention mass on the concept's tokens over every (image, prompt) pair at a few
-    fixed timesteps: the quantity re-steering drives down."""
+    """Mean attention mass on the concept's tokens over the measure_pairs at a few fixed
+    timesteps: the quantity re-steering drives down."""
     gen = torch.Generator().manual_seed(seed)
     store = AttentionStore()
     store.latent_hw = tuple(data.latents.shape[-2:])
-    n_img, n_txt = min(len(data.latents), 8), len(data.cond.prompts)  # bounded cost
-    idx_img = torch.arange(n_img).repeat_interleave(n_txt)
-    idx_txt = torch.arange(n_txt).repeat(n_img)
+    idx_img, idx_txt = measure_pairs(data)
     masses = []
     with capture_cross_attention(unet, store):
         for t in (200, 500, 800):

@@ -16,9 +16,11 @@ def for_run(run: Path | str) -> SimpleNamespace:
     from tasks.prepare import prepare
     from tasks.report import report
     from tasks.resteer import resteer
+    from tasks.resteer_group import resteer_group
     from tasks.score import score
 
     storage = RunPaths(Path(run)).results
     cached = {t.name: t.with_options(result_storage=storage) for t in (prepare, invert, resteer)}
     cached |= {t.name: t.with_options(result_storage=storage) for t in (merge, score)}
+    cached["resteer_group"] = resteer_group.with_options(result_storage=storage)
     return SimpleNamespace(**cached, report=report)

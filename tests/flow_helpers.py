@@ -71,6 +71,19 @@ def subprocess_env(api_url: str) -> dict[str, str]:
     return env
 
 
+def run_flow(manifest: Path, out: Path) -> tuple[dict, dict[str, str]]:
+    """Run the forget flow; its result and its task runs' states."""
+    import time
+
+    from flows.forget import forget
+
+    t0 = time.time()
+    state = forget(str(manifest), str(out), return_state=True)
+    result = state.result()
+    print(f"{manifest.name}: {time.time() - t0:.1f} s, {result['concepts']}")
+    return result, task_states(state)
+
+
 def task_states(flow_state) -> dict[str, str]:
     """Task-run name -> state name ('Completed', 'Cached', 'Failed', ...) of a flow run."""
     from prefect.client.orchestration import get_client

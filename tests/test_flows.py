@@ -17,7 +17,7 @@ import torch
 
 from fmn.patch import load_patch, patch_hash
 from fmn.runs import run_lock
-from tests.flow_helpers import FMN, ROOT, subprocess_env, task_states, write_manifest
+from tests.flow_helpers import FMN, ROOT, run_flow, subprocess_env, task_states, write_manifest
 
 THREE = ["carol", "triangle", "outline"]
 TRAINING = ("prepare-", "invert-", "resteer-")
@@ -37,16 +37,6 @@ def first_run(prefect_api, tmp_path_factory):
     state = forget(str(manifest), str(out), return_state=True)
     print(f"first run (3 concepts): {time.time() - t0:.1f} s")
     return SimpleNamespace(folder=folder, manifest=manifest, out=out, state=state)
-
-
-def _run(manifest: Path, out: Path):
-    from flows.forget import forget
-
-    t0 = time.time()
-    state = forget(str(manifest), str(out), return_state=True)
-    result = state.result()
-    print(f"{manifest.name}: {time.time() - t0:.1f} s, {result['concepts']}")
-    return result, task_states(state)
 
 
 def test_first_run_builds_everything(first_run) -> None:
@@ -80,7 +70,7 @@ def _artifacts(flow_state, keys: list[str]) -> list:
 
 def test_second_run_trains_nothing(first_run) -> None:
     out = first_run.out
-    result, states = _run(first_run.manifest, out)
+    result, states = run_flow(first_run.manifest, out)
     assert result["concepts"] == dict.fromkeys(THREE, "cached")
     trained = {n: s for n, s in states.items() if n.startswith(TRAINING)}
     assert len(trained) == 6 and set(trained.values()) == {"Cached"}, states
@@ -90,7 +80,7 @@ def test_second_run_trains_nothing(first_run) -> None:
 def test_fourth_concept_trains_alone(first_run) -> None:
     folder, out = first_run.folder, first_run.out
     manifest = write_manifest(folder / "tiny.yaml", [*THREE, "star"], star=STAR_TI)
-    result, states = _run(manifest, out)
+    result, states = run_flow(manifest, out)
     ran = sorted(n for n, s in states.items() if n.startswith(TRAINING) and s != "Cached")
     assert ran == ["invert-star", "prepare-star", "resteer-star"], states
     assert load_patch(out / "patches" / "star").method == "resteer+ti"
@@ -109,7 +99,7 @@ def test_failed_concept_is_skipped_and_a_stale_entry_rebuilt(first_run) -> None:
     )
     # a cached result whose file vanished (a hand edit, a DVC checkout) runs again
     (out / "patches" / "triangle" / "delta.safetensors").unlink()
-    result, states = _run(manifest, out)
+    result, states = run_flow(manifest, out)
     assert states["resteer-triangle"] == "Completed" and states["resteer-carol"] == "Cached"
     assert states["resteer-star"] == "Cached"
     assert states["resteer-dots"] == "Failed"  # once: a NaN is not worth a retry

@@ -19,6 +19,7 @@ from fmn.stages.common import (
     stage_key,
 )
 from fmn.stages.concept import stage_invert, stage_prepare, stage_resteer
+from fmn.stages.group import stage_resteer_group
 from fmn.stages.merge import stage_merge
 
 __all__ = [
@@ -34,5 +35,6 @@ __all__ = [
     "stage_prepare",
     "stage_report",
     "stage_resteer",
+    "stage_resteer_group",
     "stage_score",
 ]

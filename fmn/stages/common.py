@@ -22,6 +22,7 @@ STAGE_CODE = {
     "resteer": [
         "fmn.forget",
         "fmn.resteer",
+        "fmn.resteer_batch",
         "fmn.attention",
         "fmn.anchors",
         "fmn.conditioning",
@@ -34,6 +35,8 @@ STAGE_CODE = {
 
 
 STAGE_MODULE = {"prepare": "concept", "invert": "concept", "resteer": "concept"}
+STAGE_MODULE["resteer_group"] = "group"
+STAGE_CODE["resteer_group"] = STAGE_CODE["resteer"]
 STAGE_MODULE |= {"merge": "merge", "score": "audit"}
 
 
@@ -144,6 +147,15 @@ def stage_inputs(stage: str, params: dict) -> dict:
             "resteer": r.resteer.model_dump(mode="json"),
             "preserve": preserve_list(m),
             "ti": ti["outputs"] if ti else None,
+        }
+    if stage == "resteer_group":  # its members' own resteer keys
+        members = zip(params["concept_ids"], params["preps"], params["tis"], strict=True)
+        return {
+            **base,
+            "members": [
+                stage_inputs("resteer", {**params, "concept_id": c, "prep": p, "ti": t})
+                for c, p, t in members
+            ],
         }
     if stage == "merge":
         out = {**base, "merge": m.merge.model_dump(mode="json"), "preserve": preserve_list(m)}

@@ -1,0 +1,71 @@
+"""`defaults.train_together`: the forget flow re-steers concepts in shared passes, still a
+patch per concept; a diverging concept fails alone, a re-run trains nothing, and concepts
+regrouped later reuse their patches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fmn.patch import load_patch, patch_hash
+from tests.flow_helpers import run_flow, write_manifest
+
+PAIRS = {"defaults": {"resteer": {"steps": 2, "mask": "none"}, "train_together": 2}}
+
+
+@pytest.fixture(scope="module")
+def built(prefect_api, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("together")
+    # an absurd learning rate: dots' loss turns NaN inside the shared pass
+    manifest = write_manifest(
+        folder / "pairs.yaml",
+        ["carol", "triangle", "outline", "dots"],
+        dots={"resteer": {"lr": 1e30}},
+        **PAIRS,
+    )
+    return folder, manifest, folder / "run", run_flow(manifest, folder / "run")
+
+
+def test_groups_train_a_patch_each_and_a_nan_concept_fails_alone(built) -> None:
+    _, _, out, (result, states) = built
+    assert result["concepts"] == {
+        "carol": "trained",
+        "triangle": "trained",
+        "outline": "trained",
+        "dots": "failed",
+    }, result["concepts"]
+    assert "nan" in result["failed"]["dots"].lower()
+    groups = {n: s for n, s in states.items() if n.startswith("resteer-")}
+    assert groups == {
+        "resteer-['carol', 'triangle']": "Completed",
+        "resteer-['outline', 'dots']": "Completed",
+    }, states
+    for cid in ("carol", "triangle", "outline"):
+        patch = load_patch(out / "patches" / cid)
+        assert patch.concept == cid and patch.deltas
+        log = json.loads((out / "patches" / cid / "resteer.json").read_text())
+        assert log["together"] and len(log["losses"]) == 2
+    merge = json.loads((out / "merged" / "merge.json").read_text())
+    assert [c["id"] for c in merge["concepts"]] == ["carol", "triangle", "outline"]
+
+
+def test_rerun_is_cached_and_regrouped_concepts_reuse_their_patches(built) -> None:
+    folder, manifest, out, _ = built
+    hashes = {c: patch_hash(out / "patches" / c) for c in ("carol", "triangle", "outline")}
+    again, states = run_flow(manifest, out)
+    assert set(states[n] for n in states if n.startswith("resteer-")) == {"Cached"}, states
+    assert again["concepts"]["carol"] == "cached" and again["concepts"]["dots"] == "failed"
+    # star joins and the pairs change: only star trains, the others keep their patches
+    regrouped = write_manifest(
+        folder / "pairs.yaml", ["carol", "star", "triangle", "outline"], **PAIRS
+    )
+    result, states = run_flow(regrouped, out)
+    assert result["concepts"] == {
+        "carol": "cached",
+        "star": "trained",
+        "triangle": "cached",
+        "outline": "cached",
+    }, result["concepts"]
+    assert {c: patch_hash(out / "patches" / c) for c in hashes} == hashes
+    assert states["resteer-['carol', 'star']"] == "Completed", states
