@@ -177,17 +177,17 @@ def resteer_prepared_batch(
     base = fingerprint(pipe)
     tis = tis or [None] * len(datas)
     masks = masks or ["none"] * len(datas)
-    anchors, steered = [], []
-    for data, ti in zip(datas, tis, strict=True):
-        anchors.append(concept_anchors(pipe, data, preserve or [], data.images.shape[1:3]))
-        if ti is None:
-            steered.append(data)
-            continue
-        try:  # its prompts through its learned tokens; training reads only the cached states
-            steered.append(_with_ti(pipe, data, ti))
-        finally:
+    anchors = [concept_anchors(pipe, d, preserve or [], d.images.shape[1:3]) for d in datas]
+    steered, loaded = [], []
+    try:  # learned tokens stay loaded while training: their positions are found by id
+        for data, ti in zip(datas, tis, strict=True):
+            if ti is not None:
+                loaded.append(ti)
+            steered.append(_with_ti(pipe, data, ti) if ti is not None else data)
+        results = resteer_batch(pipe, steered, cfgs, anchors=anchors, progress=_steering(tick))
+    finally:
+        for ti in reversed(loaded):
             unload_ti(pipe, ti)
-    results = resteer_batch(pipe, steered, cfgs, anchors=anchors, progress=_steering(tick))
     return [
         _result(d, d.concept_type, d.text, r, ti, preserve, m, base)
         for d, r, ti, m in zip(datas, results, tis, masks, strict=True)

@@ -56,9 +56,11 @@ def test_rerun_is_cached_and_regrouped_concepts_reuse_their_patches(built) -> No
     again, states = run_flow(manifest, out)
     assert set(states[n] for n in states if n.startswith("resteer-")) == {"Cached"}, states
     assert again["concepts"]["carol"] == "cached" and again["concepts"]["dots"] == "failed"
-    # star joins and the pairs change: only star trains, the others keep their patches
+    # star joins, learning tokens first, and the pairs change: only star trains (through
+    # its learned tokens), the others keep their patches
+    star_ti = {"invert": {"enabled": True, "steps": 2, "tokens": 2}}
     regrouped = write_manifest(
-        folder / "pairs.yaml", ["carol", "star", "triangle", "outline"], **PAIRS
+        folder / "pairs.yaml", ["carol", "star", "triangle", "outline"], star=star_ti, **PAIRS
     )
     result, states = run_flow(regrouped, out)
     assert result["concepts"] == {
@@ -69,3 +71,4 @@ def test_rerun_is_cached_and_regrouped_concepts_reuse_their_patches(built) -> No
     }, result["concepts"]
     assert {c: patch_hash(out / "patches" / c) for c in hashes} == hashes
     assert states["resteer-['carol', 'star']"] == "Completed", states
+    assert load_patch(out / "patches" / "star").method == "resteer+ti"
