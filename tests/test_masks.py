@@ -203,3 +203,24 @@ def test_save_mask_pngs(tmp_path) -> None:
     back = np.asarray(Image.open(paths[1]))
     assert back.dtype == np.uint8 and back[:4].min() == 255 and back[4:].max() == 0
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["a.png", "b.png"], "no temps"
+
+
+def test_masked_loss_keeps_the_unmasked_scale() -> None:
+    """The masked loss is the RMS attention over the mask's pixels: a mask of ones, or of
+    any constant, gives exactly the unmasked loss, and where attention is spread evenly a
+    partial mask does too; so `mask:` changes which pixels count, not how hard the
+    attention term pulls against the preservation term (docs/masks.md)."""
+    from fmn.attention import AttentionStore, attention_loss
+
+    store = AttentionStore()
+    store.latent_hw = (8, 8)
+    g = torch.Generator().manual_seed(0)
+    store.maps = [torch.rand(2, 3, 64, generator=g), torch.rand(2, 3, 16, generator=g)]
+    plain = attention_loss(store)
+    for value in (1.0, 0.5, 0.1):
+        assert attention_loss(store, torch.full((2, 8, 8), value)) == pytest.approx(plain.item())
+    half = torch.zeros(2, 8, 8)
+    half[:, :4] = 1
+    store.maps = [torch.full((2, 3, 64), 0.3), torch.full((2, 3, 16), 0.3)]
+    assert attention_loss(store, half).item() == pytest.approx(attention_loss(store).item())
+    assert attention_loss(store, half).item() == pytest.approx(0.3)

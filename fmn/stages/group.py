@@ -75,7 +75,10 @@ def _train(pipe, m, rp: RunPaths, ids: list[str], preps: list[Record], tis: list
             cfgs,
             tis=learned,
             masks=[r.mask for r in rs],
-            progress=lambda *a: [tick(*a) for tick in ticks],
+            # one loss for the whole pass: shown as such on every member's row
+            progress=lambda stage, done, total, m: [
+                tick(stage, done, total, {"group_loss": m["loss"]}) for tick in ticks
+            ],
             **kw,
         )
     except ResteerError:  # one concept diverged: one at a time, so that it fails alone
