@@ -9,7 +9,9 @@ least-squares fit seconds = a + b*N with R^2. Also the merge alone of the 64 pat
 
 The number of re-steering steps per concept is an option (default 35); this measures
 scaling, not efficacy, so a shorter run (--steps 10) is fine and recorded in the results.
-Usage: python bench/scale.py [--n 1 4 16 64] [--steps 10]
+`--together K` re-steers K concepts per shared UNet pass (`defaults.train_together`, the
+nightly manifest's 8); seconds per concept are then each group's time / its size.
+Usage: python bench/scale.py [--n 1 4 16 64] [--steps 10] [--together 8]
 Writes bench/results/scale.json and scale.md.
 """
 
@@ -56,10 +58,11 @@ def targets(n: int) -> list[tuple[str, str, str, int]]:
 
 
 def worker(args) -> None:
-    from fmn.forget import forget_concept
+    from fmn.forget import forget_concept, resteer_prepared_batch
     from fmn.merge import MergeConfig, merge_patches
     from fmn.models import load_pipeline
     from fmn.patch import save_patch
+    from fmn.prepare import prepare_concept
     from fmn.resteer import resteer_config_for
     from fmn.world import EMBEDDED_NAME
     from fmn.world.concepts import get_concept
@@ -69,15 +72,24 @@ def worker(args) -> None:
     preserve = [(get_concept(c).text, get_concept(c).type) for c in PRESERVED]
     folder = Path(args.patches)
     paths, per_concept = [], []
+    todo, k = targets(args.n[0]), args.together
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        for cid, kind, text, seed in targets(args.n[0]):
-            t = time.perf_counter()
-            cfg = resteer_config_for(kind, steps=args.steps, seed=seed)
-            res = forget_concept(pipe, cid, kind, text, cfg, generate=16, preserve=preserve)
-            paths.append(save_patch(res.patch, folder / cid))
+        for i in range(0, len(todo), k):
+            chunk, t = todo[i : i + k], time.perf_counter()
+            cfgs = [resteer_config_for(kind, steps=args.steps, seed=s) for _, kind, _, s in chunk]
+            if k == 1:
+                (cid, kind, text, _), cfg = chunk[0], cfgs[0]
+                res = [forget_concept(pipe, cid, kind, text, cfg, generate=16, preserve=preserve)]
+            else:  # defaults.train_together: k concepts share every UNet pass
+                datas = [
+                    prepare_concept(pipe, cid, kind, text, generate=16, seed=s)
+                    for cid, kind, text, s in chunk
+                ]
+                res = resteer_prepared_batch(pipe, datas, cfgs, preserve=preserve)
+            paths += [save_patch(r.patch, folder / c[0]) for r, c in zip(res, chunk, strict=True)]
             del res
-            per_concept.append(time.perf_counter() - t)
+            per_concept += [(time.perf_counter() - t) / len(chunk)] * len(chunk)
         t = time.perf_counter()
         merged = merge_patches(pipe, paths, MergeConfig("closed-form"), preserve=preserve)
         merge_seconds = time.perf_counter() - t
@@ -135,6 +147,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--steps", type=int, default=35)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--together", type=int, default=1, help="concepts per shared re-steering pass")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the merge-only timing")
     ap.add_argument("--out", default="bench/results/scale.json")
     ap.add_argument("--worker", choices=["run", "merge"], help=argparse.SUPPRESS)
@@ -150,6 +163,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     tmp = Path(tempfile.mkdtemp(prefix="fmn-bench-scale-"))
     common = [sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads)]
+    common += ["--together", str(args.together)]
     rows = []
     try:
         for n in args.n:
@@ -200,6 +214,7 @@ def main() -> None:
         "preserve": PRESERVED,
         "settings": {
             "steps_per_concept": args.steps,
+            "together": args.together,
             "images_per_concept": 16,
             "merge": "closed-form",
         },
@@ -223,7 +238,8 @@ def main() -> None:
     table += (
         f"\nFit: seconds = {f['a_seconds']} + {f['b_seconds_per_concept']} * N, "
         f"R^2 = {f['r2']}. Merge alone of {big} patches (closed-form, median of "
-        f"{args.repeats}): {result[f'merge{big}_seconds']} s. Steps per concept: {args.steps}.\n"
+        f"{args.repeats}): {result[f'merge{big}_seconds']} s. Steps per concept: {args.steps}; "
+        f"concepts per re-steering pass: {args.together}.\n"
     )
     write_results(Path(args.out), result, table, "Scaling: prepare + re-steer + merge")
     print(table)
