@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=6, help="scoring seeds per prompt")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--params", default="to_kv", help="trained parameters (fmn.resteer.PARAM_PATTERNS)"
+    )
     ap.add_argument("--out", default="bench/results/masks_resteer.json")
     ap.add_argument(
         "--scale-check",
@@ -89,7 +92,7 @@ def main() -> None:
         images = generate_concept_images(pipe, c.text, c.type, N_IMAGES)  # shared by all arms
         for seed in args.train_seeds:
             for mask in MASKS:
-                cfg = resteer_config_for(c.type, seed=seed)
+                cfg = resteer_config_for(c.type, seed=seed, params=args.params)
                 t0 = time.time()
                 res = forget_concept(pipe, c.id, c.type, c.text, cfg, images=images, mask=mask)
                 train_s = time.time() - t0
@@ -132,7 +135,10 @@ def main() -> None:
             "train_seeds": args.train_seeds,
             "score_prompts": args.prompts,
             "score_seeds": args.seeds,
-            "resteer": {t: asdict(resteer_config_for(get_concept(t).type)) for t in args.targets},
+            "resteer": {
+                t: asdict(resteer_config_for(get_concept(t).type, params=args.params))
+                for t in args.targets
+            },
         },
         "machine": machine(args.threads),
         "threads": args.threads,
