@@ -50,6 +50,12 @@ def main() -> None:
     ap.add_argument(
         "--params", default="to_kv", help="trained parameters (fmn.resteer.PARAM_PATTERNS)"
     )
+    ap.add_argument(
+        "--lr",
+        nargs="*",
+        default=[],
+        help="TYPE=value learning rates instead of the defaults, e.g. object=4.5e-4",
+    )
     ap.add_argument("--out", default="bench/results/masks_resteer.json")
     ap.add_argument(
         "--scale-check",
@@ -86,13 +92,14 @@ def main() -> None:
     base = score(pipe, detector, measured, args.prompts, args.seeds)
     print("base", json.dumps({k: round(v, 3) for k, v in base.items()}), flush=True)
 
+    lrs = {k: float(v) for k, v in (x.split("=", 1) for x in args.lr)}
     rows = []
     for target in args.targets:
         c = get_concept(target)
         images = generate_concept_images(pipe, c.text, c.type, N_IMAGES)  # shared by all arms
         for seed in args.train_seeds:
             for mask in MASKS:
-                cfg = resteer_config_for(c.type, seed=seed, params=args.params)
+                cfg = resteer_config_for(c.type, seed=seed, params=args.params, lr=lrs.get(c.type))
                 t0 = time.time()
                 res = forget_concept(pipe, c.id, c.type, c.text, cfg, images=images, mask=mask)
                 train_s = time.time() - t0
@@ -136,7 +143,11 @@ def main() -> None:
             "score_prompts": args.prompts,
             "score_seeds": args.seeds,
             "resteer": {
-                t: asdict(resteer_config_for(get_concept(t).type, params=args.params))
+                t: asdict(
+                    resteer_config_for(
+                        get_concept(t).type, params=args.params, lr=lrs.get(get_concept(t).type)
+                    )
+                )
                 for t in args.targets
             },
         },
