@@ -137,6 +137,25 @@ def preservation_loss(
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
+def draw_step(data: Prepared, cfg: ResteerConfig, gen: torch.Generator) -> tuple:
+    """One step's random draw: (image indices, prompt indices, timesteps, noise). Batched
+    re-steering (fmn.resteer_batch) takes the same draws from each concept's generator."""
+    idx_img = torch.randint(0, len(data.latents), (cfg.batch,), generator=gen)
+    idx_txt = torch.randint(0, len(data.cond.prompts), (cfg.batch,), generator=gen)
+    t = torch.randint(cfg.t_min, cfg.t_max, (cfg.batch,), generator=gen)
+    noise = torch.randn(data.latents[idx_img].shape, generator=gen)
+    return idx_img, idx_txt, t, noise
+
+
+def check_finite(loss: torch.Tensor, concept_id: str, step: int) -> None:
+    """Stop a diverging concept by name, before its NaN reaches the weights."""
+    if not torch.isfinite(loss):
+        raise ResteerError(
+            f"concept {concept_id!r}: loss became {loss.item()} at step {step}; "
+            "lower resteer.lr or the number of steps"
+        )
+
+
 def _unet_step(unet, sched, data: Prepared, idx_img, idx_txt, t, noise) -> None:
     noisy = sched.add_noise(data.latents[idx_img], noise, t)
     embeds, kwargs = data.cond.select(idx_txt)
@@ -239,10 +258,7 @@ def resteer_joint(
         with capture_cross_attention(unet, store):
             for step, k in enumerate(order):
                 data, c = datas[k], cfgs[k]
-                idx_img = torch.randint(0, len(data.latents), (c.batch,), generator=gen)
-                idx_txt = torch.randint(0, len(data.cond.prompts), (c.batch,), generator=gen)
-                t = torch.randint(c.t_min, c.t_max, (c.batch,), generator=gen)
-                noise = torch.randn(data.latents[idx_img].shape, generator=gen)
+                idx_img, idx_txt, t, noise = draw_step(data, c, gen)
                 store.reset()
                 store.token_weights = weights[k][idx_txt]
                 _unet_step(unet, sched, data, idx_img, idx_txt, t, noise)
@@ -250,11 +266,7 @@ def resteer_joint(
                 loss = attention_loss(store, masks)
                 if anchor_states is not None and c.preserve_weight > 0:
                     loss = loss + c.preserve_weight * preservation_loss(params, base, anchor_states)
-                if not torch.isfinite(loss):
-                    raise ResteerError(
-                        f"concept {data.concept_id!r}: loss became {loss.item()} at step {step}; "
-                        "lower resteer.lr or the number of steps"
-                    )
+                check_finite(loss, data.concept_id, step)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)

@@ -29,9 +29,10 @@ from fmn.prepare import Prepared
 from fmn.resteer import (
     AnchorGram,
     ResteerConfig,
-    ResteerError,
     ResteerResult,
+    check_finite,
     concept_token_ids,
+    draw_step,
     measure_pairs,
     preservation_loss,
     select_params,
@@ -197,12 +198,8 @@ def _train(unet, sched, datas, cfgs, weights, grams, base, deltas, store, progre
         live = [k for k, c in enumerate(cfgs) if step < c.steps]
         batch = []
         for k in live:
-            data, c, gen = datas[k], cfgs[k], gens[k]
-            idx_img = torch.randint(0, len(data.latents), (c.batch,), generator=gen)
-            idx_txt = torch.randint(0, len(data.cond.prompts), (c.batch,), generator=gen)
-            t = torch.randint(c.t_min, c.t_max, (c.batch,), generator=gen)
-            noise = torch.randn(data.latents[idx_img].shape, generator=gen)
-            batch.append((k, data, idx_img, idx_txt, t, noise, weights[k][idx_txt]))
+            idx_img, idx_txt, t, noise = draw_step(datas[k], cfgs[k], gens[k])
+            batch.append((k, datas[k], idx_img, idx_txt, t, noise, weights[k][idx_txt]))
         _run(unet, sched, deltas, batch, store)
         per: list[torch.Tensor] = []
         for (k, s, e), part in zip(deltas.groups, batch, strict=True):
@@ -211,11 +208,7 @@ def _train(unet, sched, datas, cfgs, weights, grams, base, deltas, store, progre
             if grams[k] is not None:
                 shifted = {n: base[n] + p for n, p in deltas.params[k].items()}
                 loss = loss + cfgs[k].preserve_weight * preservation_loss(shifted, base, grams[k])
-            if not torch.isfinite(loss):
-                raise ResteerError(
-                    f"concept {datas[k].concept_id!r}: loss became {loss.item()} at step "
-                    f"{step}; lower resteer.lr or the number of steps"
-                )
+            check_finite(loss, datas[k].concept_id, step)
             per.append(loss)
         for opt in opts:
             opt.zero_grad(set_to_none=True)  # a finished concept has no grad: AdamW skips it
