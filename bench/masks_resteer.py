@@ -56,6 +56,12 @@ def main() -> None:
         default=[],
         help="TYPE=value learning rates instead of the defaults, e.g. object=4.5e-4",
     )
+    ap.add_argument(
+        "--background-weight",
+        type=float,
+        default=0.0,
+        help="masked arm only: ResteerConfig.background_weight (hold outside the mask)",
+    )
     ap.add_argument("--out", default="bench/results/masks_resteer.json")
     ap.add_argument(
         "--scale-check",
@@ -99,7 +105,13 @@ def main() -> None:
         images = generate_concept_images(pipe, c.text, c.type, N_IMAGES)  # shared by all arms
         for seed in args.train_seeds:
             for mask in MASKS:
-                cfg = resteer_config_for(c.type, seed=seed, params=args.params, lr=lrs.get(c.type))
+                cfg = resteer_config_for(
+                    c.type,
+                    seed=seed,
+                    params=args.params,
+                    lr=lrs.get(c.type),
+                    background_weight=args.background_weight if mask != "none" else 0.0,
+                )
                 t0 = time.time()
                 res = forget_concept(pipe, c.id, c.type, c.text, cfg, images=images, mask=mask)
                 train_s = time.time() - t0
@@ -145,7 +157,10 @@ def main() -> None:
             "resteer": {
                 t: asdict(
                     resteer_config_for(
-                        get_concept(t).type, params=args.params, lr=lrs.get(get_concept(t).type)
+                        get_concept(t).type,
+                        params=args.params,
+                        lr=lrs.get(get_concept(t).type),
+                        background_weight=args.background_weight,
                     )
                 )
                 for t in args.targets

@@ -60,6 +60,11 @@ def main() -> None:
     ap.add_argument("--patches", default="build/merge_bench/patches")
     ap.add_argument("--preserve-weight", type=float, default=MergeConfig.preserve_weight)
     ap.add_argument("--ridge", type=float, default=MergeConfig.ridge)
+    ap.add_argument(
+        "--erase-to",
+        default=MergeConfig.erase_to,
+        help="target of the erase term of 'closed-form~g' methods: anchor | removed",
+    )
     ap.add_argument("--out", default="bench/results/merge.json")
     ap.add_argument(
         "--override",
@@ -107,6 +112,7 @@ def main() -> None:
                         preserve_weight=float(alpha) if alpha else args.preserve_weight,
                         ridge=args.ridge,
                         erase_weight=float(erase) if erase else 0.0,
+                        erase_to=args.erase_to,
                     )
                     files = [folder / c for c in chosen]
                     patch = merge_patches(pipe, files, cfg, preserve=preserve).patch

@@ -78,6 +78,17 @@ GENERIC_WORDS: dict[str, list[str]] = {
     "nsfw": ["a person", "a beach", "a portrait", "a crowd", "a swimmer", "a statue"],
 }
 
+# What a forgotten concept's prompts are mapped to by the merge's erase term (fmn.merge,
+# `erase_to: anchor`), as the closed-form editors map a concept to its super-category (MACE,
+# UCE): plain words that fit every template of the type ("a photo of a thing"). A
+# manifest can name its own per concept (`merge.anchors`).
+ERASE_ANCHORS: dict[str, str] = {
+    "id": "a person",
+    "object": "thing",
+    "style": "painting",
+    "nsfw": "a person",
+}
+
 ANCHOR_TEMPLATES: dict[str, list[str]] = {
     "id": ["a photo of {}", "a portrait of {}"],
     "object": ["a photo of a {}", "a picture of a {}"],

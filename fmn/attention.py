@@ -29,9 +29,17 @@ class AttentionStore:
         self.token_weights: torch.Tensor | None = None
         self.latent_hw: tuple[int, int] | None = None
         self.maps: list[torch.Tensor] = []
+        # background hold (see background_loss): when set, each attn2 call also records,
+        # per pixel, how far its output moved from the base model's for the same input.
+        # base: id(attn module) -> its base weights by local name ("to_q.weight", ...),
+        # for weights trained in place; with a kv_delta the keys/values before it are the base
+        self.hold = False
+        self.base: dict[int, dict[str, torch.Tensor]] = {}
+        self.drift: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def reset(self) -> None:
         self.maps = []
+        self.drift = []
 
     def record(self, probs: torch.Tensor, heads: int) -> None:
         """probs: [B*heads, Nq, T] attention probabilities of one attn2 call."""
@@ -88,19 +96,55 @@ class CaptureProcessor:
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         key, value = attn.to_k(context), attn.to_v(context)
+        kv0 = (key.detach(), value.detach())  # the base's when a kv_delta carries the edit
         if self.kv_delta is not None:
             dk, dv = self.kv_delta(attn, context)
             key, value = key + dk, value + dv
-        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        self.store.record(probs, attn.heads)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        out = _heads(attn, query, key, value, attention_mask, self.store)
+        if self.store.hold:
+            with torch.no_grad():
+                base = self.store.base.get(id(attn), {})
+                ref = _base_out(attn, base, hidden_states, context, kv0, attention_mask)
+            self.store.drift.append(_per_pixel(out, ref))
+        hidden_states = attn.to_out[1](out)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _heads(attn, query, key, value, attention_mask, store=None) -> torch.Tensor:
+    """Multi-head attention followed by to_out[0]: [B, N, C]. Records probs in `store`."""
+    query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+    probs = attn.get_attention_scores(query, key, attention_mask)
+    if store is not None:
+        store.record(probs, attn.heads)
+    return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value)))
+
+
+def _base_out(attn, base: dict, hidden, context, kv0, attention_mask) -> torch.Tensor:
+    """The module's output with its base weights (those in `base`; the others are as they
+    are) for the same input: what the background hold compares against."""
+
+    def lin(name: str, mod, x):
+        w = base.get(f"{name}.weight", mod.weight)
+        b = base.get(f"{name}.bias", mod.bias)
+        return F.linear(x, w, b)
+
+    q = lin("to_q", attn.to_q, hidden)
+    k, v = kv0
+    if "to_k.weight" in base:
+        k, v = lin("to_k", attn.to_k, context), lin("to_v", attn.to_v, context)
+    q, k, v = (attn.head_to_batch_dim(x) for x in (q, k, v))
+    probs = attn.get_attention_scores(q, k, attention_mask)
+    heads = attn.batch_to_head_dim(torch.bmm(probs, v))
+    return lin("to_out.0", attn.to_out[0], heads)
+
+
+def _per_pixel(out: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, N] squared distance to the reference, [B, N] squared norm of the reference)."""
+    return (out - ref).pow(2).sum(-1), ref.pow(2).sum(-1)
 
 
 def is_cross_attention(name: str) -> bool:
@@ -185,6 +229,22 @@ def attention_loss(store: AttentionStore, masks: torch.Tensor | None = None) -> 
         w = w.repeat(b // w.shape[0], 1)[:, None, :]
         losses.append((m.pow(2) * w).sum() / (w.sum() * heads).clamp(min=1e-6))
     return torch.stack(losses).mean().sqrt()
+
+
+def background_loss(store: AttentionStore, masks: torch.Tensor) -> torch.Tensor:
+    """Relative change of the cross-attention output at the pixels OUTSIDE the mask, against
+    the base model's output for the same input, averaged over layers:
+    sum (1 - m) ||o - o_base||^2 / sum (1 - m) ||o_base||^2. It is what "re-steer only the
+    concept's pixels" asks of the rest of the image: what it reads from the prompt stays."""
+    if not store.drift:
+        raise RuntimeError("no output drift was captured: set store.hold before the UNet pass")
+    terms = []
+    for moved, ref in store.drift:
+        b, nq = moved.shape
+        w = 1 - resize_masks(masks, store.layer_hw(nq)).to(moved.dtype)
+        w = w.repeat(b // w.shape[0], 1)
+        terms.append((moved * w).sum() / (ref * w).sum().clamp(min=1e-12))
+    return torch.stack(terms).mean()
 
 
 def attention_mass(store: AttentionStore) -> float:

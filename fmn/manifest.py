@@ -448,9 +448,15 @@ class Merge(_Strict):
     """closed-form: weight of the preserved and generic prompts against one concept's edit."""
     ridge: PositiveFloat = 1e-3  # only holds directions no prompt constrains
     """closed-form: pull towards the base weights, relative to the statistics' scale."""
-    erase_weight: NonNegativeFloat = 0.0  # measured on the world: no better (docs/merge.md)
-    """closed-form: also map each concept's prompts to the prompts without it, at this
-    weight (0: fuse the patches as they are)."""
+    # off: the trade-off it buys is the user's to choose (docs/merge.md has the world's sweep)
+    erase_weight: NonNegativeFloat = 0.0
+    """closed-form: also map each concept's prompts to its anchor's (`erase_to`), at this
+    weight against its patch's own edit (0: fuse the patches as they are)."""
+    erase_to: Literal["anchor", "removed"] = "anchor"  # removed measured worse (docs/merge.md)
+    """closed-form erase target: the prompt with the concept replaced by an anchor word
+    (`anchors`, else by type: a person, thing, painting) or the prompt without it."""
+    anchors: dict[str, Text] = {}  # by concept type (fmn.anchors.ERASE_ANCHORS)
+    """Anchor text per concept id for erase_to: anchor, e.g. {mickey: a cartoon mouse}."""
 
 
 class Detectors(_Strict):
@@ -565,11 +571,12 @@ class Manifest(_Strict):
                 else:
                     first[c.id] = here
         targets = list(dict.fromkeys(c.id for c in self.concepts))
-        for key in self.merge.weights:
-            if key not in targets:
-                msg = f"{key!r} is not a concept to forget"
-                hint = _did_you_mean(key, targets, "concepts to forget")
-                out.append(("unknown_id", ("merge", "weights", key), msg, hint))
+        for field, named in (("weights", self.merge.weights), ("anchors", self.merge.anchors)):
+            for key in named:
+                if key not in targets:
+                    msg = f"{key!r} is not a concept to forget"
+                    hint = _did_you_mean(key, targets, "concepts to forget")
+                    out.append(("unknown_id", ("merge", field, key), msg, hint))
         for i, c in enumerate(self.concepts):
             if c.mask is not None and c.resteer.mask is not None:
                 msg = "the mask is set twice (here and in resteer.mask)"

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from fmn.anchors import anchor_prompts
+from fmn.anchors import ERASE_ANCHORS, anchor_prompts
 from fmn.attention import token_weights
 from fmn.conditioning import encode_text
 from fmn.io import atomic_dir, write_json
@@ -63,6 +63,7 @@ from fmn.prepare import concept_prompts
 from fmn.resteer import PARAM_PATTERNS, concept_token_ids, resteer_config_for
 
 METHODS = ("sum", "closed-form")
+ERASE_TO = ("anchor", "removed")
 _KV = re.compile(PARAM_PATTERNS["to_kv"])
 
 
@@ -81,8 +82,12 @@ class MergeConfig:
     ridge: float = 1e-3  # relative to the mean eigenvalue of the statistics
     # weight of the erase term (module docstring): 0 fuses the patches as they are; > 0
     # also maps each concept's prompt states, from the concept on, to the base model's
-    # keys/values of the same prompt with the concept left out
+    # keys/values of the same prompt with the concept replaced by an anchor
     erase_weight: float = 0.0
+    # anchor: the type's word (fmn.anchors.ERASE_ANCHORS) or `anchors[id]`; removed: the
+    # prompt with the concept left out (measured worse on the world, docs/merge.md)
+    erase_to: str = "anchor"
+    anchors: dict[str, str] = field(default_factory=dict)  # concept id -> anchor text
 
     @classmethod
     def from_manifest(cls, merge) -> MergeConfig:
@@ -93,6 +98,8 @@ class MergeConfig:
             merge.preserve_weight,
             merge.ridge,
             merge.erase_weight,
+            merge.erase_to,
+            dict(merge.anchors),
         )
 
 
@@ -159,15 +166,20 @@ def _gram(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (rows * a[:, None]).T @ rows
 
 
-def erase_rows(pipe, text: str, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def erase_rows(
+    pipe, text: str, kind: str, anchor: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each of the concept's prompts, the text states from the concept's first token
     on (the causal encoder carries the concept into all of them), each paired with the
-    state at the same place of the prompt with the concept left out ("a photo of bob" ->
-    "a photo of"): (states [R, D], states without the concept [R, D], weights [R], total 1)."""
+    state at the same place of the prompt with the concept replaced by `anchor` ("a photo
+    of bob" -> "a photo of a person"), or left out when `anchor` is None or empty ("a photo
+    of"): (states [R, D], target states [R, D], weights [R], total 1). The concept's tokens
+    map to the anchor's last token; later positions keep their distance from it."""
     prompts = concept_prompts(text, kind)
-    removed = [" ".join(p.replace(text, " ").split()) for p in prompts]
-    cond, cond_r = encode_text(pipe, prompts), encode_text(pipe, removed)
+    swapped = [" ".join(p.replace(text, f" {anchor or ''} ").split()) for p in prompts]
+    cond, cond_r = encode_text(pipe, prompts), encode_text(pipe, swapped)
     cids = concept_token_ids(pipe.tokenizer, text)
+    shift = len(concept_token_ids(pipe.tokenizer, anchor)) - 1 if anchor else -1
     src, dst = [], []
     for b, ids in enumerate(cond.input_ids.tolist()):
         hits = [i for i in range(len(ids) - len(cids) + 1) if ids[i : i + len(cids)] == cids]
@@ -175,10 +187,10 @@ def erase_rows(pipe, text: str, kind: str) -> tuple[torch.Tensor, torch.Tensor, 
             continue
         h, last = hits[0], len(ids) - 1
         for p in range(h, len(ids)):
-            # the concept's own tokens map to what follows the prefix without it
-            q = h if p < h + len(cids) else min(p - len(cids), last)
+            # without an anchor, the concept's tokens map to what follows the prefix
+            q = max(h + shift, h) if p < h + len(cids) else p - len(cids) + shift + 1
             src.append(cond.embeds[b, p])
-            dst.append(cond_r.embeds[b, q])
+            dst.append(cond_r.embeds[b, min(q, last)])
     if not src:
         raise MergeError(f"concept {text!r}: its tokens are in none of its prompts")
     c = torch.full((len(src),), 1.0 / len(src), dtype=torch.float64)
@@ -218,6 +230,8 @@ def merge_patches(
     cfg = cfg or MergeConfig()
     if cfg.method not in METHODS:
         raise MergeError(f"merge method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.erase_to not in ERASE_TO:
+        raise MergeError(f"erase_to must be one of {ERASE_TO}, got {cfg.erase_to!r}")
     for cid, w in cfg.weights.items():
         if not math.isfinite(w) or w < 0:
             raise MergeError(f"merge weight of {cid!r} is {w}; use a finite number >= 0")
@@ -228,7 +242,7 @@ def merge_patches(
         raise MergeError("no patches to merge")
     base_fp = fingerprint(pipe)
     unet = dict(pipe.unet.named_parameters())
-    merger = _ClosedForm(pipe, unet, cfg.erase_weight) if cfg.method == "closed-form" else None
+    merger = _ClosedForm(pipe, unet, cfg) if cfg.method == "closed-form" else None
     total: dict[str, torch.Tensor] = {}  # plain weighted sum of every key
     seen: set[str] = set()
     records, texts = [], set()
@@ -251,11 +265,12 @@ def merge_patches(
         records.append({"id": patch.concept, "weight": w, "hash": digest, "method": patch.method})
         tick("merging", k + 1, len(sources))
         del patch  # memory stays at one patch (plus the running sums)
-    unknown = sorted(set(cfg.weights) - seen)
-    if unknown:
-        raise MergeError(
-            f"merge weights name {unknown}, which no patch forgets; merged: {sorted(seen)}"
-        )
+    for what, named in (("weights", cfg.weights), ("anchors", cfg.anchors)):
+        unknown = sorted(set(named) - seen)
+        if unknown:
+            raise MergeError(
+                f"merge {what} name {unknown}, which no patch forgets; merged: {sorted(seen)}"
+            )
     result = MergeResult(patch=None, seconds=0.0)  # type: ignore[arg-type]
     deltas = {n: d.float() for n, d in total.items()}
     if merger is not None:
@@ -275,6 +290,8 @@ def merge_patches(
                 "preserve_weight": cfg.preserve_weight,
                 "ridge": cfg.ridge,
                 "erase_weight": cfg.erase_weight,
+                "erase_to": cfg.erase_to,
+                "anchors": dict(cfg.anchors),
                 "preserve": [list(p) for p in preserve],
             }
         },
@@ -294,8 +311,8 @@ def merge_patches(
 class _ClosedForm:
     """Running statistics of the closed-form fit (module docstring), one concept at a time."""
 
-    def __init__(self, pipe, unet: dict[str, torch.nn.Parameter], erase: float = 0.0) -> None:
-        self.pipe, self.erase = pipe, erase
+    def __init__(self, pipe, unet: dict[str, torch.nn.Parameter], cfg: MergeConfig) -> None:
+        self.pipe, self.erase, self.cfg = pipe, cfg.erase_weight, cfg
         self.keys = [n for n in unet if _KV.search(n)]
         self.w0 = {n: unet[n].detach().double() for n in self.keys}
         self.lhs: dict[int, torch.Tensor] = {}  # D -> sum_i w_i C_i (one per text width)
@@ -316,7 +333,10 @@ class _ClosedForm:
                 self.rhs[n] = self.rhs.get(n, 0) + w * d.double() @ gram
                 own[n] = (d.double() @ rows.T).pow(2).mul(a).sum().item()
         if self.erase > 0:
-            src, dst, c = erase_rows(self.pipe, text, kind)
+            anchor = None
+            if self.cfg.erase_to == "anchor":
+                anchor = self.cfg.anchors.get(patch.concept, ERASE_ANCHORS[kind])
+            src, dst, c = erase_rows(self.pipe, text, kind, anchor)
             self.lhs[dim] = self.lhs[dim] + w * self.erase * _gram(src, c)
             cross = ((dst - src) * c[:, None]).T @ src  # sum_e c (e' - e) e^T
             for n in self.keys:

@@ -22,6 +22,7 @@ from fmn.attention import (
     AttentionStore,
     attention_loss,
     attention_mass,
+    background_loss,
     capture_cross_attention,
     token_weights,
 )
@@ -53,6 +54,10 @@ class ResteerConfig:
     t_min: int = 0  # timestep range sampled during training
     t_max: int = 1000
     grad_clip: float = 1.0  # clipped in every mode (the original silently skipped it for the UNet)
+    # with masks only: weight of the term that holds the cross-attention output OUTSIDE the
+    # mask at the base model's (fmn.attention.background_loss), so the edit stays on the
+    # concept's pixels; without masks there is no outside and it is unused
+    background_weight: float = 0.0
 
 
 # Per-type defaults, measured on the embedded world (docs/resteer.md, 16 images per concept).
@@ -135,6 +140,22 @@ def preservation_loss(
         ref = anchors @ base[n].T
         terms.append((anchors @ (p - base[n]).T).pow(2).sum() / ref.pow(2).sum())
     return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def holds_background(data: Prepared, cfg: ResteerConfig) -> bool:
+    """Whether a step adds the background hold: it needs masks and a weight."""
+    return cfg.background_weight > 0 and data.masks is not None
+
+
+def base_by_module(unet, base: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """id(attn2 module) -> its base weights by local name, for the background hold."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for n, m in unet.named_modules():
+        if n.endswith("attn2"):
+            mine = {k[len(n) + 1 :]: v for k, v in base.items() if k.startswith(n + ".")}
+            if mine:
+                out[id(m)] = mine
+    return out
 
 
 def draw_step(data: Prepared, cfg: ResteerConfig, gen: torch.Generator) -> tuple:
@@ -249,6 +270,7 @@ def resteer_joint(
     gen = torch.Generator().manual_seed(cfg.seed)
     store = AttentionStore()
     store.latent_hw = tuple(datas[0].latents.shape[-2:])
+    store.base = base_by_module(unet, base)
     losses: list[float] = []
     total = sum(c.steps for c in cfgs)
     # round-robin over the concepts still owed steps, so each gets exactly its own count
@@ -261,9 +283,12 @@ def resteer_joint(
                 idx_img, idx_txt, t, noise = draw_step(data, c, gen)
                 store.reset()
                 store.token_weights = weights[k][idx_txt]
+                store.hold = holds_background(data, c)
                 _unet_step(unet, sched, data, idx_img, idx_txt, t, noise)
                 masks = data.masks[idx_img] if data.masks is not None else None
                 loss = attention_loss(store, masks)
+                if store.hold:
+                    loss = loss + c.background_weight * background_loss(store, masks)
                 if anchor_states is not None and c.preserve_weight > 0:
                     loss = loss + c.preserve_weight * preservation_loss(params, base, anchor_states)
                 check_finite(loss, data.concept_id, step)
@@ -274,6 +299,7 @@ def resteer_joint(
                 losses.append(loss.item())
                 if progress:
                     progress(step + 1, total, losses[-1])
+        store.hold = False
         for p in params.values():
             p.requires_grad_(False)
         after = _attention(unet, sched, datas, weights)

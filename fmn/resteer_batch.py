@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from fmn.attention import AttentionStore, attention_loss, capture_cross_attention, token_weights
+from fmn.attention import (
+    AttentionStore,
+    attention_loss,
+    background_loss,
+    capture_cross_attention,
+    token_weights,
+)
 from fmn.conditioning import TextConditioning
 from fmn.prepare import Prepared
 from fmn.resteer import (
@@ -33,6 +39,7 @@ from fmn.resteer import (
     check_finite,
     concept_token_ids,
     draw_step,
+    holds_background,
     measure_pairs,
     preservation_loss,
     select_params,
@@ -79,6 +86,7 @@ def _sub_store(store: AttentionStore, s: int, e: int) -> AttentionStore:
     sub = AttentionStore()
     sub.latent_hw = store.latent_hw
     sub.maps = [m[s:e] for m in store.maps]
+    sub.drift = [(a[s:e], b[s:e]) for a, b in store.drift]
     return sub
 
 
@@ -194,6 +202,7 @@ def _train(unet, sched, datas, cfgs, weights, grams, base, deltas, store, progre
     longest = max(c.steps for c in cfgs)
     total = sum(c.steps for c in cfgs)
     done = 0
+    store.hold = any(holds_background(d, c) for d, c in zip(datas, cfgs, strict=True))
     for step in range(longest):
         live = [k for k, c in enumerate(cfgs) if step < c.steps]
         batch = []
@@ -204,7 +213,10 @@ def _train(unet, sched, datas, cfgs, weights, grams, base, deltas, store, progre
         per: list[torch.Tensor] = []
         for (k, s, e), part in zip(deltas.groups, batch, strict=True):
             masks = datas[k].masks[part[2]] if datas[k].masks is not None else None
-            loss = attention_loss(_sub_store(store, s, e), masks)
+            sub = _sub_store(store, s, e)
+            loss = attention_loss(sub, masks)
+            if holds_background(datas[k], cfgs[k]):
+                loss = loss + cfgs[k].background_weight * background_loss(sub, masks)
             if grams[k] is not None:
                 shifted = {n: base[n] + p for n, p in deltas.params[k].items()}
                 loss = loss + cfgs[k].preserve_weight * preservation_loss(shifted, base, grams[k])
@@ -220,4 +232,5 @@ def _train(unet, sched, datas, cfgs, weights, grams, base, deltas, store, progre
         done += len(live)
         if progress:
             progress(done, total, sum(x.item() for x in per))
+    store.hold = False
     return losses

@@ -208,6 +208,12 @@ BAD = [
     ),
     ("unknown-merge-method", BASE + "merge: {method: avg}\n", "merge.method", "'avg'"),
     (
+        "anchor-for-unknown-concept",
+        BASE + "merge: {erase_weight: 10, anchors: {circel: a shape}}\n",
+        "merge.anchors.circel",
+        "not a concept to forget",
+    ),
+    (
         "weight-for-unknown-concept",
         BASE + "merge: {method: sum, weights: {circel: 2.0}}\n",
         "merge.weights.circel",

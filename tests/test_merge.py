@@ -180,12 +180,15 @@ def test_cli_merge_with_a_manifest(pipe, tmp_path) -> None:
     assert bad.exit_code == 2 and not (tmp_path / "x").exists()
 
 
-def test_erase_term_moves_the_concept_towards_the_prompt_without_it(pipe) -> None:
+@pytest.mark.parametrize("erase_to", ["anchor", "removed"])
+def test_erase_term_moves_the_concept_towards_its_target(pipe, erase_to) -> None:
+    from fmn.anchors import ERASE_ANCHORS
     from fmn.merge import erase_rows
 
     p = _patch(pipe, "cat", "object", 3, scale=0.0)  # a patch that changes nothing
     p.deltas = {n: d + 1e-8 for n, d in p.deltas.items()}
-    src, dst, _ = erase_rows(pipe, "cat", "object")
+    anchor = ERASE_ANCHORS["object"] if erase_to == "anchor" else None
+    src, dst, _ = erase_rows(pipe, "cat", "object", anchor)
     params = dict(pipe.unet.named_parameters())
 
     def gap(deltas) -> float:
@@ -197,6 +200,27 @@ def test_erase_term_moves_the_concept_towards_the_prompt_without_it(pipe) -> Non
         )
 
     plain = merge_patches(pipe, [p], MergeConfig("closed-form")).patch.deltas
-    erased = merge_patches(pipe, [p], MergeConfig("closed-form", erase_weight=3.0)).patch.deltas
-    numbers = f"gap to 'a photo of a' states: plain {gap(plain):.3f}, erase {gap(erased):.3f}"
+    cfg = MergeConfig("closed-form", erase_weight=3.0, erase_to=erase_to)
+    erased = merge_patches(pipe, [p], cfg).patch.deltas
+    numbers = f"gap to the {erase_to} states: plain {gap(plain):.3f}, erase {gap(erased):.3f}"
     assert gap(erased) < 0.85 * gap(plain), numbers  # the preserve set holds back the rest
+
+
+def test_erase_rows_pair_each_position_with_the_anchor_prompt(pipe) -> None:
+    """'a photo of bob' -> 'a photo of a person': bob's token pairs with 'person', and
+    every later position keeps its distance from it (end-of-text with end-of-text)."""
+    from fmn.merge import erase_rows
+
+    src, dst, w = erase_rows(pipe, "bob", "id", "a person")
+    plain = encode_text(pipe, ["a photo of bob"]).embeds[0].double()
+    anchored = encode_text(pipe, ["a photo of a person"]).embeds[0].double()
+    # prompt 0 is "a photo of bob": bob at 4 (after <start> a photo of), 77 positions
+    n0 = plain.shape[0] - 4
+    torch.testing.assert_close(src[:n0], plain[4:])
+    torch.testing.assert_close(dst[0], anchored[5])  # bob -> person
+    torch.testing.assert_close(dst[1 : n0 - 1], anchored[6:])  # <end> -> <end>, ...
+    torch.testing.assert_close(dst[n0 - 1], anchored[-1])  # past the end: the last state
+    assert w.sum().item() == pytest.approx(1.0)
+    with pytest.raises(MergeError, match=r"anchors name \['dog'\]"):
+        p = _patch(pipe, "cat", "object", 3)
+        merge_patches(pipe, [p], MergeConfig("closed-form", anchors={"dog": "an animal"}))
