@@ -82,7 +82,9 @@ class MergeConfig:
     ridge: float = 1e-3  # relative to the mean eigenvalue of the statistics
     # weight of the erase term (module docstring): 0 fuses the patches as they are; > 0
     # also maps each concept's prompt states, from the concept on, to the base model's
-    # keys/values of the same prompt with the concept replaced by an anchor
+    # keys/values of the same prompt with the concept replaced by an anchor. Relative: at
+    # 1 the erase error (as a share of the concept-to-anchor distance) counts as much as
+    # the edit error (as a share of the patch's edit)
     erase_weight: float = 0.0
     # anchor: the type's word (fmn.anchors.ERASE_ANCHORS) or `anchors[id]`; removed: the
     # prompt with the concept left out (measured worse on the world, docs/merge.md)
@@ -337,11 +339,20 @@ class _ClosedForm:
             if self.cfg.erase_to == "anchor":
                 anchor = self.cfg.anchors.get(patch.concept, ERASE_ANCHORS[kind])
             src, dst, c = erase_rows(self.pipe, text, kind, anchor)
-            self.lhs[dim] = self.lhs[dim] + w * self.erase * _gram(src, c)
+            # unit-free like the edit term: the erase error counts relative to how far the
+            # concept's keys/values are from its anchor's, the edit error relative to the
+            # edit's size. In absolute terms an object word sits ~20x closer to "thing" than
+            # its patch's edit is large (a world measure, docs/merge.md), so a plain weight
+            # erased identities and styles and left objects where their patches put them
+            gap = sum((self.w0[n] @ (dst - src).T).pow(2).mul(c).sum().item() for n in own)
+            edit = sum(own.values())
+            # a patch that changes nothing gives no scale: then the weight is taken as is
+            g = w * self.erase * (edit / max(gap, 1e-30) if edit > 0 else 1.0)
+            self.lhs[dim] = self.lhs[dim] + g * _gram(src, c)
             cross = ((dst - src) * c[:, None]).T @ src  # sum_e c (e' - e) e^T
             for n in self.keys:
                 if self.w0[n].shape[1] == dim:
-                    self.rhs[n] = self.rhs.get(n, 0) + w * self.erase * self.w0[n] @ cross
+                    self.rhs[n] = self.rhs.get(n, 0) + g * self.w0[n] @ cross
         # kept only: rows and weights to report how much of the edit survives
         self.targets.append((patch.concept, rows, a, {"deltas": patch.deltas, "own": own}))
 
