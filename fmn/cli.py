@@ -447,6 +447,10 @@ def merge(
     method: str = typer.Option(None, help="closed-form | sum [default: manifest's or closed-form]"),
     preserve: list[str] = typer.Option([], help="id:type of a concept to keep (repeatable)."),
     weight: list[str] = typer.Option([], help="id=w weight of a concept's patch (repeatable)."),
+    erase_weight: float = typer.Option(
+        None, min=0.0, help="closed-form: pull each concept to its anchor (docs/merge.md)."
+    ),
+    anchor: list[str] = typer.Option([], help="id=text anchor of a concept (repeatable)."),
     lora_rank: int = typer.Option(None, help="Rank of lora.safetensors; default: full (exact)."),
     threads: int = typer.Option(1),
 ) -> None:
@@ -469,6 +473,12 @@ def merge(
             raise typer.BadParameter(
                 f"use id=weight, got {item!r}", param_hint="--weight"
             ) from None
+    for item in anchor:
+        cid, _, text = item.partition("=")
+        if not cid or not text.strip():
+            raise typer.BadParameter(f"use id=text, got {item!r}", param_hint="--anchor") from None
+        cfg.anchors[cid] = text.strip()
+    cfg.erase_weight = cfg.erase_weight if erase_weight is None else erase_weight
     cfg.method = method or cfg.method
     if cfg.method == "joint":
         typer.echo("joint trains all concepts in one run: use `fmn run`, not merge", err=True)
@@ -479,9 +489,9 @@ def merge(
     except PatchError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
-    unknown = [cid for cid in cfg.weights if cid not in merged]
+    unknown = [cid for cid in [*cfg.weights, *cfg.anchors] if cid not in merged]
     if unknown:  # a typo would otherwise merge at weight 1 without a word
-        where = "--weight" if weight else "merge.weights"
+        where = "--weight/--anchor" if weight or anchor else "merge.weights/anchors"
         typer.echo(
             f"{where}: no patch of concept {', '.join(map(repr, unknown))} "
             f"(hint: the patches are of: {', '.join(merged)})",
