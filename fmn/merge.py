@@ -29,6 +29,12 @@ concepts and memory stays at one patch. beta' = beta * trace(lhs) / D keeps the 
 unit-free. Parameters other than attn2 to_k/to_v (patches trained with params=attn2 or
 unet) cannot be fused this way and fall back to the weighted sum; the result says which.
 
+An optional erase term (`MergeConfig.erase_weight`, off by default) also maps each
+concept's prompt states, from the concept on, to the base keys/values of the same prompt
+with the concept replaced by an anchor ("a photo of bob" -> "a photo of a person"), the
+closed-form editors' erasure (UCE, MACE); it is unit-free, see `_ClosedForm.add` and
+docs/merge.md.
+
 Nothing here reads the embedded world's labels or classifier: the preserve set is the
 manifest's `preserve` list and plain-English anchors.
 """

@@ -38,25 +38,49 @@ def test_closed_form_merge_of_three_forgets_all_and_keeps_the_rest() -> None:
         c = get_concept(cid)
         cfg = resteer_config_for(c.type)
         patches.append(forget_concept(pipe, c.id, c.type, c.text, cfg, preserve=preserve).patch)
-    merged = merge_patches(pipe, patches, MergeConfig("closed-form"), preserve=preserve)
     base = _mscores(pipe, detector)
-    apply_patch(pipe, merged.patch)
-    try:
-        after = _mscores(pipe, detector)
-    finally:
-        revert_patch(pipe, merged.patch)
-    ratio = {c: after[c] / max(base[c], 1e-6) for c in base}
-    kept = sum(ratio[c] for c in PRESERVED) / len(PRESERVED)
-    numbers = (
-        "; ".join(f"{c} {base[c]:.3f} -> {after[c]:.3f}" for c in TARGETS)
-        + f"; preserved mean ratio {kept:.3f} (worst "
-        + ", ".join(f"{c} {ratio[c]:.2f}" for c in sorted(PRESERVED, key=ratio.get)[:2])
-        + f"); edit kept by the merge {merged.kept}"
-    )
+    merged = merge_patches(pipe, patches, MergeConfig("closed-form"), preserve=preserve)
+    ratio = _ratios(pipe, detector, merged, base)
+    numbers = _numbers(ratio, base, merged)
     print(numbers)
     # measured at the defaults: carol 0.999 -> 0.005, triangle 0.94 -> 0.44, outline 0.94 ->
     # 0.26, preserved 1.005. The closed form gives up some forgetting to hold the preserved
     # concepts (docs/merge.md); the bound says each target lost at least half of itself
     for c in TARGETS:
         assert ratio[c] <= 0.5, f"{c} not forgotten after the merge: {numbers}"
-    assert kept >= 0.9, f"preserved concepts damaged: {numbers}"
+    assert _kept(ratio) >= 0.9, f"preserved concepts damaged: {numbers}"
+
+    # with the erase term (to each type's anchor word) the targets go further. Measured:
+    # carol -> 0.000, triangle -> 0.325, outline -> 0.119, preserved 1.016
+    cfg = MergeConfig("closed-form", preserve_weight=1.0, erase_weight=10.0)
+    erased = merge_patches(pipe, patches, cfg, preserve=preserve)
+    plain, ratio = ratio, _ratios(pipe, detector, erased, base)
+    numbers = f"erase: {_numbers(ratio, base, erased)} | plain: {numbers}"
+    print(numbers)
+    for c in TARGETS:
+        assert ratio[c] <= plain[c] + 0.02, f"{c} came back with the erase term: {numbers}"
+    mean = {k: sum(r[c] for c in TARGETS) / len(TARGETS) for k, r in (("e", ratio), ("p", plain))}
+    assert mean["e"] <= 0.75 * mean["p"], f"the erase term erased little more: {numbers}"
+    assert _kept(ratio) >= 0.9, f"preserved concepts damaged by the erase term: {numbers}"
+
+
+def _ratios(pipe, detector, merged, base: dict[str, float]) -> dict[str, float]:
+    apply_patch(pipe, merged.patch)
+    try:
+        after = _mscores(pipe, detector)
+    finally:
+        revert_patch(pipe, merged.patch)
+    return {c: after[c] / max(base[c], 1e-6) for c in base}
+
+
+def _kept(ratio: dict[str, float]) -> float:
+    return sum(ratio[c] for c in PRESERVED) / len(PRESERVED)
+
+
+def _numbers(ratio: dict[str, float], base: dict[str, float], merged) -> str:
+    return (
+        "; ".join(f"{c} {base[c]:.3f} -> {base[c] * ratio[c]:.3f}" for c in TARGETS)
+        + f"; preserved mean ratio {_kept(ratio):.3f} (worst "
+        + ", ".join(f"{c} {ratio[c]:.2f}" for c in sorted(PRESERVED, key=ratio.get)[:2])
+        + f"); edit kept by the merge {merged.kept}"
+    )
