@@ -114,12 +114,11 @@ class CaptureProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def _heads(attn, query, key, value, attention_mask, store=None) -> torch.Tensor:
+def _heads(attn, query, key, value, attention_mask, store: AttentionStore) -> torch.Tensor:
     """Multi-head attention followed by to_out[0]: [B, N, C]. Records probs in `store`."""
     query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
     probs = attn.get_attention_scores(query, key, attention_mask)
-    if store is not None:
-        store.record(probs, attn.heads)
+    store.record(probs, attn.heads)
     return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value)))
 
 

@@ -76,8 +76,8 @@ def _train(pipe, m, rp: RunPaths, ids: list[str], preps: list[Record], tis: list
             tis=learned,
             masks=[r.mask for r in rs],
             # one loss for the whole pass: shown as such on every member's row
-            progress=lambda stage, done, total, m: [
-                tick(stage, done, total, {"group_loss": m["loss"]}) for tick in ticks
+            progress=lambda stage, done, total, info: [
+                tick(stage, done, total, {"group_loss": info["loss"]}) for tick in ticks
             ],
             **kw,
         )
