@@ -65,6 +65,17 @@ def main() -> None:
         default=MergeConfig.erase_to,
         help="target of the erase term of 'closed-form~g' methods: anchor | removed",
     )
+    ap.add_argument(
+        "--choose-anchors",
+        action="store_true",
+        help="erase term: anchors picked by the base model's own judgement (fmn.anchor_check)",
+    )
+    ap.add_argument("--overshoot", type=float, default=MergeConfig.overshoot)
+    ap.add_argument(
+        "--tune",
+        action="store_true",
+        help="closed-form: weights picked by the base model's own judgement (fmn.self_audit)",
+    )
     ap.add_argument("--out", default="bench/results/merge.json")
     ap.add_argument(
         "--override",
@@ -104,8 +115,10 @@ def main() -> None:
                 if method == "joint":
                     patch = _joint(pipe, chosen, preserve)
                 else:
-                    # "closed-form@0.1": another preserve_weight; "closed-form~1": erase 1
-                    name, _, erase = method.partition("~")
+                    # "closed-form@0.1": another preserve_weight; "closed-form~1": erase 1;
+                    # "closed-form:tune": weights picked by the base model (fmn.self_audit)
+                    name, _, mode = method.partition(":")
+                    name, _, erase = name.partition("~")
                     name, _, alpha = name.partition("@")
                     cfg = MergeConfig(
                         method=name,
@@ -113,6 +126,9 @@ def main() -> None:
                         ridge=args.ridge,
                         erase_weight=float(erase) if erase else 0.0,
                         erase_to=args.erase_to,
+                        choose_anchors=args.choose_anchors,
+                        overshoot=args.overshoot,
+                        tune=args.tune or mode == "tune",
                     )
                     files = [folder / c for c in chosen]
                     patch = merge_patches(pipe, files, cfg, preserve=preserve).patch
@@ -131,6 +147,12 @@ def main() -> None:
                 "seconds": round(seconds, 3),
                 "peak_mb": round(mem.mb, 1),
                 "kept": patch.extra.get("kept"),
+                "tuning": patch.extra.get("tuning", []),
+                "anchors": {
+                    c["type"]: c["anchor"]
+                    for c in patch.extra.get("anchor_checks", [])
+                    if c["chosen"]
+                },
                 "per_concept_acc": {k: round(v, 3) for k, v in acc.items()},
             }
             rows.append(row)

@@ -451,6 +451,15 @@ def merge(
         None, min=0.0, help="closed-form: pull each concept to its anchor (docs/merge.md)."
     ),
     anchor: list[str] = typer.Option([], help="id=text anchor of a concept (repeatable)."),
+    choose_anchors: bool = typer.Option(
+        None, help="closed-form erase: pick anchors the base model does not draw as targets."
+    ),
+    overshoot: float = typer.Option(
+        None, min=0.0, help="closed-form erase: push concepts past their anchors (ESD: 1)."
+    ),
+    tune: bool = typer.Option(
+        None, help="closed-form: pick weights by the base model's own judgement (slow)."
+    ),
     lora_rank: int = typer.Option(None, help="Rank of lora.safetensors; default: full (exact)."),
     threads: int = typer.Option(1),
 ) -> None:
@@ -479,6 +488,9 @@ def merge(
             raise typer.BadParameter(f"use id=text, got {item!r}", param_hint="--anchor") from None
         cfg.anchors[cid] = text.strip()
     cfg.erase_weight = cfg.erase_weight if erase_weight is None else erase_weight
+    cfg.choose_anchors = cfg.choose_anchors if choose_anchors is None else choose_anchors
+    cfg.overshoot = cfg.overshoot if overshoot is None else overshoot
+    cfg.tune = cfg.tune if tune is None else tune
     cfg.method = method or cfg.method
     if cfg.method == "joint":
         typer.echo("joint trains all concepts in one run: use `fmn run`, not merge", err=True)
@@ -509,6 +521,17 @@ def merge(
     record = write_merged(pipe, res, out, lora_rank=lora_rank)
     for cid, k in record["kept"].items():
         console.print(f"  {cid}: {k:.1%} of its edit kept")
+    for t in (t for t in record["tuning"] if t["chosen"]):
+        console.print(
+            f"  tuned: preserve {t['preserve_weight']:g}, erase {t['erase_weight']:g}, "
+            f"overshoot {t['overshoot']:g} (judged by the base model: targets drawn "
+            f"{t['self_acc_e']:.0%}, preserved kept {t['self_acc_s_ratio']:.0%})"
+        )
+    for c in (c for c in record["anchor_checks"] if c["chosen"]):
+        console.print(
+            f"  anchor for {c['type']}: {c['anchor']!r} ({c['share']:.0%} of its images read "
+            "as a target by the base model)"
+        )
     console.print(
         f"merged {len(record['concepts'])} patches ({cfg.method}) in {res.seconds:.2f} s: "
         f"{out}/ (delta.safetensors, lora.safetensors, model/, merge.json)"

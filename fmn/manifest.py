@@ -457,6 +457,15 @@ class Merge(_Strict):
     (`anchors`, else by type: a person, thing, painting) or the prompt without it."""
     anchors: dict[str, Text] = {}  # by concept type (fmn.anchors.ERASE_ANCHORS)
     """Anchor text per concept id for erase_to: anchor, e.g. {mickey: a cartoon mouse}."""
+    choose_anchors: bool = False  # costs a few images per candidate word (docs/merge.md)
+    """closed-form erase: per type, pick the plain anchor word whose images the base model
+    itself least attributes to a target (concepts named in `anchors` keep theirs)."""
+    overshoot: NonNegativeFloat = 0.0  # ESD's negative guidance; 1 is ESD's own default
+    """closed-form erase: push each concept past its anchor, away from itself, by this
+    share of the concept-to-anchor distance."""
+    tune: bool = False  # 9 merges, each judged on a few images per concept
+    """closed-form: try a fixed grid of preserve/erase weights and overshoot, keep the
+    merge the base model itself judges best (docs/merge.md); needs `preserve`."""
 
 
 class Detectors(_Strict):

@@ -33,7 +33,10 @@ An optional erase term (`MergeConfig.erase_weight`, off by default) also maps ea
 concept's prompt states, from the concept on, to the base keys/values of the same prompt
 with the concept replaced by an anchor ("a photo of bob" -> "a photo of a person"), the
 closed-form editors' erasure (UCE, MACE); it is unit-free, see `_ClosedForm.add` and
-docs/merge.md.
+docs/merge.md. `overshoot` pushes that target past the anchor, away from the concept
+(ESD's negative guidance); `choose_anchors` picks anchors the base model does not draw as
+targets (fmn.anchor_check); `tune` merges at every TUNE_GRID point and keeps the one the
+base model itself judges best (fmn.self_audit).
 
 Nothing here reads the embedded world's labels or classifier: the preserve set is the
 manifest's `preserve` list and plain-English anchors.
@@ -45,12 +48,13 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from fmn.anchors import ERASE_ANCHORS, anchor_prompts
+from fmn.anchor_check import choose_anchor
+from fmn.anchors import ERASE_ANCHORS, GENERIC_WORDS, anchor_prompts
 from fmn.attention import token_weights
 from fmn.conditioning import encode_text
 from fmn.io import atomic_dir, write_json
@@ -62,6 +66,7 @@ from fmn.patch import (
     export_lora,
     load_patch,
     patch_hash,
+    patch_header,
     revert_patch,
     save_patch,
 )
@@ -70,6 +75,10 @@ from fmn.resteer import PARAM_PATTERNS, concept_token_ids, resteer_config_for
 
 METHODS = ("sum", "closed-form")
 ERASE_TO = ("anchor", "removed")
+# tune's grid (preserve_weight, erase_weight, overshoot), fixed before any measurement:
+# preserve 10 makes the patches' own term small (past it nothing changes, docs/merge.md);
+# erase 1x-10x the preserve weight; overshoot 0, 0.5 and ESD's default 1
+TUNE_GRID = [(10.0, g, o) for g in (10.0, 30.0, 100.0) for o in (0.0, 0.5, 1.0)]
 _KV = re.compile(PARAM_PATTERNS["to_kv"])
 
 
@@ -96,6 +105,17 @@ class MergeConfig:
     # prompt with the concept left out (measured worse on the world, docs/merge.md)
     erase_to: str = "anchor"
     anchors: dict[str, str] = field(default_factory=dict)  # concept id -> anchor text
+    # erase_to anchor: per type, pick the anchor among plain words whose images the base
+    # model itself least attributes to a target (fmn.anchor_check); `anchors` still win
+    choose_anchors: bool = False
+    anchor_images: int = 8  # images per candidate word the base model judges
+    # erase target pushed past the anchor, away from the concept: anchor + overshoot *
+    # (anchor - concept), ESD's negative guidance (Gandikota et al. 2023) in key/value space
+    overshoot: float = 0.0
+    # closed-form: try TUNE_GRID and keep the point the base model itself judges best
+    # (fmn.self_audit; needs a preserve list); the weights above are then ignored
+    tune: bool = False
+    tune_images: int = 4  # images per concept the base model judges, per grid point
 
     @classmethod
     def from_manifest(cls, merge) -> MergeConfig:
@@ -108,6 +128,9 @@ class MergeConfig:
             merge.erase_weight,
             merge.erase_to,
             dict(merge.anchors),
+            merge.choose_anchors,
+            overshoot=merge.overshoot,
+            tune=merge.tune,
         )
 
 
@@ -120,6 +143,8 @@ class MergeResult:
     kept: dict[str, float] = field(default_factory=dict)
     preserve_drift: float = 0.0
     summed_keys: list[str] = field(default_factory=list)  # keys fused by the plain sum
+    anchor_checks: list[dict] = field(default_factory=list)  # choose_anchors: every candidate
+    tuning: list[dict] = field(default_factory=list)  # tune: every grid point, judged
 
 
 PatchSource = Patch | Path | str
@@ -249,6 +274,12 @@ def merge_patches(
     if not sources:
         raise MergeError("no patches to merge")
     base_fp = fingerprint(pipe)
+    if cfg.tune and cfg.method == "closed-form":
+        return _tuned(pipe, sources, cfg, preserve, tick)
+    checks: list[dict] = []
+    choose = cfg.choose_anchors and cfg.erase_to == "anchor"
+    if cfg.method == "closed-form" and cfg.erase_weight > 0 and choose:
+        cfg, checks = _chosen_anchors(pipe, sources, cfg, preserve, tick)
     unet = dict(pipe.unet.named_parameters())
     merger = _ClosedForm(pipe, unet, cfg) if cfg.method == "closed-form" else None
     total: dict[str, torch.Tensor] = {}  # plain weighted sum of every key
@@ -279,7 +310,7 @@ def merge_patches(
             raise MergeError(
                 f"merge {what} name {unknown}, which no patch forgets; merged: {sorted(seen)}"
             )
-    result = MergeResult(patch=None, seconds=0.0)  # type: ignore[arg-type]
+    result = MergeResult(patch=None, seconds=0.0, anchor_checks=checks)  # type: ignore[arg-type]
     deltas = {n: d.float() for n, d in total.items()}
     if merger is not None:
         prows = preserve_rows(pipe, texts, preserve, len(records))
@@ -300,6 +331,8 @@ def merge_patches(
                 "erase_weight": cfg.erase_weight,
                 "erase_to": cfg.erase_to,
                 "anchors": dict(cfg.anchors),
+                "choose_anchors": cfg.choose_anchors,
+                "overshoot": cfg.overshoot,
                 "preserve": [list(p) for p in preserve],
             }
         },
@@ -309,11 +342,95 @@ def merge_patches(
             "kept": {k: round(v, 4) for k, v in result.kept.items()},
             "preserve_drift": round(result.preserve_drift, 6),
             "summed_keys": result.summed_keys,
+            "anchor_checks": checks,
         },
     )
     result.seconds = time.time() - t0
     result.patch.extra["seconds"] = round(result.seconds, 3)
     return result
+
+
+def _specs(sources: list[PatchSource]) -> list[tuple[str, str, str]]:
+    """(concept id, text, type) of every patch that records them, from metadata only."""
+    specs = []
+    for src in sources:
+        cid, config = (src.concept, src.config) if isinstance(src, Patch) else patch_header(src)
+        c = config.get("concept") or {}
+        if c.get("text") and c.get("type"):
+            specs.append((cid, c["text"], c["type"]))
+    return specs
+
+
+def _tuned(pipe, sources, cfg: MergeConfig, preserve, tick: Progress) -> MergeResult:
+    """Merge at every TUNE_GRID point and keep the one whose merged model the base model
+    itself judges best (fmn.self_audit): the harmonic mean of the share of target images
+    no longer drawn and the share of preserved images still drawn (relative to the base
+    model's), the first point on ties. No detector is read."""
+    from fmn.self_audit import self_judged
+
+    if not preserve:
+        raise MergeError(
+            "merge tune judges what the merge keeps by the preserved concepts; give a "
+            "preserve list (manifest `preserve:` or --preserve id:type)"
+        )
+    t0, checks = time.time(), []
+    if cfg.erase_to == "anchor" and cfg.choose_anchors:
+        cfg, checks = _chosen_anchors(pipe, sources, cfg, preserve, tick)
+    targets = [(text, kind) for _, text, kind in _specs(sources)]
+    kept = list(dict.fromkeys(p for p in preserve if p not in targets))
+    judge = targets + kept
+    base = self_judged(pipe, None, judge, images=cfg.tune_images)
+    base_s = sum(base[t] for t, _ in kept) / len(kept)
+    best, table = None, []
+    for k, (a, g, o) in enumerate(TUNE_GRID):
+        tick("tuning the merge", k, len(TUNE_GRID))
+        point = replace(
+            cfg, preserve_weight=a, erase_weight=g, overshoot=o, tune=False, choose_anchors=False
+        )
+        res = merge_patches(pipe, sources, point, preserve=preserve)
+        got = self_judged(pipe, res.patch, judge, images=cfg.tune_images)
+        acc_e = sum(got[t] for t, _ in targets) / len(targets)
+        acc_s = sum(got[t] for t, _ in kept) / len(kept) / max(base_s, 1e-9)
+        h = round(2 * (1 - acc_e) * acc_s / max((1 - acc_e) + acc_s, 1e-9), 6)
+        table.append(
+            {"preserve_weight": a, "erase_weight": g, "overshoot": o, "self_acc_e": acc_e,
+             "self_acc_s_ratio": round(acc_s, 4), "self_h": h}
+        )  # fmt: skip
+        if best is None or h > best[0]:
+            best = (h, k, res)
+    _, pick, result = best  # type: ignore[misc]
+    for k, row in enumerate(table):
+        row["chosen"] = k == pick
+    tick("tuning the merge", len(TUNE_GRID), len(TUNE_GRID))
+    result.tuning, result.anchor_checks = table, checks
+    result.patch.extra["tuning"], result.patch.extra["anchor_checks"] = table, checks
+    result.patch.config["merge"]["tune"] = True
+    result.seconds = time.time() - t0
+    result.patch.extra["seconds"] = round(result.seconds, 3)
+    return result
+
+
+def _chosen_anchors(
+    pipe, sources: list[PatchSource], cfg: MergeConfig, preserve, tick: Progress
+) -> tuple[MergeConfig, list[dict]]:
+    """cfg with an anchor for every concept `anchors` leaves open: per type, the plain
+    word (the type's default first, then fmn.anchors.GENERIC_WORDS) whose images the base
+    model least attributes to one of the targets (fmn.anchor_check), and every check."""
+    specs = _specs(sources)
+    chosen, checks = {}, []
+    kinds = sorted({k for _, _, k in specs})
+    for i, kind in enumerate(kinds):
+        targets = [t for _, t, k in specs if k == kind]
+        others = [t for t, k in preserve if k == kind]
+        words = [ERASE_ANCHORS[kind], *GENERIC_WORDS.get(kind, [])]
+        best, found = choose_anchor(
+            pipe, kind, targets, others, words, images=cfg.anchor_images,
+            progress=lambda k, n, i=i: tick(f"choosing anchors ({kinds[i]})", k, n),
+        )  # fmt: skip
+        chosen[kind] = best
+        checks += [{**c.as_record(), "chosen": c.anchor == best} for c in found]
+    anchors = {cid: chosen[k] for cid, _, k in specs} | cfg.anchors
+    return replace(cfg, anchors=anchors), checks
 
 
 class _ClosedForm:
@@ -354,6 +471,9 @@ class _ClosedForm:
             edit = sum(own.values())
             # a patch that changes nothing gives no scale: then the weight is taken as is
             g = w * self.erase * (edit / max(gap, 1e-30) if edit > 0 else 1.0)
+            # past the anchor, away from the concept (ESD's negative guidance); the scale
+            # above stays the distance to the anchor itself
+            dst = dst + self.cfg.overshoot * (dst - src)
             self.lhs[dim] = self.lhs[dim] + g * _gram(src, c)
             cross = ((dst - src) * c[:, None]).T @ src  # sum_e c (e' - e) e^T
             for n in self.keys:
@@ -419,6 +539,8 @@ def write_merged(pipe, result: MergeResult, out: Path, *, lora_rank: int | None 
             "kept": result.kept,
             "preserve_drift": result.preserve_drift,
             "summed_keys": result.summed_keys,
+            "anchor_checks": result.anchor_checks,
+            "tuning": result.tuning,
             "seconds": result.seconds,
             "lora": {"rank": lora["rank"], "relative_error": lora["relative_error"]},
         }

@@ -142,6 +142,11 @@ def load_patch(path: Path | str) -> Patch:
 
 def patch_concept(path: Path | str) -> str:
     """The concept id a patch file is of, from its metadata alone (no tensor is read)."""
+    return patch_header(path)[0]
+
+
+def patch_header(path: Path | str) -> tuple[str, dict]:
+    """(concept id, resolved config) of a patch file, from its metadata alone."""
     file = _patch_file(path)
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -149,7 +154,11 @@ def patch_concept(path: Path | str) -> str:
     except SafetensorError as e:
         raise PatchError(f"{file} is truncated or not a safetensors file ({e})") from e
     _check_format(meta, file)
-    return meta.get("concept", "")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError as e:
+        raise PatchError(f"{file}: its config metadata is not valid JSON: {e}") from e
+    return meta.get("concept", ""), config
 
 
 def patch_hash(path: Path | str) -> str:

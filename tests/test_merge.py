@@ -177,10 +177,11 @@ def test_cli_merge_with_a_manifest(pipe, tmp_path) -> None:
     merged = json.loads((out / "merge.json").read_text())
     assert merged["method"] == "merge:closed-form" and merged["concepts"][0]["weight"] == 2.0
     erase = ["--method", "closed-form", "--erase-weight", "3", "--anchor", "cat=a pet"]
-    result = runner.invoke(app, [*args, *erase])
+    result = runner.invoke(app, [*args, *erase, "--overshoot", "0.5"])
     assert result.exit_code == 0, result.output
     recorded = load_patch(out).config["merge"]
     assert recorded["erase_weight"] == 3.0 and recorded["anchors"] == {"cat": "a pet"}
+    assert recorded["overshoot"] == 0.5
     typo = runner.invoke(app, [*args, "--anchor", "cta=a pet", "--out", str(tmp_path / "y")])
     assert typo.exit_code == 2 and "cta" in typo.output and not (tmp_path / "y").exists()
     bad = runner.invoke(app, ["merge", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
