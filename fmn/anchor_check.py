@@ -49,19 +49,27 @@ class AnchorCheck:
         }
 
 
-@torch.no_grad()
 def judge_images(
+    pipe, latents: torch.Tensor, names: Sequence[str], prompts: Sequence[Sequence[str]], **kw
+) -> list[str]:
+    """For each latent [N, C, h, w], the name whose prompt explains it best. prompts[j][i]
+    is name j's prompt for image i (the template the image was drawn with)."""
+    err = prompt_errors(pipe, latents, prompts, **kw)
+    return [names[i] for i in err.argmin(1).tolist()]
+
+
+@torch.no_grad()
+def prompt_errors(
     pipe,
     latents: torch.Tensor,
-    names: Sequence[str],
     prompts: Sequence[Sequence[str]],
     *,
     timesteps: int = 8,
     draws: int = 2,
     seed: int = 0,
-) -> list[str]:
-    """For each latent [N, C, h, w], the name whose prompt explains it best. prompts[j][i]
-    is name j's prompt for image i (the template the image was drawn with)."""
+) -> torch.Tensor:
+    """[N, P]: the base model's mean noise-prediction error on each latent under each
+    prompt set (prompts[j][i] for image i), over fixed timesteps and noise draws."""
     sched, unet = pipe.scheduler, pipe.unet
     n = latents.shape[0]
     top = sched.config.num_train_timesteps
@@ -69,7 +77,7 @@ def judge_images(
     gen = torch.Generator().manual_seed(seed)
     z0 = latents.to(unet.device, unet.dtype)
     noise = torch.randn((len(ts), *z0.shape), generator=gen).to(z0)
-    err = torch.zeros(n, len(names))
+    err = torch.zeros(n, len(prompts))
     for j, texts in enumerate(prompts):
         cond = encode_text(pipe, list(texts))
         states, kwargs = cond.select(torch.arange(n))
@@ -83,7 +91,7 @@ def judge_images(
                 else noise[k]
             )
             err[:, j] += (pred - target).float().pow(2).mean(dim=(1, 2, 3)).cpu()
-    return [names[i] for i in err.argmin(1).tolist()]
+    return err / len(ts)
 
 
 def check_anchor(

@@ -365,7 +365,7 @@ def _tuned(pipe, sources, cfg: MergeConfig, preserve, tick: Progress) -> MergeRe
     """Merge at every TUNE_GRID point and keep the one whose merged model the base model
     itself judges best (fmn.self_audit): the harmonic mean of the share of target images
     no longer drawn and the share of preserved images still drawn (relative to the base
-    model's), the first point on ties. No detector is read."""
+    model's); the first (gentlest) point on ties. No detector is read."""
     from fmn.self_audit import self_judged
 
     if not preserve:
@@ -380,7 +380,7 @@ def _tuned(pipe, sources, cfg: MergeConfig, preserve, tick: Progress) -> MergeRe
     kept = list(dict.fromkeys(p for p in preserve if p not in targets))
     judge = targets + kept
     base = self_judged(pipe, None, judge, images=cfg.tune_images)
-    base_s = sum(base[t] for t, _ in kept) / len(kept)
+    base_s = sum(base[t].share for t, _ in kept) / len(kept)
     best, table = None, []
     for k, (a, g, o) in enumerate(TUNE_GRID):
         tick("tuning the merge", k, len(TUNE_GRID))
@@ -389,12 +389,17 @@ def _tuned(pipe, sources, cfg: MergeConfig, preserve, tick: Progress) -> MergeRe
         )
         res = merge_patches(pipe, sources, point, preserve=preserve)
         got = self_judged(pipe, res.patch, judge, images=cfg.tune_images)
-        acc_e = sum(got[t] for t, _ in targets) / len(targets)
-        acc_s = sum(got[t] for t, _ in kept) / len(kept) / max(base_s, 1e-9)
+        acc_e = sum(got[t].share for t, _ in targets) / len(targets)
+        acc_s = sum(got[t].share for t, _ in kept) / len(kept) / max(base_s, 1e-9)
         h = round(2 * (1 - acc_e) * acc_s / max((1 - acc_e) + acc_s, 1e-9), 6)
+        # recorded, not used to choose: as a tie-break it went to the harshest point
+        # (docs/merge.md); the gentlest of tied points is the one that keeps most
+        sep = sum(got[t].margin for t, _ in kept) / len(kept) - sum(
+            got[t].margin for t, _ in targets
+        ) / len(targets)
         table.append(
             {"preserve_weight": a, "erase_weight": g, "overshoot": o, "self_acc_e": acc_e,
-             "self_acc_s_ratio": round(acc_s, 4), "self_h": h}
+             "self_acc_s_ratio": round(acc_s, 4), "self_h": h, "self_separation": sep}
         )  # fmt: skip
         if best is None or h > best[0]:
             best = (h, k, res)

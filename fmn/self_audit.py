@@ -11,11 +11,22 @@ checkpoint; on the embedded world it tracks the world's detector (docs/merge.md)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from fmn.anchor_check import judge_images
+import torch
+
+from fmn.anchor_check import prompt_errors
 from fmn.mscore.score import generate
 from fmn.patch import Patch, apply_patch, revert_patch
 from fmn.prepare import concept_prompts, encode_images
+
+
+@dataclass
+class Judged:
+    share: float  # of the concept's images the base model attributes to it
+    # mean over its images of (best other prompt's error - its own prompt's error): > 0
+    # where its own prompt explains the images best, < 0 where another does
+    margin: float
 
 
 def self_judged(
@@ -25,9 +36,9 @@ def self_judged(
     *,
     images: int = 4,
     seed: int = 100,
-) -> dict[str, float]:
-    """concepts: (text, type). For each text, the share of the patched model's images of it
-    that the base model attributes to it (1: still drawn, 0: gone). `pipe` comes back
+) -> dict[str, Judged]:
+    """concepts: (text, type). For each text, how far the base model still sees it in the
+    patched model's images of it (share 1: still drawn, 0: gone). `pipe` comes back
     unpatched."""
     prompts, seeds, owner = [], [], []
     for text, kind in concepts:
@@ -44,7 +55,8 @@ def self_judged(
         if patch is not None:
             revert_patch(pipe, patch)
     latents = encode_images(pipe, pixels)
-    hits: dict[str, int] = {}
+    hits: dict[str, list[float]] = {}
+    margins: dict[str, list[float]] = {}
     for kind in dict.fromkeys(k for _, k in concepts):
         idx = [i for i, (_, k) in enumerate(owner) if k == kind]
         names = ["", *dict.fromkeys(t for t, k in concepts if k == kind)]
@@ -52,7 +64,13 @@ def self_judged(
         for text in names[1:]:
             ps = concept_prompts(text, kind)
             per_name.append([ps[(i % images) % len(ps)] for i in range(len(idx))])
-        judged = judge_images(pipe, latents[idx], names, per_name, seed=seed)
-        for i, name in zip(idx, judged, strict=True):
-            hits[owner[i][0]] = hits.get(owner[i][0], 0) + (name == owner[i][0])
-    return {text: hits.get(text, 0) / images for text, _ in concepts}
+        err = prompt_errors(pipe, latents[idx], per_name, seed=seed)
+        for row, i in enumerate(idx):
+            own = names.index(owner[i][0])
+            others = torch.cat([err[row, :own], err[row, own + 1 :]])
+            hits.setdefault(owner[i][0], []).append(float(err[row].argmin() == own))
+            margins.setdefault(owner[i][0], []).append(float(others.min() - err[row, own]))
+    return {
+        t: Judged(sum(hits[t]) / len(hits[t]), sum(margins[t]) / len(margins[t]))
+        for t, _ in concepts
+    }
