@@ -368,16 +368,17 @@ def _tuned(pipe, sources, cfg: MergeConfig, preserve, tick: Progress) -> MergeRe
     model's); the first (gentlest) point on ties. No detector is read."""
     from fmn.self_audit import self_judged
 
-    if not preserve:
+    targets = [(text, kind) for _, text, kind in _specs(sources)]
+    kept = list(dict.fromkeys(p for p in preserve if p not in targets))
+    if not kept or not targets:
         raise MergeError(
             "merge tune judges what the merge keeps by the preserved concepts; give a "
-            "preserve list (manifest `preserve:` or --preserve id:type)"
+            "preserve list of concepts not being forgotten (manifest `preserve:` or "
+            "--preserve id:type), and patches that record their concept"
         )
     t0, checks = time.time(), []
     if cfg.erase_to == "anchor" and cfg.choose_anchors:
         cfg, checks = _chosen_anchors(pipe, sources, cfg, preserve, tick)
-    targets = [(text, kind) for _, text, kind in _specs(sources)]
-    kept = list(dict.fromkeys(p for p in preserve if p not in targets))
     judge = targets + kept
     base = self_judged(pipe, None, judge, images=cfg.tune_images)
     base_s = sum(base[t].share for t, _ in kept) / len(kept)

@@ -64,6 +64,8 @@ def test_tune_keeps_the_grid_point_the_base_model_judges_best(clip_tokenizer_dir
     patches = [_patch(pipe, "cat", "object", 1, 0.02), _patch(pipe, "mary", "id", 2, 0.02)]
     with pytest.raises(MergeError, match="preserve"):
         merge_patches(pipe, patches, MergeConfig(tune=True))
+    with pytest.raises(MergeError, match="preserve"):  # only the targets themselves
+        merge_patches(pipe, patches, MergeConfig(tune=True), preserve=[("cat", "object")])
     keep = [("dog", "object"), ("john", "id")]
     res = merge_patches(pipe, patches, MergeConfig(tune=True, tune_images=2), preserve=keep)
     table = res.tuning
