@@ -71,11 +71,6 @@ def main() -> None:
         help="erase term: anchors picked by the base model's own judgement (fmn.anchor_check)",
     )
     ap.add_argument("--overshoot", type=float, default=MergeConfig.overshoot)
-    ap.add_argument(
-        "--tune",
-        action="store_true",
-        help="closed-form: weights picked by the base model's own judgement (fmn.self_audit)",
-    )
     ap.add_argument("--out", default="bench/results/merge.json")
     ap.add_argument(
         "--override",
@@ -128,7 +123,7 @@ def main() -> None:
                         erase_to=args.erase_to,
                         choose_anchors=args.choose_anchors,
                         overshoot=args.overshoot,
-                        tune=args.tune or mode == "tune",
+                        tune=mode == "tune",
                     )
                     files = [folder / c for c in chosen]
                     patch = merge_patches(pipe, files, cfg, preserve=preserve).patch

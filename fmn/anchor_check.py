@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fmn.conditioning import encode_text
-from fmn.prepare import concept_prompts, encode_images, generate_concept_images
+from fmn.invert import noise_target, training_scheduler
+from fmn.prepare import cycled_prompts, encode_images, generate_concept_images
 
 NONE = ""  # the empty prompt: the image looks like no named concept
 
@@ -70,7 +71,7 @@ def prompt_errors(
 ) -> torch.Tensor:
     """[N, P]: the base model's mean noise-prediction error on each latent under each
     prompt set (prompts[j][i] for image i), over fixed timesteps and noise draws."""
-    sched, unet = pipe.scheduler, pipe.unet
+    sched, unet = training_scheduler(pipe), pipe.unet
     n = latents.shape[0]
     top = sched.config.num_train_timesteps
     ts = torch.linspace(top * 0.05, top * 0.95, timesteps).long().repeat(draws)
@@ -85,11 +86,7 @@ def prompt_errors(
             tt = t.expand(n).to(unet.device)
             zt = sched.add_noise(z0, noise[k], tt)
             pred = unet(zt, tt, encoder_hidden_states=states, **kwargs).sample
-            target = (
-                sched.get_velocity(z0, noise[k], tt)
-                if sched.config.prediction_type == "v_prediction"
-                else noise[k]
-            )
+            target = noise_target(sched, z0, noise[k], tt)
             err[:, j] += (pred - target).float().pow(2).mean(dim=(1, 2, 3)).cpu()
     return err / len(ts)
 
@@ -109,10 +106,7 @@ def check_anchor(
     the concepts of the same type being erased, and kept (they compete for the images)."""
     pixels = generate_concept_images(pipe, anchor, kind, images, seed)
     names = [NONE, *targets, *[o for o in others if o not in targets]]
-    prompts = [[""] * images]
-    for text in names[1:]:
-        ps = concept_prompts(text, kind)
-        prompts.append([ps[i % len(ps)] for i in range(images)])
+    prompts = [[""] * images, *(cycled_prompts(text, kind, images) for text in names[1:])]
     judged = Counter(judge_images(pipe, encode_images(pipe, pixels), names, prompts, seed=seed))
     drawn = {t: judged[t] for t in targets if judged[t]}
     return AnchorCheck(anchor, kind, images, dict(judged), drawn)

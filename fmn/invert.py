@@ -157,7 +157,7 @@ def invert(
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     latents = _check_latents(pipe, latents).to(device=device, dtype=dtype)
-    noise_scheduler = _noise_scheduler(pipe)
+    noise_scheduler = training_scheduler(pipe)
     timesteps = noise_scheduler.config.num_train_timesteps
     encoders = {n: getattr(pipe, n) for n in TOKENIZERS if getattr(pipe, n, None) is not None}
     # a concept type of the caller's own templates starts from the broadest word
@@ -181,10 +181,7 @@ def invert(
         for step in range(1, cfg.steps + 1):
             x0, which, noise, t = _get_batch(latents, len(templates), cfg.batch, timesteps, gen)
             noisy = noise_scheduler.add_noise(x0, noise, t)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(x0, noise, t)
-            else:
-                target = noise
+            target = noise_target(noise_scheduler, x0, noise, t)
             embeds, pooled = _encode(encoders, {n: i[which] for n, i in ids.items()})
             extra = {}
             if time_ids is not None:
@@ -245,13 +242,20 @@ def _check_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tens
     return latents
 
 
-def _noise_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:
+def training_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:
     """The training-time noise schedule: a DDPM scheduler with the base model's betas."""
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     kind = scheduler.config.prediction_type
     if kind not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {kind!r} is not supported; epsilon or v_prediction")
     return scheduler
+
+
+def noise_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """What the UNet predicts for x0 noised with `noise` at t: the noise, or the velocity."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return noise
 
 
 def _placeholder_tokenizer(tokenizer, names: list[str]):

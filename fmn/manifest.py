@@ -455,7 +455,7 @@ class Merge(_Strict):
     erase_to: Literal["anchor", "removed"] = "anchor"  # removed measured worse (docs/merge.md)
     """closed-form erase target: the prompt with the concept replaced by an anchor word
     (`anchors`, else by type: a person, thing, painting) or the prompt without it."""
-    anchors: dict[str, Text] = {}  # by concept type (fmn.anchors.ERASE_ANCHORS)
+    anchors: dict[str, Text] = {}  # others: by type (fmn.anchors.ERASE_ANCHORS)
     """Anchor text per concept id for erase_to: anchor, e.g. {mickey: a cartoon mouse}."""
     choose_anchors: bool = False  # costs a few images per candidate word (docs/merge.md)
     """closed-form erase: per type, pick the plain anchor word whose images the base model

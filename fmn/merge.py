@@ -173,13 +173,17 @@ def _check_patch(patch: Patch, base_fp: str | None, seen: set[str]) -> None:
 
 def _concept_spec(patch: Patch) -> tuple[str, str, str]:
     """(text, type, positions) the patch was trained on, from its recorded config."""
-    c = patch.config.get("concept") or {}
+    return _spec(patch.concept, patch.config)
+
+
+def _spec(cid: str, config: dict) -> tuple[str, str, str]:
+    c = config.get("concept") or {}
     if not c.get("text") or not c.get("type"):
         raise MergeError(
-            f"patch {patch.concept!r} does not record its concept text/type; closed-form "
+            f"patch {cid!r} does not record its concept text/type; closed-form "
             "merge needs them (re-create the patch with this version, or use method sum)"
         )
-    positions = (patch.config.get("resteer") or {}).get("positions", "concept")
+    positions = (config.get("resteer") or {}).get("positions", "concept")
     return c["text"], c["type"], positions
 
 
@@ -351,13 +355,11 @@ def merge_patches(
 
 
 def _specs(sources: list[PatchSource]) -> list[tuple[str, str, str]]:
-    """(concept id, text, type) of every patch that records them, from metadata only."""
+    """(concept id, text, type) of every patch, from metadata only (no tensor is read)."""
     specs = []
     for src in sources:
         cid, config = (src.concept, src.config) if isinstance(src, Patch) else patch_header(src)
-        c = config.get("concept") or {}
-        if c.get("text") and c.get("type"):
-            specs.append((cid, c["text"], c["type"]))
+        specs.append((cid, *_spec(cid, config)[:2]))
     return specs
 
 
@@ -370,11 +372,11 @@ def _tuned(pipe, sources, cfg: MergeConfig, preserve, tick: Progress) -> MergeRe
 
     targets = [(text, kind) for _, text, kind in _specs(sources)]
     kept = list(dict.fromkeys(p for p in preserve if p not in targets))
-    if not kept or not targets:
+    if not kept:
         raise MergeError(
             "merge tune judges what the merge keeps by the preserved concepts; give a "
             "preserve list of concepts not being forgotten (manifest `preserve:` or "
-            "--preserve id:type), and patches that record their concept"
+            "--preserve id:type)"
         )
     t0, checks = time.time(), []
     if cfg.erase_to == "anchor" and cfg.choose_anchors:

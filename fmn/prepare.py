@@ -60,6 +60,12 @@ def concept_prompts(text: str, concept_type: str) -> list[str]:
     return [t.format(text) for t in CONCEPT_TEMPLATES[concept_type]]
 
 
+def cycled_prompts(text: str, concept_type: str, n: int) -> list[str]:
+    """n prompts of the concept, its type's templates in turn (image i uses template i)."""
+    prompts = concept_prompts(text, concept_type)
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
 @torch.no_grad()
 def encode_images(pipe, images: np.ndarray, batch: int = 32) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> scaled latent means [N, C, h, w] (the mean: deterministic)."""
@@ -75,10 +81,7 @@ def generate_concept_images(
     """n images of the concept from the base model itself, templates in turn, fixed seeds."""
     from fmn.mscore.score import generate
 
-    prompts = concept_prompts(text, concept_type)
-    return generate(
-        pipe, [prompts[i % len(prompts)] for i in range(n)], [seed + i for i in range(n)]
-    )
+    return generate(pipe, cycled_prompts(text, concept_type, n), [seed + i for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------

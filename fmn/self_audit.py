@@ -18,7 +18,7 @@ import torch
 from fmn.anchor_check import prompt_errors
 from fmn.mscore.score import generate
 from fmn.patch import Patch, apply_patch, revert_patch
-from fmn.prepare import concept_prompts, encode_images
+from fmn.prepare import cycled_prompts, encode_images
 
 
 @dataclass
@@ -42,11 +42,9 @@ def self_judged(
     unpatched."""
     prompts, seeds, owner = [], [], []
     for text, kind in concepts:
-        ps = concept_prompts(text, kind)
-        for i in range(images):
-            prompts.append(ps[i % len(ps)])
-            seeds.append(seed + i)
-            owner.append((text, kind))
+        prompts += cycled_prompts(text, kind, images)
+        seeds += [seed + i for i in range(images)]
+        owner += [(text, kind)] * images
     if patch is not None:
         apply_patch(pipe, patch)
     try:
@@ -60,10 +58,10 @@ def self_judged(
     for kind in dict.fromkeys(k for _, k in concepts):
         idx = [i for i, (_, k) in enumerate(owner) if k == kind]
         names = ["", *dict.fromkeys(t for t, k in concepts if k == kind)]
+        # each concept's images come in one block, templates in turn: so do the prompts
+        blocks = len(idx) // images
         per_name = [[""] * len(idx)]
-        for text in names[1:]:
-            ps = concept_prompts(text, kind)
-            per_name.append([ps[(i % images) % len(ps)] for i in range(len(idx))])
+        per_name += [cycled_prompts(text, kind, images) * blocks for text in names[1:]]
         err = prompt_errors(pipe, latents[idx], per_name, seed=seed)
         for row, i in enumerate(idx):
             own = names.index(owner[i][0])
