@@ -62,6 +62,11 @@ def main() -> None:
         default=0.0,
         help="masked arm only: ResteerConfig.background_weight (hold outside the mask)",
     )
+    ap.add_argument(
+        "--invert",
+        action="store_true",
+        help="textual inversion first (fmn.invert defaults), masked in the masked arm",
+    )
     ap.add_argument("--out", default="bench/results/masks_resteer.json")
     ap.add_argument(
         "--scale-check",
@@ -82,6 +87,7 @@ def main() -> None:
         return None
 
     from fmn.forget import forget_concept
+    from fmn.invert import InvertConfig
     from fmn.models import load_pipeline
     from fmn.mscore.detectors import WorldDetector
     from fmn.prepare import generate_concept_images
@@ -113,7 +119,10 @@ def main() -> None:
                     background_weight=args.background_weight if mask != "none" else 0.0,
                 )
                 t0 = time.time()
-                res = forget_concept(pipe, c.id, c.type, c.text, cfg, images=images, mask=mask)
+                ti = InvertConfig(seed=seed) if args.invert else None
+                res = forget_concept(
+                    pipe, c.id, c.type, c.text, cfg, invert_cfg=ti, images=images, mask=mask
+                )
                 train_s = time.time() - t0
                 with applied(pipe.unet, res.patch.deltas):
                     after = score(pipe, detector, measured, args.prompts, args.seeds)
@@ -137,6 +146,7 @@ def main() -> None:
                     "mask_methods": record.get("counts"),
                     "seconds": round(time.time() - t0, 1),
                     "train_seconds": round(train_s, 1),
+                    "ti_final_loss": round(res.ti.losses[-1], 4) if res.ti else None,
                     "ratios": {k: round(v, 4) for k, v in ratios.items()},
                 }
                 rows.append(row)
@@ -154,6 +164,7 @@ def main() -> None:
             "train_seeds": args.train_seeds,
             "score_prompts": args.prompts,
             "score_seeds": args.seeds,
+            "invert": asdict(InvertConfig()) if args.invert else None,
             "resteer": {
                 t: asdict(
                     resteer_config_for(

@@ -98,6 +98,7 @@ def forget_concept(
             invert_cfg,
             concept_type,
             progress=lambda d, t, loss: tick("inversion", d, t, {"loss": loss}),
+            masks=data.masks,  # the tokens learn the concept's pixels, like re-steering
         )
     return resteer_prepared(
         pipe, data, resteer_cfg, ti=ti, preserve=preserve, mask=mask, progress=progress

@@ -143,13 +143,16 @@ def invert(
     cfg: InvertConfig,
     concept_type: str = "object",
     progress: Callable[[int, int, float], None] | None = None,
+    masks: torch.Tensor | None = None,
 ) -> TIResult:
     """Learn `cfg.tokens` embeddings for `token` from a concept's images.
 
     `latents` are the images' VAE latents already multiplied by `vae.config.scaling_factor`,
-    [N, 4, h, w]. The pipeline is not changed: nothing is added to its tokenizers or text
-    encoders; load the result with `add_ti_to_pipeline` or save it with `save_ti`.
-    `progress(step, steps, loss)` is called after every step.
+    [N, 4, h, w]. `masks` ([N, h, w] in [0, 1], fmn.prepare's `Prepared.masks`) restrict
+    the loss to the concept's pixels, so the tokens learn the concept and not what
+    surrounds it in these images. The pipeline is not changed: nothing is added to its
+    tokenizers or text encoders; load the result with `add_ti_to_pipeline` or save it with
+    `save_ti`. `progress(step, steps, loss)` is called after every step.
     """
     family = model_family(pipe)
     templates = _templates(cfg, concept_type)
@@ -157,6 +160,8 @@ def invert(
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     latents = _check_latents(pipe, latents).to(device=device, dtype=dtype)
+    if masks is not None:
+        masks = _check_masks(masks, latents).to(device=device, dtype=torch.float32)
     noise_scheduler = training_scheduler(pipe)
     timesteps = noise_scheduler.config.num_train_timesteps
     encoders = {n: getattr(pipe, n) for n in TOKENIZERS if getattr(pipe, n, None) is not None}
@@ -179,7 +184,8 @@ def invert(
     losses: list[float] = []
     with _frozen(unet, *encoders.values()), _learned_rows(encoders, new_ids, vectors):
         for step in range(1, cfg.steps + 1):
-            x0, which, noise, t = _get_batch(latents, len(templates), cfg.batch, timesteps, gen)
+            pick, which, noise, t = _get_batch(latents, len(templates), cfg.batch, timesteps, gen)
+            x0 = latents[pick]
             noisy = noise_scheduler.add_noise(x0, noise, t)
             target = noise_target(noise_scheduler, x0, noise, t)
             embeds, pooled = _encode(encoders, {n: i[which] for n, i in ids.items()})
@@ -190,7 +196,7 @@ def invert(
                     "time_ids": time_ids.expand(len(x0), -1),
                 }
             pred = unet(noisy, t, encoder_hidden_states=embeds.to(dtype), **extra).sample
-            loss = F.mse_loss(pred.float(), target.float())
+            loss = _loss(pred.float(), target.float(), None if masks is None else masks[pick])
             if not torch.isfinite(loss):
                 raise InversionError(
                     f"textual inversion of {token} diverged at step {step}/{cfg.steps}: loss "
@@ -258,6 +264,25 @@ def noise_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tens
     return noise
 
 
+def _check_masks(masks: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    want = (latents.shape[0], *latents.shape[-2:])
+    if tuple(masks.shape) != want:
+        raise ValueError(
+            f"masks must be [N, h, w] = {list(want)}, one per latent at latent resolution "
+            f"(fmn.prepare's Prepared.masks), got {list(masks.shape)}"
+        )
+    return masks
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over every pixel, or over the masks' pixels (weighted by them): the
+    same scale either way, so the learning rate means the same with and without masks."""
+    if masks is None:
+        return F.mse_loss(pred, target)
+    w = masks[:, None].expand_as(pred)
+    return ((pred - target).pow(2) * w).sum() / w.sum().clamp(min=1e-6)
+
+
 def _placeholder_tokenizer(tokenizer, names: list[str]):
     """A copy of `tokenizer` that knows the placeholder tokens; the pipeline's stays as it is."""
     taken = [n for n in names if n in tokenizer.get_vocab()]
@@ -309,7 +334,7 @@ def _sdxl_time_ids(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tens
 def _get_batch(
     latents: torch.Tensor, n_templates: int, batch: int, timesteps: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents, template index, noise, timestep) for `batch` samples. Latents are drawn
+    """(image index, template index, noise, timestep) for `batch` samples. Images are drawn
     with replacement: a concept may have fewer images than a batch. Everything is drawn
     on the CPU, so a seed gives the same batches on any device."""
     pick = torch.randint(0, len(latents), (batch,), generator=gen)
@@ -317,7 +342,7 @@ def _get_batch(
     noise = torch.randn((batch, *latents.shape[1:]), generator=gen)
     t = torch.randint(0, timesteps, (batch,), generator=gen)
     device = latents.device
-    return latents[pick.to(device)], which, noise.to(latents), t.to(device)
+    return pick.to(device), which, noise.to(latents), t.to(device)
 
 
 def _encode(

@@ -282,8 +282,11 @@ class InvertOptions(_Strict):
     """Optimisation steps."""
     lr: PositiveFloat = 1e-3  # embeddings move fast; higher overshoots the embedding norm
     """Learning rate of the token embeddings."""
-    init_words: list[Text] | None = Field(None, min_length=1)  # None: start from `text`
-    """Words whose embeddings initialise the tokens (default: the concept's text)."""
+    # None: a generic word of the type (fmn.invert.GENERIC_WORDS), not the concept's name,
+    # so the tokens find the concept from its images rather than start on it
+    init_words: list[Text] | None = Field(None, min_length=1)
+    """Words whose embeddings initialise the tokens (default: a generic word for the type:
+    object, person, style, nude)."""
 
 
 class ResteerOptions(_Strict):

@@ -170,7 +170,8 @@ def test_saved_file_loads_with_diffusers_and_conditions_like_training(
     gen = torch.Generator().manual_seed(CFG.seed)
     templates = CFG.templates["object"]
     for _ in range(7):
-        x0, which, noise, t = _get_batch(latents, len(templates), CFG.batch, 1000, gen)
+        pick, which, noise, t = _get_batch(latents, len(templates), CFG.batch, 1000, gen)
+    x0 = latents[pick]
     prompts = [templates[i].replace("{}", TOKEN) for i in which]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     noisy = scheduler.add_noise(x0, noise, t)

@@ -67,6 +67,7 @@ def stage_invert(manifest: Path | str, concept_id: str, run: Path | str, prep: R
             cfg,
             r.type,
             progress=lambda d, t, loss: tick("inversion", d, t, {"loss": loss}),
+            masks=data.masks,  # the concept's mask (manifest `mask:`) limits the loss too
         )
     path = save_ti(ti, rp.ti(concept_id) / "ti.safetensors")
     return {"concept": concept_id, "outputs": {rp.rel(path): file_hash(path)}}
