@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from fmn.forget import forget_concept
-from fmn.invert import InvertConfig, load_ti
+from fmn.invert import InvertConfig, invert, load_ti
 from fmn.models import fingerprint
 from fmn.patch import apply_patch, export_lora, load_patch, revert_patch, save_patch
+from fmn.prepare import prepare_concept
 from fmn.resteer import ResteerConfig
 from tests.tiny import FAMILIES, build_tiny_pipeline
 
@@ -76,3 +77,22 @@ def test_forget_with_attention_masks_records_them(clip_tokenizer_dir) -> None:
     # the mask changes which pixels enter the loss, so the patches differ
     name = next(iter(plain.patch.deltas))
     assert not torch.equal(masked.patch.deltas[name], plain.patch.deltas[name])
+
+
+def test_forget_inverts_through_the_concepts_masks(clip_tokenizer_dir) -> None:
+    """With a mask, textual inversion learns from the concept's pixels only: forget's tokens
+    are those of an inversion given the prepared masks, not those of an unmasked one."""
+    torch.set_num_threads(1)
+    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
+    pipe.set_progress_bar_config(disable=True)
+    cfg, ti = ResteerConfig(steps=1, lr=1e-2), InvertConfig(steps=3, tokens=2)
+    masked = forget_concept(
+        pipe, "star", "object", "star", cfg, invert_cfg=ti, generate=2, mask="attention"
+    )
+    data = prepare_concept(pipe, "star", "object", "star", generate=2, mask="attention")
+    assert data.masks is not None and 0 < float(data.masks.mean()) < 1
+    direct = invert(pipe, data.latents, "<star>", ti, "object", masks=data.masks)
+    unmasked = invert(pipe, data.latents, "<star>", ti, "object")
+    assert masked.ti is not None
+    assert torch.equal(masked.ti.vectors["text_encoder"], direct.vectors["text_encoder"])
+    assert not torch.equal(masked.ti.vectors["text_encoder"], unmasked.vectors["text_encoder"])

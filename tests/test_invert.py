@@ -20,6 +20,7 @@ from fmn.invert import (
     TIFormatError,
     TIResult,
     _get_batch,
+    _loss,
     add_ti_to_pipeline,
     check_ti,
     invert,
@@ -248,6 +249,34 @@ def test_learned_tokens_denoise_the_concept_better_than_their_start(
             ).item()
 
     assert held_out_loss(TOKEN) < held_out_loss("<start>") - 1e-3
+
+
+def test_masks_limit_the_inversion_loss_to_the_concept_pixels(clip_tokenizer_dir: Path) -> None:
+    """With masks, what the UNet predicts outside them does not count; a mask of ones is
+    the plain loss (same scale, so the learning rate means the same)."""
+    pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    half = torch.zeros(2, 8, 8)
+    half[..., :4] = 1
+    moved = pred.clone()
+    moved[..., 4:] += 5  # only outside the mask
+    assert _loss(moved, target, half) == _loss(pred, target, half)
+    assert _loss(moved, target, None) > _loss(pred, target, None)
+    assert torch.allclose(_loss(pred, target, torch.ones(2, 8, 8)), F.mse_loss(pred, target))
+
+    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
+    latents = _latents(pipe, _random_images())
+    plain = invert(pipe, latents, TOKEN, CFG)
+    ones = invert(pipe, latents, TOKEN, CFG, masks=torch.ones(3, 8, 8))
+    assert torch.allclose(ones.vectors["text_encoder"], plain.vectors["text_encoder"], atol=1e-5)
+    masked = invert(
+        pipe, latents, TOKEN, CFG, masks=torch.zeros(3, 8, 8).index_fill(2, torch.arange(4), 1)
+    )
+    assert masked.losses != plain.losses
+    assert not torch.allclose(masked.vectors["text_encoder"], plain.vectors["text_encoder"])
+    with pytest.raises(
+        ValueError, match=r"masks must be \[N, h, w\] = \[3, 8, 8\].*got \[3, 16, 16\]"
+    ):
+        invert(pipe, latents, TOKEN, CFG, masks=torch.ones(3, 16, 16))
 
 
 def test_diverging_loss_names_token_and_step(clip_tokenizer_dir: Path) -> None:
