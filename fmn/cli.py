@@ -251,7 +251,12 @@ def forget(
         None, help="Anchor preservation weight [default: by type: 0.3 id, 1 object, 10 style]."
     ),
     preserve: list[str] = typer.Option([], help="id:type of a concept to keep (repeatable)."),
-    mask: str = typer.Option("none", help="none | auto | face | attention | a mask folder"),
+    mask: str = typer.Option(
+        "none",
+        help="none | auto | face | attention | a mask folder; limits re-steering's and "
+        "--invert's losses to the concept's pixels (with --invert, attention masks kept "
+        "the other concepts better on the world: docs/masks.md)",
+    ),
     invert: bool = typer.Option(False, help="Textual inversion first; re-steer its tokens."),
     ti_steps: int = typer.Option(300),
     ti_tokens: int = typer.Option(4),

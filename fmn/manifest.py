@@ -306,7 +306,8 @@ class ResteerOptions(_Strict):
     positions: Positions | None = None
     """Token positions whose attention is suppressed (end-of-text also carries the concept)."""
     mask: MaskName = "auto"  # face for identities, attention-derived for everything else
-    """Pixels that enter the loss: face boxes, the base model's attention map, or all."""
+    """Pixels that enter the loss (re-steering's and, when enabled, textual inversion's):
+    face boxes, the base model's attention map, or all."""
     batch: Count = 4  # a few images per step steady the loss; memory grows with it
     """Images per step."""
     seed: Seed = 0  # fixed, so a rerun reproduces the same patch
