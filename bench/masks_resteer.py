@@ -14,6 +14,7 @@ a setting. The attention masks come from the base model's own cross-attention.
 
 Usage: python bench/masks_resteer.py [--targets triangle square outline dots]
        [--train-seeds 0 1 2] [--prompts 4] [--seeds 6]   (~37 min on 1 CPU thread)
+       [--invert]   (textual inversion first, masked in the masked arm: ~48 min)
 then:  python bench/masks_resteer.py --scale-check   (detector-free loss scales, ~30 s)
 Writes bench/results/masks_resteer.json and masks_resteer.md.
 """
@@ -164,6 +165,7 @@ def main() -> None:
             "train_seeds": args.train_seeds,
             "score_prompts": args.prompts,
             "score_seeds": args.seeds,
+            # each arm inverts with its training seed; the rest are these defaults
             "invert": asdict(InvertConfig()) if args.invert else None,
             "resteer": {
                 t: asdict(
