@@ -271,6 +271,11 @@ def _check_masks(masks: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
             f"masks must be [N, h, w] = {list(want)}, one per latent at latent resolution "
             f"(fmn.prepare's Prepared.masks), got {list(masks.shape)}"
         )
+    if not masks.sum() > 0:  # an empty mask would train nothing, silently
+        raise ValueError(
+            "every mask is empty (no pixel > 0): nothing of the concept would enter the "
+            "loss; check the mask folder (white = concept) or use mask: none"
+        )
     return masks
 
 

@@ -277,6 +277,8 @@ def test_masks_limit_the_inversion_loss_to_the_concept_pixels(clip_tokenizer_dir
         ValueError, match=r"masks must be \[N, h, w\] = \[3, 8, 8\].*got \[3, 16, 16\]"
     ):
         invert(pipe, latents, TOKEN, CFG, masks=torch.ones(3, 16, 16))
+    with pytest.raises(ValueError, match="every mask is empty"):
+        invert(pipe, latents, TOKEN, CFG, masks=torch.zeros(3, 8, 8))
 
 
 def test_diverging_loss_names_token_and_step(clip_tokenizer_dir: Path) -> None:
