@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from fmn.grids import labelled_grid
 from fmn.io import atomic_dir, write_json, write_text, write_with
 
 if TYPE_CHECKING:
@@ -56,7 +55,15 @@ CSV_FIELDS = [
     "recovery_mscore",
 ]
 TILE = 96  # grid tile side in px: 32 px world images upscale crisply, 512 px ones shrink
+GAP = 2  # px between tiles
 MODEL_TITLES = {"base": "baseline", "patched": "audited model", "recovered": "recovery attack"}
+# the image grids' column headers: which side is the baseline must be readable at a glance
+GRID_TITLES = {
+    "base": "baseline (before)",
+    "patched": "audited model (after)",
+    "recovered": "recovery attack",
+}
+PROMPT_CHARS = 60  # longer prompts are shortened in the grids; the full text is the tooltip
 
 
 def write_report(out: Path, result: AuditResult) -> Path:
@@ -161,6 +168,19 @@ def _tiles(images: np.ndarray) -> np.ndarray:
     )
 
 
+def _grid(tiles: np.ndarray, per_row: int) -> Image.Image:
+    """Tiles in rows of `per_row` (a row per prompt, a column per seed), GAP px apart, no
+    labels: the HTML labels each row with its prompt, cropping the row out of this image."""
+    rows = len(tiles) // per_row
+    size = (per_row * (TILE + GAP) - GAP, rows * (TILE + GAP) - GAP)
+    canvas = Image.new("RGB", size, "white")
+    for k, tile in enumerate(tiles[: rows * per_row]):
+        canvas.paste(
+            Image.fromarray(tile), ((k % per_row) * (TILE + GAP), (k // per_row) * (TILE + GAP))
+        )
+    return canvas
+
+
 def write_grids(folder: Path, result: AuditResult) -> dict[str, dict[str, str]]:
     """One PNG per concept and model: a row per prompt, a column per seed. Returns
     concept id -> model -> path relative to the report folder."""
@@ -168,12 +188,7 @@ def write_grids(folder: Path, result: AuditResult) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for model, per_concept in result.images.items():
         for cid, images in per_concept.items():
-            tiles = _tiles(images)
-            rows = {
-                f"prompt {i + 1}": tiles[i * seeds : (i + 1) * seeds]
-                for i in range(len(tiles) // seeds)
-            }
-            grid = labelled_grid(rows, scale=1, per_row=seeds)
+            grid = _grid(_tiles(images), seeds)
             write_with(folder / f"{cid}-{model}.png", lambda p, g=grid: g.save(p, format="PNG"))
             out.setdefault(cid, {})[model] = f"img/{cid}-{model}.png"
     return out
@@ -193,8 +208,10 @@ table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 .pass { color: #2e7d32; font-weight: bold; } .fail { color: #c62828; font-weight: bold; }
-.grids { display: flex; gap: 1.5em; flex-wrap: wrap; align-items: flex-start; }
-figure { margin: 0; } figcaption { text-align: center; font-weight: bold; }
+.scroll { overflow-x: auto; }
+table.grid td { padding: 2px; } table.grid th { text-align: center; }
+table.grid th.prompt { text-align: left; font-weight: normal; max-width: 22em; }
+img.strip { object-fit: none; display: block; }
 section { border-top: 1px solid #ddd; margin-top: 1.5em; }
 code { font-size: 12px; }
 """
@@ -236,7 +253,7 @@ def render_html(result: AuditResult, charts: list[tuple[str, str]], grids: dict)
     parts += [f'<p><img src="{f}" alt="{e(alt)}"></p>' for f, alt in charts]
     parts.append("<h2>Concepts</h2>")
     for cid, c in s["concepts"].items():
-        parts += _concept_section(cid, c, grids.get(cid, {}), result.prompts[cid])
+        parts += _concept_section(cid, c, grids.get(cid, {}), result.prompts[cid], ev["seeds"])
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -265,7 +282,14 @@ def _summary_tables(s: dict) -> list[str]:
     return rows
 
 
-def _concept_section(cid: str, c: dict, grids: dict[str, str], prompts: list[str]) -> list[str]:
+def _shorten(text: str, limit: int = PROMPT_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
+
+
+def _concept_section(
+    cid: str, c: dict, grids: dict[str, str], prompts: list[str], seeds: list[int]
+) -> list[str]:
+    e = html.escape
     line = (
         f"{c['role']}, {c['type']}, detector {c['detector']}: M-Score "
         f"{_num(c['mscore_base'])} &rarr; {_num(c['mscore'])} (ratio {_num(c['ratio'])})"
@@ -273,14 +297,31 @@ def _concept_section(cid: str, c: dict, grids: dict[str, str], prompts: list[str
     if "recovery_mscore" in c:
         line += f"; recovery attack {_num(c['recovery_mscore'])}"
     if "error" in c.get("recovery", {}):
-        line += f"; recovery attack failed: {html.escape(c['recovery']['error'])}"
-    out = [f'<section id="c-{cid}"><h3>{cid}</h3>', f'<p>{line}</p><div class="grids">']
-    for model, src in grids.items():
+        line += f"; recovery attack failed: {e(c['recovery']['error'])}"
+    out = [f'<section id="c-{cid}"><h3>{cid}</h3>', f"<p>{line}</p>"]
+    if not grids:
+        return [*out, "</section>"]
+    note = f"A row per prompt; in each column one image per seed ({', '.join(map(str, seeds))})."
+    token = c.get("recovery", {}).get("token")
+    if token and "recovered" in grids:
+        note += f" The recovery attack draws these prompts with {e(token)} in place of {cid}."
+    head = "".join(f"<th>{GRID_TITLES[model]}</th>" for model in grids)
+    out.append(f'<p>{note}</p><div class="scroll"><table class="grid">')
+    out.append(f"<tr><th>prompt</th>{head}</tr>")
+    width = len(seeds) * (TILE + GAP) - GAP
+    for i, prompt in enumerate(prompts):
+        # each cell shows one row of the model's grid PNG (object-position picks the row):
+        # one image file per model, yet every row sits beside its own prompt
+        cells = [
+            f'<td><img class="strip" src="{src}" width="{width}" height="{TILE}" '
+            f'style="object-position: 0 -{i * (TILE + GAP)}px" '
+            f'alt="{cid}, {MODEL_TITLES[model]}, prompt {i + 1}: {e(prompt)}"></td>'
+            for model, src in grids.items()
+        ]
         out.append(
-            f'<figure><img src="{src}" alt="{cid}, {MODEL_TITLES[model]}">'
-            f"<figcaption>{MODEL_TITLES[model]}</figcaption></figure>"
+            f'<tr><th class="prompt" title="{e(prompt)}">{i + 1}. {e(_shorten(prompt))}</th>'
+            + "".join(cells)
+            + "</tr>"
         )
-    out.append("</div><details><summary>prompts</summary><ol>")
-    out += [f"<li>{html.escape(p)}</li>" for p in prompts]
-    out.append("</ol></details></section>")
+    out.append("</table></div></section>")
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from fmn import report
 from fmn.audit import AuditResult, check_gates, summarise_audit
@@ -24,7 +25,13 @@ REFS = [
     ConceptRef("alice", "id", "alice", "preserve"),
     ConceptRef("dots", "style", "dots", "preserve"),
 ]
-SEEDS, PROMPTS = [0, 1], ["a photo of {}", "a picture of {}"]
+SEEDS = [0, 1]
+# the third is longer than a grid row shows (report.PROMPT_CHARS)
+PROMPTS = [
+    "a photo of {}",
+    "a picture of {}",
+    "a detailed oil painting of {} on a windswept beach at dawn, soft golden light",
+]
 # mean probability per (concept, model): carol is forgotten, dots is damaged
 MEANS = {"carol": (0.9, 0.05, 0.6), "alice": (0.8, 0.8, None), "dots": (0.9, 0.45, None)}
 
@@ -99,12 +106,39 @@ def test_report_files_agree(tmp_path: Path) -> None:
     assert float(lines[0]["mscore"]) == pytest.approx(carol["mscore"], abs=1e-6)
     assert lines[1]["recovery_mscore"] == ""
     page = (out / "index.html").read_text()
-    sources = re.findall(r'<img src="([^"]+)"', page)
-    # two charts, then base + patched grids per concept and carol's recovery grid
-    assert len(sources) == 2 + 2 * 3 + 1
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    # two charts, then per prompt a row of base + patched per concept and carol's recovery
+    assert len(sources) == 2 + len(PROMPTS) * (2 * 3 + 1)
     assert all((out / s).is_file() for s in sources)
     assert "http" not in page  # nothing fetched from elsewhere: readable offline
     assert "preserved &#x27;dots&#x27; M-Score ratio" in page
+
+
+def test_grids_label_each_prompt_and_the_baseline(tmp_path: Path) -> None:
+    res = _result()
+    out = report.write_report(tmp_path / "rep", res)
+    page = (out / "index.html").read_text()
+    carol = re.search(r'<section id="c-carol">(.*?)</section>', page, re.S).group(1)
+    # columns say which images are the baseline's: before on the left, after beside it
+    assert (
+        "<th>prompt</th><th>baseline (before)</th><th>audited model (after)</th>"
+        "<th>recovery attack</th>" in carol
+    )
+    rows = re.findall(r'<th class="prompt" title="([^"]*)">(.*?)</th>', carol)
+    assert [title for title, _ in rows] == res.prompts["carol"]  # the full text, as a tooltip
+    assert rows[0][1] == "1. a photo of carol"
+    long = res.prompts["carol"][2]
+    assert len(long) > report.PROMPT_CHARS
+    assert (
+        rows[2][1].startswith("3. a detailed oil painting of carol") and rows[2][1][-1] == "\u2026"
+    )
+    assert len(rows[2][1]) <= report.PROMPT_CHARS + 3
+    # each row's cell crops that prompt's row out of the model's grid, which holds them all
+    crops = re.findall(r'src="img/carol-base.png"[^>]*object-position: 0 -(\d+)px', carol)
+    step = report.TILE + report.GAP
+    assert [int(y) for y in crops] == [i * step for i in range(len(PROMPTS))]
+    with Image.open(out / "img" / "carol-base.png") as grid:
+        assert grid.size == (len(SEEDS) * step - report.GAP, len(PROMPTS) * step - report.GAP)
 
 
 def test_a_failed_write_leaves_the_old_report_whole(tmp_path: Path, monkeypatch) -> None:
@@ -149,6 +183,6 @@ def test_every_image_loads_in_headless_chromium(tmp_path: Path) -> None:
     found = re.search(r'<pre id="img-check">(.*?)</pre>', run.stdout, re.S)
     assert found, f"no result from chromium: {run.stderr[-2000:]}"
     images = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert len(images) == 9
+    assert len(images) == 2 + len(PROMPTS) * (2 * 3 + 1)
     broken = [src for src, complete, width in images if not (complete and width > 0)]
     assert not broken, f"images that did not load: {broken}"
