@@ -62,18 +62,21 @@ class _Plan:
 
 
 def _plan(manifest: Manifest, prompt_file, world_classifier: Path | None) -> _Plan:
-    templates = read_prompt_file(prompt_file) if prompt_file is not None else None
+    user_prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
     refs = [ConceptRef(c.id, c.type, c.text, "target") for c in manifest.concepts]
     refs += [ConceptRef(c.id, c.type, c.text, "preserve") for c in manifest.preserve]
     types = sorted({c.type for c in refs})
+    if user_prompts is not None:  # a type the file has no prompts for fails now, not later
+        for kind in types:
+            user_prompts.templates_for(kind)
     detectors = make_detectors(manifest, types, world_classifier=world_classifier)
     for c in refs:  # an empty batch: does the detector know the concept?
         detectors[c.type].score(np.zeros((0, 8, 8, 3), np.uint8), c.id, c.type)
 
     def prompts_for(c: ConceptRef, text: str) -> list[str]:
         # the world's grammar where the world measures (the model then is the world)
-        if templates is not None:
-            return fill_templates(templates, text)
+        if user_prompts is not None:
+            return fill_templates(user_prompts.templates_for(c.type), text)
         kind = "world" if detectors[c.type].name == "world" else "general"
         return concept_prompts(text, c.type, manifest.evaluate.prompts_per_concept, 0, kind)
 
@@ -171,7 +174,7 @@ def audit(
             "steps": ev.steps,
             "guidance": ev.guidance,
             "prompt_source": str(prompt_file) if prompt_file is not None else "built-in",
-            "prompts_per_concept": len(next(iter(plan.prompts.values()))),
+            "prompts_per_concept": _prompt_counts(plan),
             "images": len(rows),
             "detectors": {kind: d.name for kind, d in plan.detectors.items()},
             "recovery": recovery,
@@ -185,6 +188,14 @@ def audit(
 
         result.out = write_report(Path(out), result)
     return result
+
+
+def _prompt_counts(plan: _Plan) -> int | dict[str, int]:
+    """Prompts per concept: one number, or one per type where a prompt file's sections
+    give the types different numbers."""
+    per_type = {c.type: len(plan.prompts[c.id]) for c in plan.refs}
+    counts = set(per_type.values())
+    return counts.pop() if len(counts) == 1 else per_type
 
 
 # ---------------------------------------------------------------------------------------

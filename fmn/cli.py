@@ -74,7 +74,12 @@ def audit(
     model: str = typer.Option(None, help="Model to audit (any model spec, see README)."),
     patch: Path = typer.Option(None, help="Or: a patch, audited applied on the baseline."),
     baseline: str = typer.Option(None, help="Baseline model [default: the manifest's base]."),
-    prompts: Path = typer.Option(None, help="Prompt file: one per line, {} = concept text."),
+    prompts: Path = typer.Option(
+        None,
+        # escaped: rich would read [id] as markup and drop it from the help
+        help="Prompt file: one per line, {} = concept text; a line \\[id], \\[object], "
+        "\\[style] or \\[nsfw] starts that type's section (lines before any: every type).",
+    ),
     out: Path = typer.Option(None, help="Report folder [default: reports/<manifest name>]."),
     recovery: bool = typer.Option(False, help="Also run the recovery attack (TI per target)."),
     recovery_steps: int = typer.Option(None, help="TI steps [default: the manifest's]."),

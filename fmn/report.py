@@ -198,6 +198,12 @@ def write_grids(folder: Path, result: AuditResult) -> dict[str, dict[str, str]]:
 # HTML
 
 
+def _prompt_count(n: int | dict[str, int]) -> str:
+    """summary.json's prompts_per_concept: a number, or one per type (a prompt file with
+    sections of different lengths)."""
+    return str(n) if isinstance(n, int) else ", ".join(f"{v} ({k})" for k, v in n.items())
+
+
 def _num(v) -> str:
     return "&ndash;" if v is None else f"{v:.3f}"
 
@@ -245,8 +251,8 @@ def render_html(result: AuditResult, charts: list[tuple[str, str]], grids: dict)
         )
     ev = s["evaluate"]
     parts.append(
-        f"</table><p>{ev['prompts_per_concept']} prompts x seeds {ev['seeds']}, {ev['steps']} "
-        f"steps, guidance {ev['guidance']}; prompts: {e(ev['prompt_source'])}; "
+        f"</table><p>{_prompt_count(ev['prompts_per_concept'])} prompts x seeds {ev['seeds']}, "
+        f"{ev['steps']} steps, guidance {ev['guidance']}; prompts: {e(ev['prompt_source'])}; "
         f"{ev['images']} images scored.</p>"
     )
     parts += _summary_tables(s)

@@ -131,6 +131,9 @@ def test_cli_bad_input_exits_2(tmp_path: Path, forgotten: Path) -> None:
     runner = CliRunner()
     run = runner.invoke(app, [*base, "--prompts", str(tmp_path / "p.txt")])
     assert run.exit_code == 2 and "p.txt:2: no '{}'" in run.output
+    (tmp_path / "p.txt").write_text("[style]\n{} art\n")  # carol is an id: no prompts for it
+    run = runner.invoke(app, [*base, "--prompts", str(tmp_path / "p.txt")])
+    assert run.exit_code == 2 and "p.txt: no prompts for 'id' concepts" in run.output
     run = runner.invoke(app, [*base, "--model", EMBEDDED_NAME])
     assert run.exit_code == 2 and "--model" in run.output
     bad = {**MANIFEST, "preserve": [{"id": "elon-musk", "type": "id"}]}

@@ -53,8 +53,61 @@ def test_world_prompts_keep_the_measured_order() -> None:
 def test_prompt_file_skips_blanks_and_comments(tmp_path: Path) -> None:
     path = tmp_path / "prompts.txt"
     path.write_text("# mine\na photo of {}\n\n  {} on a beach  \n")
-    templates = read_prompt_file(path)
-    assert fill_templates(templates, "carol") == ["a photo of carol", "carol on a beach"]
+    prompts = read_prompt_file(path)
+    # no sections: every type gets every line, as before sections existed
+    for kind in ("id", "object", "style", "nsfw"):
+        templates = prompts.templates_for(kind)
+        assert fill_templates(templates, "carol") == ["a photo of carol", "carol on a beach"]
+
+
+SECTIONED = """# every type
+a photo of {}
+[style]
+a painting in the style of {}
+[ Object ]
+a {} on a table
+[{} at night]
+"""
+
+
+def test_prompt_file_sections_give_each_type_its_own_prompts(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text(SECTIONED)
+    prompts = read_prompt_file(path)
+    assert prompts.templates_for("style") == ["a photo of {}", "a painting in the style of {}"]
+    # a section name is a concept type in any case; a bracketed line with {} is a template
+    assert prompts.templates_for("object") == ["a photo of {}", "a {} on a table", "[{} at night]"]
+    assert prompts.templates_for("id") == ["a photo of {}"]  # no section: the general lines
+
+
+def test_a_type_without_prompts_is_an_error_naming_file_and_type(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text("[style]\n{} art\n")
+    prompts = read_prompt_file(path)
+    assert prompts.templates_for("style") == ["{} art"]
+    with pytest.raises(
+        PromptFileError, match=r"prompts\.txt: no prompts for 'id' concepts.*\[id\]"
+    ):
+        prompts.templates_for("id")
+
+
+def test_audit_plan_fills_each_concept_from_its_type(tmp_path: Path) -> None:
+    from fmn.audit import _plan
+    from fmn.manifest import parse_manifest
+    from fmn.world import EMBEDDED_NAME
+
+    path = tmp_path / "prompts.txt"
+    path.write_text(SECTIONED)
+    concepts = [{"id": "carol", "type": "id"}, {"id": "dots", "type": "style"}]
+    doc = {"name": "p", "base_model": EMBEDDED_NAME, "concepts": concepts}
+    plan = _plan(parse_manifest(doc, base_dir=tmp_path), path, None)
+    assert plan.prompts == {
+        "carol": ["a photo of carol"],
+        "dots": ["a photo of dots", "a painting in the style of dots"],
+    }
+    (tmp_path / "style-only.txt").write_text("[style]\n{} art\n")
+    with pytest.raises(PromptFileError, match="no prompts for 'id' concepts"):
+        _plan(parse_manifest(doc, base_dir=tmp_path), tmp_path / "style-only.txt", None)
 
 
 @pytest.mark.parametrize(
@@ -62,6 +115,12 @@ def test_prompt_file_skips_blanks_and_comments(tmp_path: Path) -> None:
     [
         ("a photo of {}\na photo of nobody\n", r"prompts\.txt:2: no '\{\}'"),
         ("# only a comment\n\n", "no prompts"),
+        (
+            "a photo of {}\n\n[styles]\n{} art\n",
+            r"prompts\.txt:3: unknown section '\[styles\]'.*did you mean \[style\]",
+        ),
+        ("[id]\n[style]\n{} art\n", r"prompts\.txt:1: section \[id\] has no prompts"),
+        ("[id]\n{}\n[id]\n{} again\n", r"prompts\.txt:3: section \[id\] again"),
     ],
 )
 def test_bad_prompt_file_names_file_and_line(tmp_path: Path, text: str, message: str) -> None:

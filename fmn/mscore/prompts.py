@@ -8,17 +8,21 @@ every model sees exactly the same prompts. Two built-in sets:
 - `world`, for the embedded world, whose tiny text encoder only speaks its caption grammar:
   its templates vary the world's nuisance slots ({colour}, {style}, {shape}) instead.
 
-Or a user's prompt file (`read_prompt_file`): one template per line, `{}` for the text.
+Or a user's prompt file (`read_prompt_file`): one template per line, `{}` for the text,
+optionally in per-type sections (`[id]`, `[object]`, `[style]`, `[nsfw]`).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
+from fmn.manifest import ConceptType
 from fmn.world.concepts import COLOURS, SHAPES, STYLES
 
 
@@ -178,28 +182,81 @@ def concept_prompts(
     return out
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Templates of a user's prompt file: one per line, `{}` where the concept's text goes.
-    Blank lines and lines starting with '#' are skipped."""
+# A line like `[style]` starts the templates of one concept type. No braces allowed, so a
+# template that happens to sit in brackets ("[{} at night]") is never taken for one.
+SECTION = re.compile(r"^\[\s*([A-Za-z_-]*)\s*\]$")
+SECTION_NAMES = get_args(ConceptType)
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """A user's prompt file: templates for every concept type (the lines before any
+    section) and per-type sections (`[id]`, `[object]`, `[style]`, `[nsfw]`)."""
+
+    path: Path
+    general: tuple[str, ...]
+    sections: dict[str, tuple[str, ...]]
+
+    def templates_for(self, concept_type: str) -> list[str]:
+        """The general lines, then the type's own section. A type that has neither is an
+        error: guessing prompts for it would measure something the user did not ask for."""
+        mine = [*self.general, *self.sections.get(concept_type, ())]
+        if not mine:
+            raise PromptFileError(
+                f"{self.path}: no prompts for {concept_type!r} concepts: add a "
+                f"[{concept_type}] section, or lines before the first section (those apply "
+                f"to every type); this file has [{'], ['.join(self.sections)}]"
+            )
+        return mine
+
+
+def read_prompt_file(path: str | Path) -> PromptFile:
+    """A user's prompt file: one template per line, `{}` where the concept's text goes.
+    Blank lines and lines starting with '#' are skipped. A line `[type]` starts that
+    concept type's section; lines before the first section apply to every type, so a
+    file without sections gives every type the same templates."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise PromptFileError(f"{path}: cannot read the prompt file: {e}") from None
-    templates = []
+    general: list[str] = []
+    sections: dict[str, list[str]] = {}
+    starts: dict[str, int] = {}  # section -> the line it starts on, for errors
+    current = general
     for number, line in enumerate(lines, start=1):
         line = line.strip()
         if not line or line.startswith("#"):
+            continue
+        head = SECTION.match(line)
+        if head:
+            name = head.group(1).lower()
+            if name not in SECTION_NAMES:
+                near = difflib.get_close_matches(name, SECTION_NAMES, n=1)
+                raise PromptFileError(
+                    f"{path}:{number}: unknown section {line!r}: a section is a concept "
+                    f"type, one of [{'], ['.join(SECTION_NAMES)}]"
+                    + (f" (did you mean [{near[0]}]?)" if near else "")
+                )
+            if name in starts:
+                raise PromptFileError(
+                    f"{path}:{number}: section [{name}] again (it starts on line "
+                    f"{starts[name]}); put its templates together"
+                )
+            starts[name], current = number, sections.setdefault(name, [])
             continue
         if "{}" not in line:
             raise PromptFileError(
                 f"{path}:{number}: no '{{}}' where the concept's text goes in {line!r} "
                 "(write e.g. 'a photo of {} on a beach')"
             )
-        templates.append(line)
-    if not templates:
+        current.append(line)
+    for name, templates in sections.items():
+        if not templates:
+            raise PromptFileError(f"{path}:{starts[name]}: section [{name}] has no prompts")
+    if not general and not sections:
         raise PromptFileError(f"{path}: no prompts (one template per line, with '{{}}')")
-    return templates
+    return PromptFile(path, tuple(general), {k: tuple(v) for k, v in sections.items()})
 
 
 def fill_templates(templates: list[str], text: str) -> list[str]:
