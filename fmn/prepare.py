@@ -3,8 +3,10 @@ computed once (and cached on disk when asked) so that a re-steering step runs on
 
 The cache is keyed by a content hash of everything that shapes the result: the image
 pixels (or the generation spec and seed), the concept's text, type and prompt templates,
-the mask settings (and user mask pixels), and the base model (UNet + text encoders'
-fingerprint, the VAE's own hash, the scheduler). Any change misses; a hit runs no model.
+the mask settings (and user mask pixels), the base model (UNet + text encoders'
+fingerprint, the VAE's own hash, the scheduler), and the code: the source of this module
+and of every fmn module in its import closure (fmn.code_key). Any change misses; a hit
+runs no model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fmn.code_key import code_key
 from fmn.conditioning import TextConditioning, encode_text
 
 if TYPE_CHECKING:
@@ -39,7 +42,6 @@ CONCEPT_TEMPLATES: dict[str, list[str]] = {
     "nsfw": ["a photo of {}", "a picture of {}", "an image of {}", "{}"],
 }
 CROPS = ("center", "random")
-CACHE_VERSION = 1  # bump whenever prepare's output changes for the same inputs
 CACHE_FILE, RECORD_FILE = "prep.safetensors", "prep.json"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -374,7 +376,7 @@ def prepare_concept(
         mask_spec = _mask_spec(mask, concept_type, no_face)
     prompts = concept_prompts(text, concept_type)
     spec = {
-        "version": CACHE_VERSION,
+        "code": code_key(__name__),  # the source of prepare and every fmn module it imports
         "type": concept_type,
         "text": text,
         "prompts": prompts,

@@ -18,14 +18,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,18 +210,6 @@ def intact(root: Path, outputs: dict[str, str]) -> bool:
         return all(tree_hash(root / rel) == digest for rel, digest in outputs.items())
     except OSError:
         return False
-
-
-def source_hash(modules: Iterable[str]) -> str:
-    """Hash of the source files of modules (found without importing them): a cache key
-    part that changes whenever the code that makes an output does."""
-    h = hashlib.sha256()
-    for name in sorted(modules):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ModuleNotFoundError(name)
-        h.update(f"{name}\0".encode() + Path(spec.origin).read_bytes())
-    return "sha256:" + h.hexdigest()
 
 
 def canonical_hash(obj: object) -> str:

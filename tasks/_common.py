@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from prefect.context import TaskRunContext
 
-from fmn.runs import RunPaths, canonical_hash, intact, source_hash
+from fmn.code_key import source_key
+from fmn.runs import RunPaths, canonical_hash, intact
 from fmn.stages import stage_key
 
 # Worth another try: I/O and network hiccups, a GPU whose memory another job held for a
@@ -44,8 +45,9 @@ def cache_key(stage: str):
 
     def key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
         # the task's own module, read from its file: in a Dask worker the function itself
-        # may arrive by value, without source that inspect could find
-        code = source_hash([ctx.task.fn.__module__, __name__])
+        # may arrive by value, without source that inspect could find (the fmn code
+        # behind the stage is in stage_key)
+        code = source_key([ctx.task.fn.__module__, __name__])
         k = f"fmn-{stage}-{canonical_hash([stage_key(stage, params), code])[:40]}"
         _drop_if_stale(ctx, k, Path(params["run"]))
         return k

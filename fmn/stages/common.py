@@ -9,35 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fmn.code_key import code_key
 from fmn.manifest import Manifest, ResolvedConcept, load_manifest
 from fmn.runs import RunPaths, canonical_hash, file_hash, intact, tree_hash
 
 Record = dict  # a stage's result: plain JSON (paths relative to the run, hashes)
-
-# The modules whose code shapes each stage's output: a change to one of them invalidates
-# that stage's cached results (and, through the hashes, everything downstream).
-STAGE_CODE = {
-    "prepare": ["fmn.prepare", "fmn.masks", "fmn.conditioning", "fmn.mscore.score", "fmn.models"],
-    "invert": ["fmn.invert", "fmn.prepare"],
-    "resteer": [
-        "fmn.forget",
-        "fmn.resteer",
-        "fmn.resteer_batch",
-        "fmn.attention",
-        "fmn.anchors",
-        "fmn.conditioning",
-        "fmn.invert",
-        "fmn.patch",
-    ],
-    "merge": ["fmn.merge", "fmn.patch", "fmn.lora_keys", "fmn.anchors", "fmn.forget"],
-    "score": ["fmn.audit", "fmn.mscore.score", "fmn.mscore.detectors", "fmn.mscore.prompts"],
-}
-
-
-STAGE_MODULE = {"prepare": "concept", "invert": "concept", "resteer": "concept"}
-STAGE_MODULE["resteer_group"] = "group"
-STAGE_CODE["resteer_group"] = STAGE_CODE["resteer"]
-STAGE_MODULE |= {"merge": "merge", "score": "audit"}
 
 
 class StageInputError(RuntimeError):
@@ -132,7 +108,8 @@ def stage_inputs(stage: str, params: dict) -> dict:
     with: the basis of its cache key. Manifest edits that do not touch a concept leave
     that concept's keys alone."""
     m = load_manifest(params["manifest"])
-    base = {"stage": stage, "code": _code_hash(stage), "base": model_key(base_spec(m))}
+    base = {"stage": stage, "code": code_key(stage_code(stage))}
+    base["base"] = model_key(base_spec(m))
     cid = params.get("concept_id")
     r = m.resolve(cid) if cid else None
     if stage == "prepare":
@@ -181,16 +158,15 @@ def stage_key(stage: str, params: dict) -> str:
     return canonical_hash(stage_inputs(stage, params))
 
 
-_code_hashes: dict[str, str] = {}
-
-
-def _code_hash(stage: str) -> str:
-    from fmn.runs import source_hash
-
-    if stage not in _code_hashes:
-        own = ["fmn.stages.common", f"fmn.stages.{STAGE_MODULE[stage]}"]
-        _code_hashes[stage] = source_hash([*STAGE_CODE[stage], *own])
-    return _code_hashes[stage]
+def stage_code(stage: str) -> str:
+    """The code behind a stage, as a fmn.code_key root: its function `stage_<name>` as
+    fmn.stages exports it (code_key finds the module that defines it). Its code key covers
+    every fmn module that function's static imports reach: an edit to one of them
+    invalidates the stage's cached results (and, through their hashes, everything
+    downstream); an edit elsewhere leaves them. Computed, so no list of modules can fall
+    behind the imports. (A name, not an import: importing fmn.stages here would put every
+    stage's code into every stage's key.)"""
+    return f"{__package__}:stage_{stage}"
 
 
 def check_record(run: RunPaths, record: Record, what: str) -> None:
