@@ -53,6 +53,15 @@ class AttentionStore:
             w = w.repeat(p.shape[0] // w.shape[0], 1)
         self.maps.append((p * w[:, None, None, cols]).sum(-1))
 
+    def slice(self, start: int, end: int) -> AttentionStore:
+        """What samples start:end of the batch recorded: one concept's part of a pass that
+        several concepts share."""
+        part = AttentionStore()
+        part.latent_hw = self.latent_hw
+        part.maps = [m[start:end] for m in self.maps]
+        part.drift = [(a[start:end], b[start:end]) for a, b in self.drift]
+        return part
+
     def layer_hw(self, nq: int) -> tuple[int, int]:
         h, w = self.latent_hw or (math.isqrt(nq),) * 2
         f = math.sqrt(h * w / nq)
@@ -66,7 +75,7 @@ class CaptureProcessor:
         self.store = store
         # optional (attn, context) -> (key delta, value delta) added to the module's own
         # keys/values: lets each sample of a batch carry its own concept's trained delta
-        # (fmn.resteer_batch trains several concepts in one pass)
+        # (fmn.resteer_batch.KVDeltas trains several concepts in one pass)
         self.kv_delta: Callable | None = None
 
     def __call__(

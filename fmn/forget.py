@@ -119,47 +119,7 @@ def resteer_prepared(
     build its patch: the second half of forget_concept, and the pipeline's resteer stage
     (fmn.stages), which prepares and inverts in stages of their own. `mask` is only
     recorded here (prepare applied it). `pipe` is left as it came."""
-    tick = progress or (lambda *a: None)
-    base = fingerprint(pipe)
-    concept_type, text = data.concept_type, data.text
-    hw = data.images.shape[1:3]
-    anchors = concept_anchors(pipe, data, preserve or [], hw)
-    if ti is not None:
-        data = _with_ti(pipe, data, ti)
-    try:
-        result = resteer(pipe, data, resteer_cfg, anchors=anchors, progress=_steering(tick))
-    finally:
-        if ti is not None:
-            unload_ti(pipe, ti)
-    return _result(data, concept_type, text, result, ti, preserve, mask, base)
-
-
-def _steering(tick: Progress) -> Callable[[int, int, float], None]:
-    return lambda done, total, loss: tick("re-steering", done, total, {"loss": loss})
-
-
-def _result(data, concept_type, text, result, ti, preserve, mask, base) -> ForgetResult:
-    """The patch of one re-steered concept, with how it was made."""
-    patch = Patch(
-        concept=data.concept_id,
-        method="resteer+ti" if ti else "resteer",
-        deltas=result.deltas,
-        config={
-            "concept": {"id": data.concept_id, "type": concept_type, "text": text},
-            "resteer": result.config,
-            "invert": asdict(ti.config) if ti else None,
-            "preserve": [list(p) for p in preserve or []],
-            "mask": str(mask),
-            "mask_record": data.record.get("masks") if data.record else None,
-        },
-        base_fingerprint=base,
-        extra={
-            "attention_before": result.attention_before,
-            "attention_after": result.attention_after,
-            "seconds": result.seconds,
-        },
-    )
-    return ForgetResult(patch, result, ti)
+    return _patches(pipe, [data], [resteer_cfg], [ti], preserve, [mask], progress)[0]
 
 
 def resteer_prepared_batch(
@@ -174,10 +134,22 @@ def resteer_prepared_batch(
 ) -> list[ForgetResult]:
     """resteer_prepared for several concepts at once, sharing the UNet passes
     (fmn.resteer_batch): the same patches, in less time. `pipe` is left as it came."""
-    tick = progress or (lambda *a: None)
-    base = fingerprint(pipe)
     tis = tis or [None] * len(datas)
     masks = masks or ["none"] * len(datas)
+    return _patches(pipe, datas, cfgs, tis, preserve, masks, progress, together=True)
+
+
+def _patches(
+    pipe, datas, cfgs, tis, preserve, masks, progress, *, together: bool = False
+) -> list[ForgetResult]:
+    """Re-steer prepared concepts through their learned tokens (if any), one at a time or
+    `together` (fmn.resteer_batch), and build their patches."""
+    tick = progress or (lambda *a: None)
+
+    def steering(done: int, total: int, loss: float) -> None:
+        tick("re-steering", done, total, {"loss": loss})
+
+    base = fingerprint(pipe)
     anchors = [concept_anchors(pipe, d, preserve or [], d.images.shape[1:3]) for d in datas]
     steered, loaded = [], []
     try:  # learned tokens stay loaded while training: their positions are found by id
@@ -185,14 +157,45 @@ def resteer_prepared_batch(
             if ti is not None:
                 loaded.append(ti)
             steered.append(_with_ti(pipe, data, ti) if ti is not None else data)
-        results = resteer_batch(pipe, steered, cfgs, anchors=anchors, progress=_steering(tick))
+        if together:
+            results = resteer_batch(pipe, steered, cfgs, anchors=anchors, progress=steering)
+        else:
+            results = [
+                resteer(pipe, d, c, anchors=a, progress=steering)
+                for d, c, a in zip(steered, cfgs, anchors, strict=True)
+            ]
     finally:
         for ti in reversed(loaded):
             unload_ti(pipe, ti)
     return [
-        _result(d, d.concept_type, d.text, r, ti, preserve, m, base)
+        _result(d, r, ti, preserve, m, base)
         for d, r, ti, m in zip(datas, results, tis, masks, strict=True)
     ]
+
+
+def _result(data, result, ti, preserve, mask, base) -> ForgetResult:
+    """The patch of one re-steered concept (`data` as prepared, before any learned
+    tokens), with how it was made."""
+    patch = Patch(
+        concept=data.concept_id,
+        method="resteer+ti" if ti else "resteer",
+        deltas=result.deltas,
+        config={
+            "concept": {"id": data.concept_id, "type": data.concept_type, "text": data.text},
+            "resteer": result.config,
+            "invert": asdict(ti.config) if ti else None,
+            "preserve": [list(p) for p in preserve or []],
+            "mask": str(mask),
+            "mask_record": data.record.get("masks") if data.record else None,
+        },
+        base_fingerprint=base,
+        extra={
+            "attention_before": result.attention_before,
+            "attention_after": result.attention_after,
+            "seconds": result.seconds,
+        },
+    )
+    return ForgetResult(patch, result, ti)
 
 
 def forget_joint(

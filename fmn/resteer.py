@@ -1,4 +1,4 @@
-"""Attention re-steering of one concept (Forget-Me-Not, arXiv 2303.17591).
+"""Attention re-steering (Forget-Me-Not, arXiv 2303.17591).
 
 Fine-tune the UNet's cross-attention so that the image stops attending to the concept's
 tokens. Latents and text conditioning come cached from `fmn.prepare`, so a step runs only
@@ -6,14 +6,20 @@ the UNet. A preservation term keeps the key/value projections of generic anchor 
 (and the manifest's preserved concepts) where the base model had them, which is what stops
 the edit from spreading to every other concept. Returns dense deltas; the model given in
 is left unchanged.
+
+One loop (`resteer_loop`) and one loss (`resteer_loss`) serve every way of running it:
+one concept (`resteer`), several concepts into one patch (`resteer_joint`), and several
+concepts each into its own patch, sharing UNet passes (`fmn.resteer_batch`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 from diffusers import DDPMScheduler
@@ -34,6 +40,7 @@ PARAM_PATTERNS = {
     "attn2": r"attn2\.",  # all of cross-attention (the original's only_optimize_ca)
     "unet": r".",  # the whole UNet (the original's default)
 }
+MEASURE_TIMESTEPS = (200, 500, 800)  # where attention is measured before and after
 
 
 @dataclass
@@ -159,8 +166,7 @@ def base_by_module(unet, base: dict[str, torch.Tensor]) -> dict[int, dict[str, t
 
 
 def draw_step(data: Prepared, cfg: ResteerConfig, gen: torch.Generator) -> tuple:
-    """One step's random draw: (image indices, prompt indices, timesteps, noise). Batched
-    re-steering (fmn.resteer_batch) takes the same draws from each concept's generator."""
+    """One step's random draw: (image indices, prompt indices, timesteps, noise)."""
     idx_img = torch.randint(0, len(data.latents), (cfg.batch,), generator=gen)
     idx_txt = torch.randint(0, len(data.cond.prompts), (cfg.batch,), generator=gen)
     t = torch.randint(cfg.t_min, cfg.t_max, (cfg.batch,), generator=gen)
@@ -177,10 +183,81 @@ def check_finite(loss: torch.Tensor, concept_id: str, step: int) -> None:
         )
 
 
+def resteer_loss(
+    store: AttentionStore,
+    data: Prepared,
+    cfg: ResteerConfig,
+    idx_img: torch.Tensor,
+    anchors: AnchorGram | None,
+    weights: Callable[[], dict[str, torch.Tensor]],
+    base: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """The re-steering loss of one concept, on its samples of a UNet pass (`store`): the
+    attention on its tokens, plus the background hold (with masks), plus the weighted
+    preservation of `anchors` (None: no term). `weights()` gives the patch's trained
+    weights as the model uses them; it is called only for the preservation term."""
+    masks = data.masks[idx_img] if data.masks is not None else None
+    loss = attention_loss(store, masks)
+    if holds_background(data, cfg):
+        loss = loss + cfg.background_weight * background_loss(store, masks)
+    if anchors is not None:
+        loss = loss + cfg.preserve_weight * preservation_loss(weights(), base, anchors)
+    return loss
+
+
+class Held(Protocol):
+    """Where resteer_loop's patches live: InPlace (one patch in the UNet's own weights) or
+    fmn.resteer_batch.KVDeltas (a patch per concept, added to keys/values per sample)."""
+
+    params: list[dict[str, torch.nn.Parameter]]  # per patch, the tensors it trains
+    base: dict[str, torch.Tensor]  # base weights, what the preservation term compares with
+    hold_base: dict[int, dict[str, torch.Tensor]]  # the background hold's (AttentionStore.base)
+    kv_delta: Callable | None  # CaptureProcessor.kv_delta; None when trained in place
+    groups: list[tuple[int, int, int]]  # (concept, start, end) of each part of the pass
+
+    def weights(self, k: int) -> dict[str, torch.Tensor]:
+        """Patch k's trained weights as the model uses them."""
+        ...
+
+    def deltas(self, k: int) -> dict[str, torch.Tensor]:
+        """Patch k as trained minus base."""
+        ...
+
+    def restore(self) -> None:
+        """Leave the UNet's weights as they came."""
+        ...
+
+
+def unet_pass(
+    unet, sched: DDPMScheduler, parts: Sequence[tuple], held: Held | None = None
+) -> list[tuple[int, int, int]]:
+    """Run the UNet once over every part, (concept, data, image indices, prompt indices,
+    timesteps, noise), concatenated; returns (concept, start, end) of each part, which
+    `held` is given before the pass (its key/value deltas go to each part's samples)."""
+    noisy, embeds, ts, kwargs, groups, start = [], [], [], [], [], 0
+    for k, data, idx_img, idx_txt, t, noise in parts:
+        noisy.append(sched.add_noise(data.latents[idx_img], noise, t))
+        e, kw = data.cond.select(idx_txt)
+        embeds.append(e)
+        kwargs.append(kw)
+        ts.append(t)
+        groups.append((k, start, start + len(idx_img)))
+        start += len(idx_img)
+    if held is not None:
+        held.groups = groups
+    extra = {}
+    if kwargs[0]:  # SDXL's pooled text and size ids
+        extra["added_cond_kwargs"] = {
+            key: torch.cat([kw["added_cond_kwargs"][key] for kw in kwargs])
+            for key in kwargs[0]["added_cond_kwargs"]
+        }
+    unet(torch.cat(noisy), torch.cat(ts), encoder_hidden_states=torch.cat(embeds), **extra)
+    return groups
+
+
 def _unet_step(unet, sched, data: Prepared, idx_img, idx_txt, t, noise) -> None:
-    noisy = sched.add_noise(data.latents[idx_img], noise, t)
-    embeds, kwargs = data.cond.select(idx_txt)
-    unet(noisy, t, encoder_hidden_states=embeds, **kwargs)
+    """One concept's UNet pass (bench/masks_resteer.py measures with it)."""
+    unet_pass(unet, sched, [(0, data, idx_img, idx_txt, t, noise)])
 
 
 def measure_pairs(data: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,23 +270,181 @@ def measure_pairs(data: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def measure_attention(
-    unet, sched: DDPMScheduler, data: Prepared, weights: torch.Tensor, seed: int = 1234
-) -> float:
-    """Mean attention mass on the concept's tokens over the measure_pairs at a few fixed
-    timesteps: the quantity re-steering drives down."""
-    gen = torch.Generator().manual_seed(seed)
+    unet,
+    sched: DDPMScheduler,
+    datas: Sequence[Prepared],
+    weights: Sequence[torch.Tensor],
+    *,
+    together: bool = False,
+    held: Held | None = None,
+) -> list[float]:
+    """Each concept's mean attention mass on its tokens over its measure_pairs at a few
+    fixed timesteps: the quantity re-steering drives down. together: all concepts in one
+    UNet pass per timestep (else one pass each); held: key/value deltas to apply (see
+    KVDeltas in fmn.resteer_batch). Each concept draws its own noise, so its value does
+    not depend on the others."""
+    gens = [torch.Generator().manual_seed(1234) for _ in datas]
+    passes = [list(range(len(datas)))] if together else [[k] for k in range(len(datas))]
+    masses: list[list[float]] = [[] for _ in datas]
     store = AttentionStore()
-    store.latent_hw = tuple(data.latents.shape[-2:])
-    idx_img, idx_txt = measure_pairs(data)
-    masses = []
-    with capture_cross_attention(unet, store):
-        for t in (200, 500, 800):
-            store.reset()
-            store.token_weights = weights[idx_txt]
-            noise = torch.randn(data.latents[idx_img].shape, generator=gen)
-            _unet_step(unet, sched, data, idx_img, idx_txt, torch.full((len(idx_img),), t), noise)
-            masses.append(attention_mass(store))
-    return sum(masses) / len(masses)
+    with capture_cross_attention(unet, store, kv_delta=held.kv_delta if held else None):
+        for t in MEASURE_TIMESTEPS:
+            for ks in passes:
+                parts = []
+                for k in ks:
+                    idx_img, idx_txt = measure_pairs(datas[k])
+                    noise = torch.randn(datas[k].latents[idx_img].shape, generator=gens[k])
+                    tt = torch.full((len(idx_img),), t)
+                    parts.append((k, datas[k], idx_img, idx_txt, tt, noise))
+                store.reset()
+                store.token_weights = torch.cat([weights[p[0]][p[3]] for p in parts])
+                for k, s, e in unet_pass(unet, sched, parts, held):
+                    masses[k].append(attention_mass(store.slice(s, e)))
+    return [sum(m) / len(m) for m in masses]
+
+
+class InPlace:
+    """One patch, trained in the UNet's own weights (any PARAM_PATTERNS selection): single
+    and joint re-steering. `restore` puts the base weights back."""
+
+    kv_delta = None  # the modules' own keys/values carry the edit: nothing to add
+
+    def __init__(self, unet, which: str) -> None:
+        self.params = [select_params(unet, which)]
+        self.base = {n: p.detach().clone() for n, p in self.params[0].items()}
+        # the modules' weights move: the hold compares with a copy of the base
+        self.hold_base = base_by_module(unet, self.base)
+        self.groups: list[tuple[int, int, int]] = []
+
+    def weights(self, k: int) -> dict[str, torch.Tensor]:
+        return self.params[k]
+
+    def deltas(self, k: int) -> dict[str, torch.Tensor]:
+        return {n: (p.detach() - self.base[n]).clone() for n, p in self.params[k].items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n, p in self.params[0].items():
+            p.copy_(self.base[n])
+
+
+@dataclass
+class Trained:
+    """What resteer_loop returns: per patch its losses and deltas (zero ones left out), per
+    concept its attention mass before and after."""
+
+    losses: list[list[float]]
+    deltas: list[dict[str, torch.Tensor]]
+    before: list[float]
+    after: list[float]
+
+
+def resteer_loop(
+    pipe,
+    datas: Sequence[Prepared],
+    cfgs: Sequence[ResteerConfig],
+    anchors: Sequence[TextConditioning | None],
+    held: Held,
+    *,
+    together: bool,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Trained:
+    """The re-steering loop, for one concept or many.
+
+    held: where the patches live. InPlace: one patch in the UNet's weights, shared by every
+    concept (single and joint re-steering); fmn.resteer_batch.KVDeltas: a patch per
+    concept. A patch takes its optimiser's lr and its random draws' seed from its first
+    concept. together: every concept still owed steps shares each UNet pass (batched), else
+    the concepts take turns, one pass each (joint). Either way each concept gets its own
+    step count, token positions, masks, clipping and preservation weight, and the loss of a
+    pass is the sum of its concepts' resteer_loss. anchors: per concept (None: no
+    preservation term). The UNet's weights are left as they came."""
+    unet = pipe.unet
+    n = len(held.params)
+    if n not in (1, len(datas)):
+        raise ValueError("one patch for every concept, or one for all")
+    slot = list(range(len(datas))) if n > 1 else [0] * len(datas)
+    owner = [slot.index(s) for s in range(n)]  # each patch's first concept
+    weights = [
+        token_weights(
+            d.cond.input_ids, concept_token_ids(pipe.tokenizer, d.text), c.positions, d.cond.eos_id
+        )
+        for d, c in zip(datas, cfgs, strict=True)
+    ]
+    grams = _grams(anchors, cfgs)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's own noise schedule
+    opts = [
+        torch.optim.AdamW(p.values(), lr=cfgs[owner[s]].lr, weight_decay=0.0)
+        for s, p in enumerate(held.params)
+    ]
+    gens = [torch.Generator().manual_seed(cfgs[owner[s]].seed) for s in range(n)]
+    store = AttentionStore()
+    store.latent_hw = tuple(datas[0].latents.shape[-2:])
+    store.base = held.hold_base
+    live = [
+        [k for k, c in enumerate(cfgs) if s < c.steps] for s in range(max(c.steps for c in cfgs))
+    ]
+    plan = live if together else [[k] for ks in live for k in ks]
+    total = sum(c.steps for c in cfgs)
+    trained = [p for ps in held.params for p in ps.values()]
+    was_training = unet.training
+    unet.eval()  # no dropout: the loss must be deterministic given the seed
+    unet.requires_grad_(False)
+    losses: list[list[float]] = [[] for _ in range(n)]
+    done = 0
+    try:
+        before = measure_attention(unet, sched, datas, weights, together=together)
+        for p in trained:
+            p.requires_grad_(True)
+        with capture_cross_attention(unet, store, kv_delta=held.kv_delta):
+            for step, ks in enumerate(plan):
+                parts = [(k, datas[k], *draw_step(datas[k], cfgs[k], gens[slot[k]])) for k in ks]
+                store.reset()
+                store.token_weights = torch.cat([weights[p[0]][p[3]] for p in parts])
+                store.hold = any(holds_background(datas[k], cfgs[k]) for k in ks)
+                per = []
+                for (k, s, e), part in zip(unet_pass(unet, sched, parts, held), parts, strict=True):
+                    w = functools.partial(held.weights, slot[k])
+                    loss = resteer_loss(
+                        store.slice(s, e), datas[k], cfgs[k], part[2], grams[k], w, held.base
+                    )
+                    check_finite(loss, datas[k].concept_id, step)
+                    per.append(loss)
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)  # a patch not in this pass has no grad
+                torch.stack(per).sum().backward()
+                for k, loss in zip(ks, per, strict=True):
+                    clipped = list(held.params[slot[k]].values())
+                    torch.nn.utils.clip_grad_norm_(clipped, cfgs[k].grad_clip)
+                    opts[slot[k]].step()
+                    losses[slot[k]].append(loss.item())
+                done += len(ks)
+                if progress:
+                    progress(done, total, sum(x.item() for x in per))
+        after = measure_attention(unet, sched, datas, weights, together=together, held=held)
+        deltas = [held.deltas(s) for s in range(n)]
+    finally:
+        held.restore()  # leave the caller's model exactly as it came
+        for p in trained:
+            p.requires_grad_(False)
+        unet.train(was_training)
+    deltas = [{k: v for k, v in d.items() if v.abs().max() > 0} for d in deltas]
+    return Trained(losses, deltas, before, after)
+
+
+def _grams(
+    anchors: Sequence[TextConditioning | None], cfgs: Sequence[ResteerConfig]
+) -> list[AnchorGram | None]:
+    """Each concept's preservation anchors as an AnchorGram (None: no term); one per
+    distinct anchor set, since joint re-steering gives every concept the same."""
+    made: dict[int, AnchorGram] = {}
+    for a, c in zip(anchors, cfgs, strict=True):
+        if a is not None and c.preserve_weight > 0 and id(a) not in made:
+            made[id(a)] = AnchorGram(a.embeds.reshape(-1, a.embeds.shape[-1]))
+    return [
+        made[id(a)] if a is not None and c.preserve_weight > 0 else None
+        for a, c in zip(anchors, cfgs, strict=True)
+    ]
 
 
 def resteer(
@@ -240,90 +475,20 @@ def resteer_joint(
     if not datas or len(datas) != len(cfgs):
         raise ValueError("one ResteerConfig per concept, and at least one concept")
     cfg = cfgs[0]
-    for c in cfgs[1:]:
+    for c in cfgs[1:]:  # they share one optimiser, one generator, one set of parameters
         if (c.params, c.lr, c.batch, c.seed) != (cfg.params, cfg.lr, cfg.batch, cfg.seed):
             raise ValueError("joint re-steering shares params, lr, batch and seed across concepts")
-    unet = pipe.unet
-    weights = [
-        token_weights(
-            d.cond.input_ids,
-            concept_token_ids(pipe.tokenizer, d.text),
-            c.positions,
-            eos_id=d.cond.eos_id,
-        )
-        for d, c in zip(datas, cfgs, strict=True)
-    ]
-    params = select_params(unet, cfg.params)
-    base = {n: p.detach().clone() for n, p in params.items()}
-    anchor_states = None
-    if anchors is not None and any(c.preserve_weight > 0 for c in cfgs):
-        anchor_states = AnchorGram(anchors.embeds.reshape(-1, anchors.embeds.shape[-1]))
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's own noise schedule
-    before = _attention(unet, sched, datas, weights)
-
-    was_training = unet.training
-    unet.eval()  # no dropout: the loss must be deterministic given the seed
-    unet.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    store = AttentionStore()
-    store.latent_hw = tuple(datas[0].latents.shape[-2:])
-    store.base = base_by_module(unet, base)
-    losses: list[float] = []
-    total = sum(c.steps for c in cfgs)
-    # round-robin over the concepts still owed steps, so each gets exactly its own count
-    longest = max(c.steps for c in cfgs)
-    order = [k for s in range(longest) for k, c in enumerate(cfgs) if s < c.steps]
-    try:
-        with capture_cross_attention(unet, store):
-            for step, k in enumerate(order):
-                data, c = datas[k], cfgs[k]
-                idx_img, idx_txt, t, noise = draw_step(data, c, gen)
-                store.reset()
-                store.token_weights = weights[k][idx_txt]
-                store.hold = holds_background(data, c)
-                _unet_step(unet, sched, data, idx_img, idx_txt, t, noise)
-                masks = data.masks[idx_img] if data.masks is not None else None
-                loss = attention_loss(store, masks)
-                if store.hold:
-                    loss = loss + c.background_weight * background_loss(store, masks)
-                if anchor_states is not None and c.preserve_weight > 0:
-                    loss = loss + c.preserve_weight * preservation_loss(params, base, anchor_states)
-                check_finite(loss, data.concept_id, step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
-                opt.step()
-                losses.append(loss.item())
-                if progress:
-                    progress(step + 1, total, losses[-1])
-        store.hold = False
-        for p in params.values():
-            p.requires_grad_(False)
-        after = _attention(unet, sched, datas, weights)
-        deltas = {n: (p.detach() - base[n]).clone() for n, p in params.items()}
-    finally:
-        with torch.no_grad():  # leave the caller's model exactly as it came
-            for n, p in params.items():
-                p.copy_(base[n])
-                p.requires_grad_(False)
-        unet.train(was_training)
-    deltas = {n: d for n, d in deltas.items() if d.abs().max() > 0}
+    held = InPlace(pipe.unet, cfg.params)
+    run = resteer_loop(
+        pipe, datas, cfgs, [anchors] * len(datas), held, together=False, progress=progress
+    )
     config = asdict(cfg) if len(cfgs) == 1 else {"joint": [asdict(c) for c in cfgs]}
     return ResteerResult(
         ",".join(d.concept_id for d in datas),
-        deltas,
-        losses,
-        before,
-        after,
+        run.deltas[0],
+        run.losses[0],
+        sum(run.before) / len(run.before),
+        sum(run.after) / len(run.after),
         time.time() - t0,
         config,
     )
-
-
-def _attention(unet, sched, datas: Sequence[Prepared], weights: list[torch.Tensor]) -> float:
-    """Mean over concepts of measure_attention."""
-    vals = [measure_attention(unet, sched, d, w) for d, w in zip(datas, weights, strict=True)]
-    return sum(vals) / len(vals)
