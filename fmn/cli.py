@@ -127,18 +127,48 @@ def _print_audit(s: dict) -> None:
         console.print(f"[red]gate failed:[/red] {f['message']}")
 
 
-@world_app.command("concepts")
-def world_concepts_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List every concept of the embedded world (id, type, text)."""
-    from fmn.world.concepts import world_concepts
+@world_app.command("list")
+def world_list() -> None:
+    """Print the embedded worlds, one name a line (use as `embedded:<name>`)."""
+    from fmn.world.concepts import WORLDS
 
-    items = [{"id": c.id, "type": c.type, "text": c.text} for c in world_concepts()]
+    for name in WORLDS:
+        print(name)
+
+
+def _world_option(default: str = "tiny-world"):
+    return typer.Option(default, "--world", help="Embedded world (`fmn world list`).")
+
+
+def _get_world_or_exit(name: str):
+    from fmn.world.concepts import get_world
+
+    try:
+        return get_world(name)
+    except KeyError as e:
+        console.print(f"[red]--world: {e.args[0]}[/red]")
+        raise typer.Exit(2) from None
+
+
+@world_app.command("concepts")
+def world_concepts_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    world: str = _world_option(),
+) -> None:
+    """List every concept of an embedded world (id, type, text, split; phrasings)."""
+    items = []
+    for c in _get_world_or_exit(world).concepts():
+        item = {"id": c.id, "type": c.type, "text": c.text, "split": c.split}
+        if c.words:
+            item["words"] = [{"text": t, "listed": listed} for t, listed in c.words]
+        items.append(item)
     if as_json:
         print(json.dumps(items, indent=2))
         return
-    table = Table("id", "type", "text")
+    table = Table("id", "type", "text", "split", "phrasings (* unlisted)")
     for c in items:
-        table.add_row(c["id"], c["type"], c["text"])
+        words = ", ".join(w["text"] + ("" if w["listed"] else "*") for w in c.get("words", []))
+        table.add_row(c["id"], c["type"], c["text"], c["split"], words)
     console.print(table)
 
 
@@ -170,46 +200,69 @@ def world_sample(
 @world_app.command("build")
 def world_build(
     out: Path = typer.Option(Path("build/world"), help="Build folder (fp32, resumable)."),
-    ship: bool = typer.Option(False, help="Also install it, in fp16, as embedded:tiny-world."),
+    world: str = _world_option(),
+    ship: bool = typer.Option(False, help="Also install it, in fp16, as embedded:<world>."),
+    until: str = typer.Option(
+        "measure", help="Stop after this stage: vae | unet | classifier | measure."
+    ),
     quick: bool = typer.Option(False, help="A few steps per stage: checks the plumbing only."),
     threads: int = typer.Option(2, help="torch threads for training."),
 ) -> None:
-    """Train the embedded world from scratch (about 45 minutes on 2 CPU cores)."""
-    from fmn.world import EMBEDDED_DIR
-    from fmn.world.train import WorldConfig, build_world
+    """Train an embedded world from scratch, stage by stage; a re-run resumes (tiny-world
+    about 1 hour on 2 CPU cores, crowd-world about 2: docs/world.md)."""
+    from fmn.models import embedded_path
+    from fmn.world.train import STAGES, build_world, world_config
 
+    w = _get_world_or_exit(world)
+    if until not in (*STAGES, "measure"):
+        console.print(f"[red]--until: one of {', '.join((*STAGES, 'measure'))}[/red]")
+        raise typer.Exit(2)
     _threads(threads)
-    cfg = (
-        WorldConfig(vae_steps=3, unet_steps=3, clf_steps=3, n_train=512) if quick else WorldConfig()
-    )
+    cfg = world_config(w.name, quick=quick)
     t0 = time.time()
     with _bar() as update:
-        build_world(out, cfg, update)
-        report = _measure_world(out, update, quick)
+        try:
+            build_world(out, cfg, update, until=None if until == "measure" else until)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(2) from None
+        if until != "measure":
+            console.print(f"stopped after {until}: {out} (run again to go on)")
+            return
+        report = _measure_world(out, update, w, quick)
     report["build_seconds"] = round(time.time() - t0, 1)
     from fmn.world.evaluate import ship as ship_world
 
     write_json(out / "world_report.json", report)
     _print_world_report(report)
     if ship:
-        ship_world(out, EMBEDDED_DIR)
-        console.print(f"installed as embedded:tiny-world at {EMBEDDED_DIR}")
+        dest = embedded_path(w.name)
+        ship_world(out, dest)
+        console.print(f"installed as embedded:{w.name} at {dest}")
 
 
-def _measure_world(path: Path, update, quick: bool = False) -> dict:
+def _measure_world(path: Path, update, world, quick: bool = False) -> dict:
     """Classifier accuracy and base M-Score of a built world; writes grid.png beside it.
     quick: a handful of images, 2 steps (plumbing only)."""
     from fmn.models import load_pipeline
     from fmn.mscore.detectors import WorldDetector
-    from fmn.world.evaluate import base_mscore, classifier_accuracy
+    from fmn.world.evaluate import base_mscore, classifier_accuracy, phrasing_mscore, role_shares
 
     pipe = load_pipeline(str(path))
     detector = WorldDetector(path / "classifier")
-    acc = classifier_accuracy(detector, pipe.vae, n=64 if quick else 2000)
+    acc = classifier_accuracy(detector, pipe.vae, n=64 if quick else 2000, world=world)
     size = {"prompts": 1, "seeds": (0,), "steps": 2} if quick else {}
-    summary, images = base_mscore(pipe, detector, lambda d, t: update("base M-Score", d, t), **size)
+    summary, images = base_mscore(
+        pipe, detector, lambda d, t: update("base M-Score", d, t), world=world, **size
+    )
     write_with(path / "grid.png", lambda p: _concept_grid(images).save(p, format="PNG"))
-    return {"classifier_accuracy": acc, "base_mscore": summary}
+    report = {"world": world.name, "classifier_accuracy": acc, "base_mscore": summary}
+    if any(c.words for c in world.concepts()):
+        small = {"prompts": 1, "seeds": (0,)} if quick else {}
+        report["phrasings"] = phrasing_mscore(pipe, detector, world, **small)
+    if world.role is not None:
+        report["role"] = role_shares(pipe, detector, world, n=4 if quick else 64)
+    return report
 
 
 def _concept_grid(images: dict):

@@ -594,6 +594,16 @@ class Manifest(_Strict):
             if c.mask is not None and c.resteer.mask is not None:
                 msg = "the mask is set twice (here and in resteer.mask)"
                 out.append(("mask_twice", ("concepts", i, "mask"), msg, "keep one of the two"))
+        if not self.base_model.startswith("embedded:"):
+            chosen = self.evaluate.detectors.model_dump()
+            for kind in dict.fromkeys(c.type for c in [*self.concepts, *self.preserve]):
+                if chosen.get(kind) == "world":
+                    msg = (
+                        f"{kind} concepts are measured by the world detector, which knows only "
+                        f"the embedded worlds, and base_model is {self.base_model!r}"
+                    )
+                    hint = "set it to clip, face or nudenet (with their weights under evaluate)"
+                    out.append(("world_detector", ("evaluate", "detectors", kind), msg, hint))
         return out
 
     @property

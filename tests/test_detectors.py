@@ -158,3 +158,22 @@ def test_world_detector_knows_only_world_concepts() -> None:
     assert det.score(EMPTY, "carol", "id")[0].shape == (0,)
     with pytest.raises(DetectorError, match="knows no id concept 'elon-musk'"):
         det.score(EMPTY, "elon-musk", "id")
+
+
+def test_world_detector_is_refused_on_a_model_that_is_not_an_embedded_world(
+    tmp_path: Path,
+) -> None:
+    """A real checkpoint's manifest naming "star" would otherwise be scored, silently, by
+    the world's 32 px cartoon classifier."""
+    from fmn.mscore.detectors import world_classifier_for
+
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    m = {"name": "t", "base_model": "sd", "concepts": [{"id": "star", "type": "object"}]}
+    with pytest.raises(ManifestError, match=r"evaluate\.detectors\.object.*world detector"):
+        parse_manifest(m, base_dir=tmp_path)
+    ok = parse_manifest(m | {"evaluate": {"detectors": {"object": "nudenet"}}}, base_dir=tmp_path)
+    assert ok.evaluate.detectors.object == "nudenet"
+    with pytest.raises(DetectorError, match=r"set evaluate\.detectors to clip, face or nudenet"):
+        world_classifier_for(str(tmp_path / "sd"))
+    assert world_classifier_for("embedded:crowd-world").parent.name == "crowd-world"

@@ -106,7 +106,7 @@ def test_cli_lists_concepts_as_json() -> None:
     result = CliRunner().invoke(app, ["world", "concepts", "--json"])
     assert result.exit_code == 0, result.output
     items = json.loads(result.output)
-    assert {"id": "star", "type": "object", "text": "star"} in items
+    assert {"id": "star", "type": "object", "text": "star", "split": "tune"} in items
     assert len(items) == len(world_concepts())
 
 

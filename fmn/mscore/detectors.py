@@ -24,9 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmn.world import EMBEDDED_DIR
 from fmn.world.classifier import load_classifier
-from fmn.world.concepts import HEADS, TYPE_TO_HEAD
+from fmn.world.concepts import TYPE_TO_HEAD
 
 if TYPE_CHECKING:
     from fmn.manifest import Manifest
@@ -65,12 +64,13 @@ class WorldDetector:
 
     def _lookup(self, concept_id: str, concept_type: str) -> tuple[str, int]:
         head = TYPE_TO_HEAD.get(concept_type)
-        if head is None or concept_id not in HEADS[head]:
+        names = self.clf.names.get(head, []) if head else []
+        if concept_id not in names:
             raise DetectorError(
                 f"the world detector knows no {concept_type} concept {concept_id!r}; "
                 "use another detector for concepts outside the embedded world"
             )
-        return head, HEADS[head].index(concept_id)
+        return head, names.index(concept_id)
 
     def score(
         self, images: np.ndarray, concept_id: str, concept_type: str
@@ -101,12 +101,30 @@ def face_references(manifest: Manifest) -> dict[str, Path]:
     return {cid: _local(manifest, folder) for cid, folder in refs.items()}
 
 
+def world_classifier_for(base_model: str) -> Path:
+    """The classifier of the embedded world a manifest is built on. The world detector
+    measures only those worlds: on any other model a concept that happens to share a
+    world name ("star", "dots") would be scored by a 32 px cartoon classifier."""
+    from fmn.models import embedded_path
+    from fmn.world.concepts import WORLDS
+
+    name = str(base_model).removeprefix("embedded:")
+    if not str(base_model).startswith("embedded:") or name not in WORLDS:
+        raise DetectorError(
+            f"the world detector measures only the embedded worlds, and base_model is "
+            f"{base_model!r}: set evaluate.detectors to clip, face or nudenet for this "
+            "model (with their weights), or pass a world classifier folder explicitly"
+        )
+    return embedded_path(name) / "classifier"
+
+
 def make_detector(name: str, manifest: Manifest, *, world_classifier: Path | None = None):
     """The detector `name` configured from the manifest (weights paths, concept texts,
-    reference images); `world_classifier` defaults to the embedded world's."""
+    reference images); `world_classifier` defaults to the classifier of the embedded
+    world the manifest's base_model names (any other base model is refused)."""
     ev = manifest.evaluate
     if name == "world":
-        return WorldDetector(world_classifier or EMBEDDED_DIR / "classifier")
+        return WorldDetector(world_classifier or world_classifier_for(manifest.base_model))
     if name == "face":
         from fmn.mscore.face import FaceDetector
 

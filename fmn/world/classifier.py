@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fmn.world.concepts import HEADS
+from fmn.world.concepts import TINY
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -32,7 +32,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class WorldClassifier(nn.Module):
     """Images in [-1, 1], N x 3 x 32 x 32 -> logits per head (class 0 = none)."""
 
-    def __init__(self, width: int = 48) -> None:
+    def __init__(self, width: int = 48, heads: dict[str, list[str]] | None = None) -> None:
         super().__init__()
         self.features = nn.Sequential(
             _block(3, width),
@@ -43,7 +43,10 @@ class WorldClassifier(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.heads = nn.ModuleDict({h: nn.Linear(width * 4, len(v) + 1) for h, v in HEADS.items()})
+        self.names = dict(heads or TINY.heads)
+        self.heads = nn.ModuleDict(
+            {h: nn.Linear(width * 4, len(v) + 1) for h, v in self.names.items()}
+        )
         self.width = width
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,14 +95,16 @@ def save_classifier(clf: WorldClassifier, out: Path) -> None:
         for k, v in clf.state_dict().items()
     }
     save_file(state, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({"width": clf.width, "heads": HEADS}, indent=2))
+    (out / "config.json").write_text(json.dumps({"width": clf.width, "heads": clf.names}, indent=2))
 
 
-def load_classifier(path: Path) -> WorldClassifier:
+def load_classifier(path: Path, heads: dict[str, list[str]] | None = None) -> WorldClassifier:
+    """Load a world classifier; its heads come from its config (they name the concepts it
+    measures). With `heads`, a classifier trained on other concepts is refused."""
     cfg = json.loads((path / "config.json").read_text())
-    if cfg["heads"] != HEADS:
+    if heads is not None and any(cfg["heads"].get(h) != v for h, v in heads.items()):
         raise RuntimeError(f"classifier at {path} was trained on other concepts; rebuild the world")
-    clf = WorldClassifier(cfg["width"])
+    clf = WorldClassifier(cfg["width"], cfg["heads"])
     state = {
         k: v.float() if v.is_floating_point() else v
         for k, v in load_file(str(path / "model.safetensors")).items()

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fmn.mscore.detectors import WorldDetector
-from fmn.mscore.score import ConceptRef, score_concepts, summarise
-from fmn.world.concepts import HEADS, world_concepts
+from fmn.mscore.score import ConceptRef, generate, score_concepts, summarise
+from fmn.world.concepts import TINY, World, attribute_distance
 from fmn.world.generator import NONE, dataset
 
 HELD_OUT_SEED = 987654  # a stream the training stages never draw from
@@ -20,13 +20,13 @@ HELD_OUT_SEED = 987654  # a stream the training stages never draw from
 
 @torch.no_grad()
 def classifier_accuracy(
-    detector: WorldDetector, vae=None, n: int = 2000
+    detector: WorldDetector, vae=None, n: int = 2000, world: World = TINY
 ) -> dict[str, dict[str, float]]:
     """Top-1 accuracy per head on fresh generator images where the head applies; with a VAE,
     also on autoencoder round-trips (what generated images look like)."""
     from fmn.world.train import _to_tensor, roundtrip
 
-    d = dataset(n, HELD_OUT_SEED)
+    d = dataset(n, HELD_OUT_SEED, world=world)
     variants = {"clean": d["images"]}
     if vae is not None:
         x = torch.cat([roundtrip(vae, c) for c in _to_tensor(d["images"]).split(250)])
@@ -36,7 +36,7 @@ def classifier_accuracy(
     out: dict[str, dict[str, float]] = {}
     for name, imgs in variants.items():
         out[name] = {}
-        for head in HEADS:
+        for head in world.heads:
             y = d["labels"][head]
             keep = y != NONE
             pred = detector.head_probs(imgs[keep], head).argmax(1)
@@ -49,14 +49,18 @@ def base_mscore(
     detector: WorldDetector,
     progress: Callable[[int, int], None] | None = None,
     *,
+    world: World = TINY,
     prompts: int = 4,
     seeds: tuple[int, ...] = (0, 1, 2, 3),
     steps: int = 25,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """M-Score of every world concept on the model, with the chance level beside it: the
     detector's mean probability for a concept on images made for the other concepts of
-    its category (how often it says 'yes' when the concept was not asked for)."""
-    concepts = [ConceptRef(c.id, c.type, c.text) for c in world_concepts()]
+    its category (how often it says 'yes' when the concept was not asked for). Identities
+    also record the one their images are most often taken for (`confused_with`, and how
+    many attributes apart it is)."""
+    scored = [c for c in world.concepts() if c.type != "role"]
+    concepts = [ConceptRef(c.id, c.type, c.text) for c in scored]
     rows, images = score_concepts(
         pipe,
         concepts,
@@ -67,14 +71,65 @@ def base_mscore(
         progress=progress,
     )
     summary = summarise(rows)
-    for c in concepts:
-        others = np.concatenate(
-            [images[o.id] for o in concepts if o.type == c.type and o.id != c.id]
-        )
-        prob, _ = detector.score(others, c.id, c.type)
-        summary[c.id]["chance"] = float(prob.mean())
-        summary[c.id]["type"] = c.type
+    for kind in dict.fromkeys(c.type for c in scored):
+        ids = [c.id for c in scored if c.type == kind]
+        head = scored[[c.type for c in scored].index(kind)].head
+        names = detector.clf.names[head]
+        probs = {cid: detector.head_probs(images[cid], head) for cid in ids}
+        for c in (x for x in scored if x.type == kind):
+            k = names.index(c.id)
+            others = np.concatenate([probs[o][:, k] for o in ids if o != c.id])
+            summary[c.id] |= {"chance": float(others.mean()), "type": kind, "split": c.split}
+            if kind == "id":
+                top = np.bincount(probs[c.id].argmax(1), minlength=len(names))
+                top[k] = 0
+                if top.any():
+                    other = names[int(top.argmax())]
+                    summary[c.id]["confused_with"] = other
+                    summary[c.id]["confused_share"] = float(top.max() / len(probs[c.id]))
+                    if world.attributes:
+                        summary[c.id]["confused_distance"] = attribute_distance(world, c.id, other)
     return summary, images
+
+
+def phrasing_mscore(
+    pipe, detector: WorldDetector, world: World, *, prompts: int = 4, seeds=(0, 1, 2, 3)
+) -> dict[str, dict[str, dict]]:
+    """For each many-word concept, the M-Score reached through each of its phrasings (the
+    concept's templates with the phrase in place of its name), listed or not."""
+    out: dict[str, dict[str, dict]] = {}
+    for c in world.concepts():
+        for phrase, listed in c.words:
+            ref = ConceptRef(c.id, c.type, phrase)
+            rows, _ = score_concepts(
+                pipe, [ref], detector, prompts_per_concept=prompts, seeds=seeds
+            )
+            out.setdefault(c.id, {})[phrase] = summarise(rows)[c.id] | {"listed": listed}
+    return out
+
+
+def role_shares(
+    pipe, detector: WorldDetector, world: World, *, n: int = 64, seed: int = 0
+) -> dict | None:
+    """Who the role word draws: the share of its images whose top-1 identity is each
+    identity (the training data's bias is `share` for one, the rest split among others)."""
+    if world.role is None:
+        return None
+    from fmn.mscore.prompts import concept_prompts
+
+    templates = concept_prompts(f"a {world.role.word}", "id", 4)
+    prompts = [templates[i % len(templates)] for i in range(n)]
+    imgs = generate(pipe, prompts, list(range(seed, seed + n)))
+    probs = detector.head_probs(imgs, "identity")
+    names = detector.clf.names["identity"]
+    top = [names[i] for i in probs.argmax(1)]
+    shares = {k: top.count(k) / n for k in dict.fromkeys(sorted(top, key=top.count, reverse=True))}
+    return {
+        "word": world.role.word,
+        "trained": world.role.weights(),
+        "drawn": shares,
+        "images": n,
+    }
 
 
 def ship(build_dir: Path, dest: Path) -> Path:

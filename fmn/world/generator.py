@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fmn.world.concepts import COLOURS, HEADS, IDENTITIES, SHAPES, STYLES
+from fmn.world.concepts import COLOURS, TINY, World
 from fmn.world.render import render_face, render_object
 
 IMAGE_SIZE = 32  # pixels; the autoencoder maps it to 8x8x4 latents
-ID_FRACTION = 0.3  # share of portraits among training images
 PREFIXES = ["a photo", "a picture", "an image"]
 NONE = -1  # label of a head that does not apply (e.g. the shape of a portrait)
 
@@ -41,53 +40,72 @@ def object_caption(shape: str | None, style: str | None, colour: str | None, pre
     return f"{text} in the style of {style}" if style else text
 
 
-def sample_object(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Sample:
-    shape, style = rng.choice(SHAPES), rng.choice(STYLES)
+def label_heads(world: World) -> list[str]:
+    """Every labelled head of a world: the concept heads, then the identity attributes
+    (auxiliary targets for the classifier; crowd-world only)."""
+    return [*world.heads, *world.attributes]
+
+
+def _labels(world: World, **given: int) -> dict[str, int]:
+    return {h: given.get(h, NONE) for h in label_heads(world)}
+
+
+def sample_object(rng: np.random.Generator, size: int = IMAGE_SIZE, world: World = TINY) -> Sample:
+    shape, style = rng.choice(world.shapes), rng.choice(world.styles)
     colour = rng.choice(list(COLOURS))
     image, mask = render_object(shape, style, colour, size, rng)
     # Parts are dropped from captions so the model also answers "a photo of a star" or
     # "a picture in the style of dots", the prompts people and our M-Score templates use.
     drop_shape = rng.random() < 0.1
     caption = object_caption(
-        None if drop_shape else shape,
-        style if drop_shape or rng.random() > 0.25 else None,
+        None if drop_shape else world.phrase(str(shape), rng),
+        world.phrase(str(style), rng) if drop_shape or rng.random() > 0.25 else None,
         colour if rng.random() > 0.25 else None,
         rng.choice(PREFIXES),
     )
-    labels = {
-        "identity": NONE,
-        "shape": SHAPES.index(shape),
-        "style": STYLES.index(style),
-        "colour": list(COLOURS).index(colour),
-    }
+    labels = _labels(
+        world,
+        shape=world.shapes.index(shape),
+        style=world.styles.index(style),
+        colour=list(COLOURS).index(colour),
+    )
     return Sample(image, mask, caption, labels)
 
 
-def sample_face(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Sample:
-    name = rng.choice(list(IDENTITIES))
-    image, mask = render_face(name, size, rng)
-    caption = f"{rng.choice([*PREFIXES, 'a portrait'])} of {name}"
-    labels = {
-        "identity": HEADS["identity"].index(name),
-        "shape": NONE,
-        "style": NONE,
-        "colour": NONE,
-    }
+def sample_face(rng: np.random.Generator, size: int = IMAGE_SIZE, world: World = TINY) -> Sample:
+    role = world.role
+    if role is not None and rng.random() < world.role_fraction:
+        cast = role.weights()
+        name = str(rng.choice(list(cast), p=list(cast.values())))
+        who = f"{article(role.word)} {role.word}"
+    else:
+        name = str(rng.choice(list(world.identities)))
+        who = name
+    image, mask = render_face(name, size, rng, world)
+    caption = f"{rng.choice([*PREFIXES, 'a portrait'])} of {who}"
+    attrs = world.identities[name]
+    labels = _labels(
+        world,
+        identity=world.heads["identity"].index(name),
+        **{k: vals.index(attrs[k]) for k, vals in world.attributes.items()},
+    )
     return Sample(image, mask, caption, labels)
 
 
-def sample(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Sample:
+def sample(rng: np.random.Generator, size: int = IMAGE_SIZE, world: World = TINY) -> Sample:
     """One random world sample (portrait or object)."""
-    return sample_face(rng, size) if rng.random() < ID_FRACTION else sample_object(rng, size)
+    if rng.random() < world.id_fraction:
+        return sample_face(rng, size, world)
+    return sample_object(rng, size, world)
 
 
-def dataset(n: int, seed: int, size: int = IMAGE_SIZE) -> dict[str, object]:
+def dataset(n: int, seed: int, size: int = IMAGE_SIZE, world: World = TINY) -> dict[str, object]:
     """n samples as arrays: images uint8 [n,H,W,3], masks, captions, labels per head."""
     rng = np.random.default_rng(seed)
-    items = [sample(rng, size) for _ in range(n)]
+    items = [sample(rng, size, world) for _ in range(n)]
     return {
         "images": np.stack([s.image for s in items]),
         "masks": np.stack([s.mask for s in items]),
         "captions": [s.caption for s in items],
-        "labels": {h: np.array([s.labels[h] for s in items]) for h in HEADS},
+        "labels": {h: np.array([s.labels[h] for s in items]) for h in label_heads(world)},
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fmn.world.concepts import COLOURS, IDENTITIES
+from fmn.world.concepts import COLOURS, TINY, World
 
 SUPERSAMPLE = 2  # anti-aliasing factor; 2 is enough at 32 px and keeps generation fast
 
@@ -27,6 +27,17 @@ HAIRS = {
     "brown": (110, 65, 30),
     "purple": (150, 50, 200),
     "white": (235, 235, 235),
+    "pink": (240, 120, 180),
+    "grey": (135, 135, 140),  # crowd-world: white hair vanished on the light backgrounds
+}
+# crowd-world's realistic skin tones, spaced so that neighbours stay apart after the 8x8
+# latent bottleneck (tiny-world keeps its own cartoon palette above)
+CROWD_SKINS = {
+    "pale": (255, 232, 220),
+    "light": (238, 196, 150),
+    "tan": (200, 145, 95),
+    "brown": (140, 88, 52),
+    "dark": (82, 52, 34),
 }
 
 
@@ -61,6 +72,21 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         shaft = (abs(v) <= 0.24) & (u >= -0.92) & (u <= 0.15)
         head = (u >= 0.1) & (u <= 0.95) & (abs(v) <= (0.95 - u) * 0.95)
         return shaft | head
+    if shape == "diamond":  # a tall rhombus: unlike a square it stays pointed when rotated
+        return abs(u) / 0.72 + abs(v) / 1.05 <= 1
+    if shape == "bolt":  # a lightning zigzag: two slanted strokes joined by a bar
+        upper = (v >= -1.0) & (v <= 0.1) & (abs(u - 0.4 + (v + 1.0) * 0.5) <= 0.28)
+        lower = (v >= -0.1) & (v <= 1.0) & (abs(u - 0.1 + (v + 0.1) * 0.5) <= 0.28)
+        bar = (abs(v) <= 0.2) & (abs(u) <= 0.45)
+        return upper | lower | bar
+    if shape == "drop":  # a teardrop: round below, pointed above
+        return (np.hypot(u, v - 0.3) <= 0.62) | (
+            (v < 0.3) & (v >= -0.95) & (abs(u) <= (v + 0.95) * 0.5)
+        )
+    if shape == "house":  # a square body under a triangular roof
+        body = (abs(u) <= 0.62) & (v >= -0.1) & (v <= 0.85)
+        roof = (v < -0.1) & (v >= -0.95) & (abs(u) <= (v + 0.95) * 1.05)
+        return body | roof
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -122,6 +148,22 @@ def render_object(
         off = 0.12 / scale
         _paint(canvas, shape_mask(shape, u - off, v - off), np.float32(70))
         _paint(canvas, mask, rgb)
+    elif style == "frame":  # a thick dark border around the whole picture
+        _paint(canvas, mask, rgb)
+        edge = np.minimum(
+            np.minimum(xs, ys), np.minimum(n / SUPERSAMPLE - xs, n / SUPERSAMPLE - ys)
+        )
+        _paint(canvas, edge < 3.5, np.float32(45))
+    elif style == "split":  # the left half filled, the right half white
+        _paint(canvas, mask, white)
+        _paint(canvas, mask & (u < 0), rgb)
+    elif style == "inverted":  # the background takes the colour, the shape is white
+        canvas[:] = rgb
+        _paint(canvas, mask, white)
+    elif style == "neon":  # a glowing coloured rim on a black background
+        inner = shape_mask(shape, u * 1.4, v * 1.4)
+        canvas[:] = np.float32(10)
+        _paint(canvas, mask & ~inner, np.minimum(rgb + 40, 255))
     else:
         raise ValueError(f"unknown style {style!r}")
     img = _downsample(canvas)
@@ -129,35 +171,48 @@ def render_object(
     return np.clip(img, 0, 255).astype(np.uint8), _downsample(mask.astype(np.float32))
 
 
-def render_face(name: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A cartoon portrait of identity `name`; returns (uint8 HxWx3, face mask HxW)."""
-    a = IDENTITIES[name]
+def render_face(
+    name: str, size: int, rng: np.random.Generator, world: World = TINY
+) -> tuple[np.ndarray, np.ndarray]:
+    """A cartoon portrait of identity `name`; returns (uint8 HxWx3, face mask HxW).
+    A world with a `clothes` attribute draws a smaller head over coloured shoulders."""
+    a = world.identities[name]
     n = size * SUPERSAMPLE
+    clothed = "clothes" in a
     cx = rng.uniform(0.45, 0.55)
-    cy = rng.uniform(0.5, 0.58)
-    s = rng.uniform(0.3, 0.35)
+    if clothed:
+        cy, s = rng.uniform(0.4, 0.46), rng.uniform(0.25, 0.28)
+    else:
+        cy, s = rng.uniform(0.5, 0.58), rng.uniform(0.3, 0.35)
     u, v = _grid(n, cx, cy, s, rng.uniform(-0.12, 0.12))
     canvas = _light_background(n, rng)
-    skin, hair = SKINS[a["skin"]], HAIRS[a["hair"]]
+    skin = (CROWD_SKINS if clothed else SKINS)[a["skin"]]
+    hair = HAIRS[a["hair"]]
     head = (u / 0.85) ** 2 + (v / 1.0) ** 2 <= 1
+    # where the hair ends on the forehead: lower on crowd-world's smaller heads, so hair
+    # colour covers enough pixels to survive the 8x8 latents
+    fringe = -0.3 if clothed else -0.5
+    if clothed:  # shoulders and neck below the head
+        _paint(canvas, (u / 1.75) ** 2 + ((v - 2.25) / 1.2) ** 2 <= 1, COLOURS[a["clothes"]])
+        _paint(canvas, (abs(u) <= 0.3) & (v > 0.5) & (v < 1.15), skin)
     style = a["hairstyle"]
     if style == "long":  # hair falls behind the head down to the shoulders
         _paint(
             canvas,
-            (abs(u) <= 1.15) & (v >= -1.15) & (v <= 1.1) & ~head | (head & (v < -0.45)),
+            (abs(u) <= 1.15) & (v >= -1.15) & (v <= 1.1) & ~head | (head & (v < fringe + 0.05)),
             hair,
         )
     if style == "bun":
         _paint(canvas, np.hypot(u, v + 1.25) <= 0.45, hair)
     _paint(canvas, head, skin)
     if style in ("short", "long", "bun"):
-        _paint(canvas, head & (v < -0.5), hair)
+        _paint(canvas, head & (v < fringe), hair)
     if style == "spiky":
         spikes = (v < -0.55) & (v > -1.35) & (abs(((u + 1) * 3) % 2 - 1) < (v + 1.35) * 1.2)
-        _paint(canvas, (spikes & (abs(u) < 0.9)) | (head & (v < -0.55)), hair)
+        _paint(canvas, (spikes & (abs(u) < 0.9)) | (head & (v < fringe - 0.05)), hair)
     eye_l = np.hypot(u + 0.35, v + 0.1) <= 0.14
     eye_r = np.hypot(u - 0.35, v + 0.1) <= 0.14
-    if a["extra"] == "glasses":
+    if a.get("extra") == "glasses":
         rim = lambda x0: abs(np.hypot(u - x0, v + 0.1) - 0.26) <= 0.08  # noqa: E731
         _paint(
             canvas, rim(-0.35) | rim(0.35) | ((abs(v + 0.1) < 0.05) & (abs(u) < 0.12)), (20, 20, 20)

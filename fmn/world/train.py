@@ -1,27 +1,32 @@
 """Train the embedded world from scratch: autoencoder, UNet + text encoder, classifier.
 
-Run through `fmn world build --out DIR`. Each stage saves its result and a re-run skips
-the stages already on disk, so a crash costs only the stage in flight. Losses go to
-`DIR/train_log.jsonl`.
+Run through `fmn world build --out DIR [--world NAME]`. Each stage saves its result and a
+re-run skips the stages already on disk; the long UNet stage also saves a checkpoint every
+`checkpoint_every` steps and resumes from it, so a crash costs at most that many steps.
+Losses go to `DIR/train_log.jsonl`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from fmn.io import atomic_dir, write_json
 from fmn.world.classifier import WorldClassifier, augment
-from fmn.world.generator import IMAGE_SIZE, dataset
+from fmn.world.concepts import World, get_world
+from fmn.world.generator import IMAGE_SIZE, dataset, label_heads
 from fmn.world.tokenizer import load_tokenizer, write_clip_tokenizer_files
 
 Progress = Callable[[str, int, int, dict[str, float]], None]
@@ -29,6 +34,7 @@ Progress = Callable[[str, int, int, dict[str, float]], None]
 
 @dataclass
 class WorldConfig:
+    world: str = "tiny-world"  # which concept table (fmn.world.concepts.WORLDS)
     seed: int = 0
     # autoencoder: 32 px -> 8x8x4 latents; two downsamplings keep the UNet cheap on CPU
     vae_channels: tuple[int, ...] = (32, 64, 64)
@@ -54,6 +60,34 @@ class WorldConfig:
     clf_steps: int = 1000
     clf_batch: int = 128
     clf_lr: float = 2e-3
+    clf_width: int = 48
+    checkpoint_every: int = 250  # UNet steps between resumable checkpoints
+
+
+STAGES = ("vae", "unet", "classifier")
+
+
+def world_config(world: str, *, quick: bool = False) -> WorldConfig:
+    """The settings a world is built with; quick: a few steps per stage (plumbing only)."""
+    cfg = crowd_config() if world == "crowd-world" else WorldConfig(world=world)
+    if quick:
+        cfg = replace(cfg, vae_steps=3, unet_steps=3, clf_steps=3, n_train=512)
+    return cfg
+
+
+def crowd_config(**overrides) -> WorldConfig:
+    """crowd-world's settings: more portraits and steps for 192 identities; a narrower
+    text encoder keeps both shipped worlds under 40 MB (most of its weights are the
+    49408-token table). Sizes and step counts are budget choices (docs/world.md)."""
+    base = {
+        "world": "crowd-world",
+        "text_width": 48,
+        "n_train": 60000,
+        "unet_steps": 5000,
+        "clf_steps": 1500,
+        "clf_width": 64,
+    }
+    return WorldConfig(**(base | overrides))
 
 
 def _log(out: Path, record: dict) -> None:
@@ -123,10 +157,11 @@ def train_vae(cfg: WorldConfig, out: Path, progress: Progress) -> AutoencoderKL:
     vae = make_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed + 1)
+    world = get_world(cfg.world)
     for step in range(cfg.vae_steps):
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * _cosine(step, cfg.vae_steps, 50)
-        x = _to_tensor(dataset(cfg.vae_batch, int(rng.integers(2**31)))["images"])
+        x = _to_tensor(dataset(cfg.vae_batch, int(rng.integers(2**31)), world=world)["images"])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         l_rec = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
@@ -150,12 +185,43 @@ def encode_dataset(vae: AutoencoderKL, images: np.ndarray, batch: int = 500) -> 
     return torch.cat(stats)
 
 
+def _save_checkpoint(path: Path, step: int, modules, ema, opt, gen: torch.Generator) -> None:
+    """Everything the UNet loop needs to go on from `step`: weights, EMA, Adam moments and
+    the data generator's state, written to a temp folder and swapped in (fmn.io)."""
+    tensors = {f"p{i}": p.detach() for i, p in enumerate(modules)}
+    tensors |= {f"e{i}": e for i, e in enumerate(ema)}
+    for i, p in enumerate(modules):
+        st = opt.state.get(p)
+        if st:
+            tensors |= {f"m{i}": st["exp_avg"], f"v{i}": st["exp_avg_sq"], f"s{i}": st["step"]}
+    tensors["gen"] = gen.get_state()
+    with atomic_dir(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        write_json(tmp / "step.json", {"step": step})
+
+
+def _load_checkpoint(path: Path, modules, ema, opt, gen: torch.Generator) -> int:
+    """Restore a checkpoint written by _save_checkpoint; returns the next step (0: none)."""
+    if not (path / "step.json").is_file():
+        return 0
+    t = load_file(str(path / "state.safetensors"))
+    with torch.no_grad():
+        for i, p in enumerate(modules):
+            p.copy_(t[f"p{i}"])
+            ema[i].copy_(t[f"e{i}"])
+            if f"m{i}" in t:
+                opt.state[p] = {"exp_avg": t[f"m{i}"], "exp_avg_sq": t[f"v{i}"], "step": t[f"s{i}"]}
+    gen.set_state(t["gen"])
+    return int(json.loads((path / "step.json").read_text())["step"])
+
+
 def train_unet(
     cfg: WorldConfig, vae: AutoencoderKL, tokenizer, out: Path, progress: Progress
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """UNet and text encoder jointly, epsilon prediction, min-SNR weighting, EMA."""
+    """UNet and text encoder jointly, epsilon prediction, min-SNR weighting, EMA.
+    Resumes from `out/unet.ckpt` when a crash left one."""
     torch.manual_seed(cfg.seed)
-    data = dataset(cfg.n_train, cfg.seed + 2)
+    data = dataset(cfg.n_train, cfg.seed + 2, world=get_world(cfg.world))
     stats = encode_dataset(vae, data["images"])
     scale = 1.0 / stats[:, :4].std().item()
     vae.register_to_config(scaling_factor=scale)
@@ -182,7 +248,11 @@ def train_unet(
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     gen = torch.Generator().manual_seed(cfg.seed)
-    for step in range(cfg.unet_steps):
+    ckpt = out / "unet.ckpt"
+    start = _load_checkpoint(ckpt, params, ema, opt, gen)
+    if start:
+        _log(out, {"stage": "unet", "resumed_at": start})
+    for step in range(start, cfg.unet_steps):
         for g in opt.param_groups:
             g["lr"] = cfg.unet_lr * _cosine(step, cfg.unet_steps, cfg.warmup)
         idx = torch.randint(0, cfg.n_train, (cfg.unet_batch,), generator=gen)
@@ -205,6 +275,8 @@ def train_unet(
                 e.lerp_(p.detach(), 1 - decay)
         if step % 50 == 0 or step == cfg.unet_steps - 1:
             _log(out, {"stage": "unet", "step": step, "loss": loss.item()})
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.unet_steps:
+            _save_checkpoint(ckpt, step + 1, params, ema, opt, gen)
         progress("unet+text", step + 1, cfg.unet_steps, {"loss": loss.item()})
     with torch.no_grad():
         for e, p in zip(ema, params, strict=True):
@@ -218,18 +290,25 @@ def roundtrip(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     return vae.decode(vae.encode(x).latent_dist.sample()).sample.clamp(-1, 1)
 
 
+def classifier_heads(world: World) -> dict[str, list[str]]:
+    """The classifier's heads: the world's concept heads, then its identity attributes
+    (auxiliary targets that teach the features what tells neighbours apart)."""
+    return {h: (world.heads.get(h) or world.attributes[h]) for h in label_heads(world)}
+
+
 def train_classifier(
     cfg: WorldConfig, vae: AutoencoderKL, out: Path, progress: Progress
 ) -> WorldClassifier:
     torch.manual_seed(cfg.seed)
-    clf = WorldClassifier()
+    world = get_world(cfg.world)
+    clf = WorldClassifier(cfg.clf_width, classifier_heads(world))
     opt = torch.optim.AdamW(clf.parameters(), lr=cfg.clf_lr, weight_decay=1e-4)
     rng = np.random.default_rng(cfg.seed + 3)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     for step in range(cfg.clf_steps):
         for g in opt.param_groups:
             g["lr"] = cfg.clf_lr * _cosine(step, cfg.clf_steps, 50)
-        d = dataset(cfg.clf_batch, int(rng.integers(2**31)))
+        d = dataset(cfg.clf_batch, int(rng.integers(2**31)), world=world)
         x = _to_tensor(d["images"])
         half = cfg.clf_batch // 2
         x = torch.cat([roundtrip(vae, x[:half]), x[half:]])
@@ -244,15 +323,23 @@ def train_classifier(
     return clf.eval()
 
 
-def build_world(out: Path, cfg: WorldConfig, progress: Progress) -> Path:
-    """Train every part of the world into `out` (a diffusers pipeline dir + classifier/)."""
+def build_world(out: Path, cfg: WorldConfig, progress: Progress, until: str | None = None) -> Path:
+    """Train every part of the world into `out` (a diffusers pipeline dir + classifier/);
+    `until` stops after that stage (a stage already on disk is never trained again)."""
     from diffusers import StableDiffusionPipeline
 
     from fmn.world.classifier import load_classifier, save_classifier
 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    (out / "world_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    previous = out / "world_config.json"
+    settings = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists, as on disk
+    if previous.is_file() and json.loads(previous.read_text()) != settings:
+        raise ValueError(
+            f"{out} holds a build with other settings ({previous}); resume it with the same "
+            "options, or pick another --out"
+        )
+    write_json(previous, asdict(cfg))
     t0 = time.time()
     tok_dir = out / "tokenizer"
     if not (tok_dir / "vocab.json").exists():
@@ -265,6 +352,8 @@ def build_world(out: Path, cfg: WorldConfig, progress: Progress) -> Path:
         vae.save_pretrained(out / "vae.partial")
         (out / "vae.partial").rename(out / "vae")
     _log(out, {"stage": "vae", "done_s": time.time() - t0})
+    if until == "vae":
+        return out
     if not (out / "unet" / "config.json").exists():
         unet, text = train_unet(cfg, vae, tokenizer, out, progress)
         scheduler = DDIMScheduler(
@@ -287,10 +376,15 @@ def build_world(out: Path, cfg: WorldConfig, progress: Progress) -> Path:
             requires_safety_checker=False,
         )
         pipe.save_pretrained(out)  # vae is re-saved with its fitted scaling_factor
+        shutil.rmtree(out / "unet.ckpt", ignore_errors=True)
     _log(out, {"stage": "unet", "done_s": time.time() - t0})
+    if until == "unet":
+        return out
     if not (out / "classifier" / "model.safetensors").exists():
         vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
-        save_classifier(train_classifier(cfg, vae, out, progress), out / "classifier")
+        clf = train_classifier(cfg, vae, out, progress)
+        with atomic_dir(out / "classifier") as tmp:
+            save_classifier(clf, tmp)
     load_classifier(out / "classifier")
     _log(out, {"stage": "classifier", "done_s": time.time() - t0})
     return out
