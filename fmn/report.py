@@ -3,6 +3,7 @@ charts, readable offline) and what tools read (parquet, JSON metrics, CSV plots 
 
     mscore.parquet  one row per concept x model x prompt x seed (fmn.audit.MODELS)
     summary.json    per concept and per role M-Score/Acc/ratio, gates, models, timings
+    metrics.json    the headline numbers, flat (dvc metrics: a column each, not hundreds)
     mscore.csv      one row per concept (dvc plots)
     index.html      gates, tables, charts (mscore.png, ratio.png), grids (img/*.png)
 
@@ -72,6 +73,7 @@ def write_report(out: Path, result: AuditResult) -> Path:
         tmp.chmod(0o777 & ~_umask())  # a temp folder is private (0700); a report is not
         write_parquet(tmp / "mscore.parquet", result.rows)
         write_json(tmp / "summary.json", result.summary)
+        write_json(tmp / "metrics.json", compact_metrics(result.summary))
         write_text(tmp / "mscore.csv", mscore_csv(result.summary))
         charts = write_charts(tmp, result.summary)
         grids = write_grids(tmp / "img", result)
@@ -88,6 +90,34 @@ def _umask() -> int:
 def write_parquet(path: Path, rows: list[dict]) -> None:
     table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in rows], schema=SCHEMA)
     write_with(path, lambda p: pq.write_table(table, p))
+
+
+def compact_metrics(summary: dict) -> dict:
+    """The few numbers a build is judged by, flat: `dvc metrics show` prints a column per
+    key, and summary.json's per-concept keys made that hundreds wide. Per-concept detail
+    stays in summary.json and mscore.csv (dvc plots)."""
+    concepts = summary["concepts"]
+    targets = {c: v["mscore"] for c, v in concepts.items() if v["role"] == "target"}
+    # a ratio is None where the baseline never drew the concept: nothing to damage
+    kept = {c: v["ratio"] for c, v in concepts.items() if v["role"] == "preserve"}
+    kept = {c: r for c, r in kept.items() if r is not None}
+    worst_target = max(targets, key=targets.__getitem__) if targets else None
+    worst_kept = min(kept, key=kept.__getitem__) if kept else None
+    gates = summary["gates"]
+    out = {
+        "target_mscore": summary["targets"]["mscore"],
+        "preserve_ratio": summary["preserve"]["ratio"],
+        "worst_target": worst_target,
+        "worst_target_mscore": targets.get(worst_target),
+        "worst_preserve": worst_kept,
+        "worst_preserve_ratio": kept.get(worst_kept),
+        "gates_passed": gates["passed"],
+        "gate_failures": len(gates["failures"]),
+    }
+    if "failed" in summary:  # a build (fmn run), not a bare audit: say what it trained
+        out["targets_failed"] = len(summary["failed"])
+        out["targets_trained"] = len(targets) - out["targets_failed"]
+    return out
 
 
 def mscore_csv(summary: dict) -> str:

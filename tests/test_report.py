@@ -114,6 +114,26 @@ def test_report_files_agree(tmp_path: Path) -> None:
     assert "preserved &#x27;dots&#x27; M-Score ratio" in page
 
 
+def test_metrics_file_is_flat_and_names_the_worst_concepts(tmp_path: Path) -> None:
+    res = _result()
+    out = report.write_report(tmp_path / "rep", res)
+    metrics = json.loads((out / "metrics.json").read_text())
+    s = res.summary
+    assert metrics == {
+        "target_mscore": s["targets"]["mscore"],
+        "preserve_ratio": s["preserve"]["ratio"],
+        "worst_target": "carol",
+        "worst_target_mscore": s["concepts"]["carol"]["mscore"],
+        "worst_preserve": "dots",  # damaged (ratio ~0.5); alice kept hers
+        "worst_preserve_ratio": s["concepts"]["dots"]["ratio"],
+        "gates_passed": False,
+        "gate_failures": 1,
+    }
+    # a build's summary names the concepts whose training failed: counted, not listed
+    built = report.compact_metrics({**s, "failed": {"carol": "loss is NaN"}})
+    assert (built["targets_trained"], built["targets_failed"]) == (0, 1)
+
+
 def test_grids_label_each_prompt_and_the_baseline(tmp_path: Path) -> None:
     res = _result()
     out = report.write_report(tmp_path / "rep", res)
