@@ -2,7 +2,8 @@
 
 A small CNN with one softmax head per category (identity, shape, style, colour). Class 0
 of every head is "none of these" (a portrait has no shape), so a head can say the
-concept is absent. It only measures; nothing on the forgetting side may read it.
+concept is absent. It measures: it never feeds a loss or runs inside the product, and
+anything chosen by looking at its numbers is chosen on tune concepts only (docs/world.md).
 """
 
 from __future__ import annotations
