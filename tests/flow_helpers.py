@@ -71,6 +71,17 @@ def subprocess_env(api_url: str) -> dict[str, str]:
     return env
 
 
+def copy_build(folder: Path, dest: Path) -> Path:
+    """A test's own copy of a module's build (manifest, run folder, its Prefect cache), so
+    a test that edits or re-runs it never changes what another test sees, whatever the
+    order. Cache keys hash contents, never paths, and records hold paths relative to the
+    run folder, so the copy reuses every cached stage."""
+    import shutil
+
+    shutil.copytree(folder, dest, symlinks=True)
+    return dest
+
+
 def run_flow(manifest: Path, out: Path) -> tuple[dict, dict[str, str]]:
     """Run the forget flow; its result and its task runs' states."""
     import time

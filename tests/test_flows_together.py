@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fmn.patch import load_patch, patch_hash
-from tests.flow_helpers import run_flow, write_manifest
+from tests.flow_helpers import copy_build, run_flow, write_manifest
 
 PAIRS = {"defaults": {"resteer": {"steps": 2, "mask": "none"}, "train_together": 2}}
 
@@ -50,8 +50,10 @@ def test_groups_train_a_patch_each_and_a_nan_concept_fails_alone(built) -> None:
     assert [c["id"] for c in merge["concepts"]] == ["carol", "triangle", "outline"]
 
 
-def test_rerun_is_cached_and_regrouped_concepts_reuse_their_patches(built) -> None:
-    folder, manifest, out, _ = built
+def test_rerun_is_cached_and_regrouped_concepts_reuse_their_patches(built, tmp_path) -> None:
+    # its own copy of the build: re-runs and edits here never reach the other test
+    folder = copy_build(built[0], tmp_path / "together")
+    manifest, out = folder / "pairs.yaml", folder / "run"
     hashes = {c: patch_hash(out / "patches" / c) for c in ("carol", "triangle", "outline")}
     again, states = run_flow(manifest, out)
     assert set(states[n] for n in states if n.startswith("resteer-")) == {"Cached"}, states
