@@ -61,7 +61,9 @@ def main() -> None:
     work = Path(args.work)
     t = time.time()
     pipe = load_pipeline(EMBEDDED_NAME)
-    forgotten = forget_concept(pipe, TARGET, "id", TARGET, ResteerConfig(), generate=16)
+    forgotten = forget_concept(
+        pipe, TARGET, "id", TARGET, ResteerConfig(), generate=16, mask="none"
+    )
     patch = save_patch(forgotten.patch, work / TARGET)
     forget_seconds = time.time() - t
     del pipe

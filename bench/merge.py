@@ -91,9 +91,8 @@ def main() -> None:
     for cid in targets:
         if not (folder / cid / "delta.safetensors").exists():
             c = get_concept(cid)
-            res = forget_concept(
-                pipe, c.id, c.type, c.text, _config(c.type, args.override), preserve=preserve
-            )
+            cfg = _config(c.type, args.override)
+            res = forget_concept(pipe, c.id, c.type, c.text, cfg, preserve=preserve, mask="none")
             save_patch(res.patch, folder / cid)
             print(f"patch {cid}: {res.resteer.seconds:.1f} s", flush=True)
 

@@ -233,7 +233,7 @@ def worker(args) -> None:
                 if impl == "ours":
                     cfg = resteer_config_for(c.type, steps=args.steps)
                     deltas = forget_concept(
-                        pipe, c.id, c.type, c.text, cfg, images=images[cid]
+                        pipe, c.id, c.type, c.text, cfg, images=images[cid], mask="none"
                     ).patch.deltas
                 else:
                     deltas = original_forget(

@@ -80,7 +80,11 @@ def worker(args) -> None:
             cfgs = [resteer_config_for(kind, steps=args.steps, seed=s) for _, kind, _, s in chunk]
             if k == 1:
                 (cid, kind, text, _), cfg = chunk[0], cfgs[0]
-                res = [forget_concept(pipe, cid, kind, text, cfg, generate=16, preserve=preserve)]
+                res = [
+                    forget_concept(
+                        pipe, cid, kind, text, cfg, generate=16, preserve=preserve, mask="none"
+                    )
+                ]
             else:  # defaults.train_together: k concepts share every UNet pass
                 datas = [
                     prepare_concept(pipe, cid, kind, text, generate=16, seed=s)
@@ -91,7 +95,7 @@ def worker(args) -> None:
             del res
             per_concept += [(time.perf_counter() - t) / len(chunk)] * len(chunk)
         t = time.perf_counter()
-        merged = merge_patches(pipe, paths, MergeConfig("closed-form"), preserve=preserve)
+        merged = merge_patches(pipe, paths, MergeConfig(method="closed-form"), preserve=preserve)
         merge_seconds = time.perf_counter() - t
         seconds = time.perf_counter() - t0
     out = {
@@ -123,7 +127,7 @@ def merge_only(args) -> None:
     with PeakRSS() as mem:
         for _ in range(args.repeats):
             t = time.perf_counter()
-            merge_patches(pipe, paths, MergeConfig("closed-form"), preserve=preserve)
+            merge_patches(pipe, paths, MergeConfig(method="closed-form"), preserve=preserve)
             times.append(time.perf_counter() - t)
     out = {"n": len(paths), "seconds": times, "peak_mb": mem.mb}
     Path(args.result).write_text(json.dumps(out))

@@ -6,7 +6,9 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 import typer
 from rich.console import Console
@@ -14,6 +16,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fmn.io import write_json, write_with
+from fmn.manifest import (
+    GENERATED_IMAGES,
+    ConceptType,
+    InvertOptions,
+    Manifest,
+    MaskName,
+    Merge,
+    Positions,
+    ResteerOptions,
+    ResteerParams,
+    option_default,
+    type_defaults,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Forget-Me-Not pipeline.")
 world_app = typer.Typer(no_args_is_help=True, help="The embedded concept world.")
@@ -289,44 +304,84 @@ def _print_mscore(summary: dict) -> None:
     console.print(table)
 
 
+# Defaults of forget/merge/apply: read from the manifest's models (fmn.manifest), where
+# every stage option's default lives, so that these commands make what `fmn run` makes.
+BASE_MODEL: str = option_default(Manifest, "base_model")
+
+
+def _default(model: type, name: str) -> str:
+    """An option's default as help shows it (show_default): the manifest model's."""
+    return str(option_default(model, name))
+
+
+def _by_type(name: str) -> str:
+    """'by type: id X, object Y, ...' as help shows it, from fmn.manifest.type_defaults."""
+    per_type = ", ".join(f"{t} {type_defaults(t)[name]}" for t in get_args(ConceptType))
+    return f"by type: {per_type}"
+
+
+def _choices(literal: object) -> str:
+    return " | ".join(get_args(literal))
+
+
 @app.command()
 def forget(
     concept_id: str = typer.Option(..., "--id", help="Concept id (slug), e.g. circle."),
-    concept_type: str = typer.Option(..., "--type", help="id | object | style | nsfw"),
+    concept_type: str = typer.Option(..., "--type", help=_choices(ConceptType)),
     out: Path = typer.Option(..., help="Folder for delta.safetensors and resteer.json."),
-    model: str = typer.Option("embedded:tiny-world", help="Base model (see README)."),
+    model: str = typer.Option(BASE_MODEL, help="Base model (see README)."),
     text: str = typer.Option(None, help="Concept text; default: id with '-' as space."),
     images: Path = typer.Option(None, help="Folder of the concept's images."),
-    generate: int = typer.Option(16, help="Images to generate when no --images."),
-    # None: the default of fmn.resteer.ResteerConfig, the one place defaults live
-    steps: int = typer.Option(None, help="Re-steering steps [default: 35]."),
-    lr: float = typer.Option(None, help="Learning rate [default: 3e-3]."),
-    params: str = typer.Option(None, help="to_kv | attn2 | unet [default: to_kv]"),
+    # None: not given, so the manifest's default applies (resolved as a manifest concept);
+    # help shows that default, read from the manifest's models
+    generate: int = typer.Option(
+        None, help="Images to generate when no --images.", show_default=str(GENERATED_IMAGES)
+    ),
+    steps: int = typer.Option(
+        None, help="Re-steering steps.", show_default=_default(ResteerOptions, "steps")
+    ),
+    lr: float = typer.Option(
+        None, help="Learning rate.", show_default=_default(ResteerOptions, "lr")
+    ),
+    params: str = typer.Option(
+        None, help=_choices(ResteerParams), show_default=_default(ResteerOptions, "params")
+    ),
     positions: str = typer.Option(
-        None, help="concept | concept+eot | all_eot | concept+after [default: by concept type]"
+        None, help=_choices(Positions), show_default=_by_type("positions")
     ),
     preserve_weight: float = typer.Option(
-        None, help="Anchor preservation weight [default: by type: 0.3 id, 1 object, 10 style]."
+        None, help="Anchor preservation weight.", show_default=_by_type("preserve_weight")
     ),
     preserve: list[str] = typer.Option([], help="id:type of a concept to keep (repeatable)."),
     mask: str = typer.Option(
-        "none",
-        help="none | auto | face | attention | a mask folder; limits re-steering's and "
-        "--invert's losses to the concept's pixels (with --invert, attention masks kept "
-        "the other concepts better on the world: docs/masks.md)",
+        None,
+        help=f"{_choices(MaskName)} | a mask folder; limits re-steering's and --invert's "
+        "losses to the concept's pixels (with --invert, attention masks kept the other "
+        "concepts better on the world: docs/masks.md)",
+        show_default=_default(ResteerOptions, "mask"),
     ),
-    invert: bool = typer.Option(False, help="Textual inversion first; re-steer its tokens."),
-    ti_steps: int = typer.Option(300),
-    ti_tokens: int = typer.Option(4),
-    seed: int = typer.Option(0),
+    invert: bool = typer.Option(
+        option_default(InvertOptions, "enabled"),
+        help="Textual inversion first; re-steer its tokens.",
+    ),
+    ti_steps: int = typer.Option(
+        None, help="Textual inversion steps.", show_default=_default(InvertOptions, "steps")
+    ),
+    ti_tokens: int = typer.Option(
+        None, help="Learned tokens.", show_default=_default(InvertOptions, "tokens")
+    ),
+    seed: int = typer.Option(
+        None, help="Random seed.", show_default=_default(ResteerOptions, "seed")
+    ),
     threads: int = typer.Option(1),
 ) -> None:
-    """Re-steer one concept out of a model and write its patch (for researchers)."""
-    from fmn.forget import forget_concept
-    from fmn.invert import InvertConfig, save_ti
+    """Re-steer one concept out of a model and write its patch (for researchers). The
+    options are resolved like a manifest concept's: the patch is the one `fmn run` makes
+    of the same concept."""
+    from fmn.forget import forget_resolved
+    from fmn.invert import save_ti
+    from fmn.manifest import Concept, Defaults, resolve_concept
     from fmn.patch import save_patch
-    from fmn.prepare import load_image_folder
-    from fmn.resteer import resteer_config_for
 
     given = {
         "steps": steps,
@@ -339,28 +394,18 @@ def forget(
     # every option is checked before the model loads, with the manifest's rules and hints
     concept = {"id": concept_id, "type": concept_type, "text": text}
     _exit_on_problems(_forget_problems(concept, given, generate, images, mask, ti_steps, ti_tokens))
-    cfg = resteer_config_for(concept_type, **given)  # per-type defaults, then the options
+    spec = {**concept, "resteer": given}
+    spec["invert"] = {"enabled": invert, "steps": ti_steps, "tokens": ti_tokens}
+    if images is not None or generate is not None:
+        spec["images"] = images if images is not None else {"generate": generate}
+    if mask is not None:
+        spec["mask"] = mask if mask in get_args(MaskName) else {"folder": mask}
+    resolved = resolve_concept(Concept.model_validate(spec), Defaults(), Path.cwd())
     kept = [_id_type(p, "--preserve") for p in preserve]
-    text = text or concept_id.replace("-", " ")
     _threads(threads)
     pipe = _load_model_or_exit(model)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pixels = load_image_folder(images, size) if images else None
-    ti_cfg = InvertConfig(steps=ti_steps, tokens=ti_tokens, seed=seed) if invert else None
     with _bar() as update:
-        res = forget_concept(
-            pipe,
-            concept_id,
-            concept_type,
-            text,
-            cfg,
-            invert_cfg=ti_cfg,
-            images=pixels,
-            generate=generate,
-            preserve=kept,
-            mask=Path(mask) if Path(mask).is_dir() else mask,
-            progress=update,
-        )
+        res = forget_resolved(pipe, resolved, preserve=kept, progress=update)
     path = save_patch(res.patch, out)
     if res.ti is not None:
         save_ti(res.ti, out / "ti.safetensors")
@@ -401,8 +446,9 @@ def _forget_problems(concept, resteer, generate, images, mask, ti_steps, ti_toke
         (PreservedConcept, concept, {}),
         (ResteerOverride, resteer, {}),
         (InvertOverride, ti, {"steps": "ti-steps", "tokens": "ti-tokens"}),
-        (Generate, {"generate": generate}, {}),
     ]
+    if generate is not None:  # None: the manifest's default
+        checks.append((Generate, {"generate": generate}, {}))
     lines = [
         f"--{names.get(p.loc, p.loc.replace('_', '-'))}: {p.msg}"
         + (f" (hint: {p.hint})" if p.hint else "")
@@ -410,7 +456,7 @@ def _forget_problems(concept, resteer, generate, images, mask, ti_steps, ti_toke
         for p in option_problems(model, values)
     ]
     folders = [("--images", images)] if images is not None else []
-    if mask not in get_args(MaskName):
+    if mask is not None and mask not in get_args(MaskName):
         if Path(mask).is_dir():
             folders.append(("--mask", Path(mask)))
         else:
@@ -446,7 +492,7 @@ def _load_model_or_exit(spec: str, where: str = "--model"):
 def apply(
     patch: Path = typer.Option(..., help="delta.safetensors or its folder."),
     out: Path = typer.Option(..., help="Folder for the patched diffusers pipeline."),
-    model: str = typer.Option("embedded:tiny-world"),
+    model: str = typer.Option(BASE_MODEL, help="Base model (see README)."),
     scale: float = typer.Option(1.0),
     force: bool = typer.Option(False, help="Apply even to another base model."),
 ) -> None:
@@ -505,9 +551,15 @@ def merge(
         ..., help="Patch files/folders, or a folder of concept folders (one patch each)."
     ),
     out: Path = typer.Option(..., help="Folder: delta.safetensors, lora.safetensors, model/."),
-    model: str = typer.Option(None, help="Base model [default: the manifest's, else embedded]."),
+    model: str = typer.Option(
+        None, help="Base model.", show_default=f"the manifest's, else {BASE_MODEL}"
+    ),
     manifest: Path = typer.Option(None, help="Take preserve list, method and weights from it."),
-    method: str = typer.Option(None, help="closed-form | sum [default: manifest's or closed-form]"),
+    method: str = typer.Option(
+        None,
+        help="closed-form | sum",
+        show_default=f"the manifest's, else {_default(Merge, 'method')}",
+    ),
     preserve: list[str] = typer.Option([], help="id:type of a concept to keep (repeatable)."),
     weight: list[str] = typer.Option([], help="id=w weight of a concept's patch (repeatable)."),
     erase_weight: float = typer.Option(
@@ -530,7 +582,7 @@ def merge(
     from fmn.merge import MergeConfig, MergeError, concept_patches, merge_patches, write_merged
     from fmn.patch import PatchError, patch_concept
 
-    cfg, kept, base = MergeConfig(), [], model or "embedded:tiny-world"
+    cfg, kept, base = MergeConfig(), [], model or BASE_MODEL
     if manifest is not None:
         m = _load_manifest_or_exit(manifest)
         cfg = MergeConfig.from_manifest(m.merge)
@@ -550,11 +602,15 @@ def merge(
         if not cid or not text.strip():
             raise typer.BadParameter(f"use id=text, got {item!r}", param_hint="--anchor") from None
         cfg.anchors[cid] = text.strip()
-    cfg.erase_weight = cfg.erase_weight if erase_weight is None else erase_weight
-    cfg.choose_anchors = cfg.choose_anchors if choose_anchors is None else choose_anchors
-    cfg.overshoot = cfg.overshoot if overshoot is None else overshoot
-    cfg.tune = cfg.tune if tune is None else tune
-    cfg.method = method or cfg.method
+    given = {
+        "method": method,
+        "erase_weight": erase_weight,
+        "choose_anchors": choose_anchors,
+        "overshoot": overshoot,
+        "tune": tune,
+    }
+    # options left out keep the manifest's value, or the default (fmn.manifest.Merge)
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     if cfg.method == "joint":
         typer.echo("joint trains all concepts in one run: use `fmn run`, not merge", err=True)
         raise typer.Exit(2)

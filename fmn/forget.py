@@ -23,13 +23,16 @@ from fmn.invert import (
     placeholder_tokens,
     unload_ti,
 )
+from fmn.manifest import GENERATED_IMAGES, ResolvedConcept, ResteerOptions, option_default
 from fmn.models import fingerprint
 from fmn.patch import Patch
-from fmn.prepare import Prepared, concept_prompts, prepare_concept
+from fmn.prepare import Prepared, concept_prompts, prepare_concept, prepare_resolved
 from fmn.resteer import ResteerConfig, ResteerResult, resteer, resteer_joint
 from fmn.resteer_batch import resteer_batch
 
 Progress = Callable[[str, int, int, dict], None]
+# The manifest's default mask: a patch made here is the one `fmn run` makes.
+DEFAULT_MASK: str = option_default(ResteerOptions, "mask")
 
 
 @dataclass
@@ -68,15 +71,17 @@ def forget_concept(
     resteer_cfg: ResteerConfig,
     *,
     invert_cfg: InvertConfig | None = None,
-    images: np.ndarray | None = None,
-    generate: int = 16,
+    images: np.ndarray | Path | None = None,
+    generate: int = GENERATED_IMAGES,
     preserve: list[tuple[str, str]] | None = None,
-    mask: str | Path = "none",
+    mask: str | Path = DEFAULT_MASK,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> ForgetResult:
     """Forget one concept from `pipe`; returns its patch. `pipe` is left as it came.
-    mask: none | auto | face | attention | a folder of user masks (fmn.masks)."""
+    images: an array, a folder, or None to generate `generate` of them.
+    mask: auto (the manifest's default, as everywhere) | face | attention | none | a
+    folder of user masks (fmn.masks)."""
     data = prepare_concept(
         pipe,
         concept_id,
@@ -88,15 +93,45 @@ def forget_concept(
         mask=mask,
         cache_dir=cache_dir,
     )
+    return _forget_prepared(pipe, data, resteer_cfg, invert_cfg, preserve, mask, progress)
+
+
+def forget_resolved(
+    pipe,
+    r: ResolvedConcept,
+    *,
+    preserve: list[tuple[str, str]] | None = None,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> ForgetResult:
+    """forget_concept for a resolved concept (`fmn forget` resolves its options like a
+    manifest's concept): the same preparation, configs and mask as `fmn run`'s stages
+    (fmn.stages.concept), so both make the same patch. `pipe` is left as it came."""
+    data = prepare_resolved(pipe, r, mask=r.mask, cache_dir=cache_dir)
+    ti_cfg = InvertConfig.from_options(r.invert, r.resteer.seed) if r.invert.enabled else None
+    cfg = ResteerConfig.from_options(r.type, r.resteer)
+    return _forget_prepared(pipe, data, cfg, ti_cfg, preserve, r.mask, progress)
+
+
+def _forget_prepared(
+    pipe,
+    data: Prepared,
+    resteer_cfg: ResteerConfig,
+    invert_cfg: InvertConfig | None,
+    preserve: list[tuple[str, str]] | None,
+    mask: str | Path,
+    progress: Progress | None,
+) -> ForgetResult:
+    """Textual inversion (with `invert_cfg`), then re-steering, of a prepared concept."""
     ti = None
     if invert_cfg is not None:
         tick = progress or (lambda *a: None)
         ti = invert(
             pipe,
             data.latents,
-            f"<{concept_id}>",
+            f"<{data.concept_id}>",
             invert_cfg,
-            concept_type,
+            data.concept_type,
             progress=lambda d, t, loss: tick("inversion", d, t, {"loss": loss}),
             masks=data.masks,  # the tokens learn the concept's pixels, like re-steering
         )
@@ -203,7 +238,7 @@ def forget_joint(
     concepts: list[tuple[str, str, str]],
     cfgs: list[ResteerConfig],
     *,
-    generate: int = 16,
+    generate: int = GENERATED_IMAGES,
     preserve: list[tuple[str, str]] | None = None,
     cache_dir: Path | None = None,
     progress: Progress | None = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fmn.io import atomic_path
+from fmn.manifest import InvertOptions, ResteerOptions, option_default, option_factory
 from fmn.models import PICKLE_SUFFIXES, fingerprint, model_family
 
 FORMAT = "fmn-ti"
@@ -87,20 +89,34 @@ def _default_templates() -> dict[str, list[str]]:
     return {kind: list(prompts) for kind, prompts in TEMPLATES.items()}
 
 
-@dataclass
-class InvertConfig:
-    """Textual-inversion settings; the resolved config is saved inside every TI file."""
+_option = functools.partial(option_default, InvertOptions)
 
-    tokens: int = 4  # room for a concept one word cannot hold, short enough for prompts
-    steps: int = 300  # the tokens only need to point at the concept, not reproduce it
-    # Adam moves every coordinate by up to ~lr per step, and CLIP token embeddings have a
-    # per-coordinate scale of ~0.01-0.03: 1e-3 x 300 steps can travel many token norms
-    # already; higher overshoots into embeddings that no prompt word is near
-    lr: float = 1e-3
+
+@dataclass(kw_only=True)
+class InvertConfig:
+    """Textual-inversion settings; the resolved config is saved inside every TI file.
+    Derived from the manifest's `InvertOptions` (fmn.manifest says why): the options'
+    defaults and the reasons for them live there; only knobs that are no manifest option
+    have their defaults here. Build one by keyword, or with `from_options`."""
+
+    tokens: int = _option("tokens")
+    steps: int = _option("steps")
+    lr: float = _option("lr")  # Adam, on the new embedding rows only
     batch: int = 4  # a few images per step steady the loss; memory grows with it
-    seed: int = 0  # fixed, so a rerun learns the same vectors
-    init_words: list[str] | None = None  # None: a generic word for the concept type
+    # a manifest's concept learns its tokens with its re-steering seed (from_options)
+    seed: int = option_default(ResteerOptions, "seed")
+    # None: GENERIC_WORDS[type]
+    init_words: list[str] | None = field(
+        default_factory=option_factory(InvertOptions, "init_words")
+    )
     templates: dict[str, list[str]] = field(default_factory=_default_templates)
+
+    @classmethod
+    def from_options(cls, options: InvertOptions, seed: int) -> InvertConfig:
+        """The config of a concept with these options (a manifest's resolved `invert`, or
+        `fmn forget`'s) and its re-steering `seed`: every option by name (`enabled` says
+        whether to run it at all, which is the caller's to decide)."""
+        return cls(**options.model_dump(exclude={"enabled"}), seed=seed)
 
     def __post_init__(self) -> None:
         for name in ("tokens", "steps", "batch"):

@@ -5,6 +5,13 @@ types, ranges, slugs that become file names, image folders on disk. Every proble
 back at once as a `ManifestError` whose lines name the file, the dotted field path
 (`concepts.3.images`) and a hint. Defaults live on the models below, one per line, each
 with the reason for its value.
+
+These models are also the one home of every stage's defaults. The stage configs the
+library runs on (`fmn.resteer.ResteerConfig`, `fmn.invert.InvertConfig`,
+`fmn.merge.MergeConfig`) are dataclasses derived from them: each option's default is read
+from here (`option_default`), they are filled from a model by keyword (`from_options`,
+`from_manifest`), and the re-steering defaults that depend on the concept type come from
+one function, `type_defaults`. `fmn forget`, `fmn merge` and `fmn run` therefore agree.
 """
 
 from __future__ import annotations
@@ -268,7 +275,55 @@ class _Strict(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------
-# Stage options
+# Stage options, and the stage configs derived from them
+
+# Re-steering options whose default depends on the concept type (ResteerOptions leaves
+# them None). Every type starts from ANY_TYPE: the concept's own tokens, and a light
+# preservation term (0 lets the edit spread to every neighbour, others' mean M-Score ratio
+# 0.5-0.8 in the sweep; >= 1 stops an identity from moving at all at 35 steps; 0.3 sits
+# between: carol -> 0.04). Measured on the embedded world (docs/resteer.md, 16 images per
+# concept). The causal text encoder carries a word into every later position. A style word
+# ends its prompts, so suppressing its own token leaves the style (outline 0.96 -> 0.90);
+# adding every end-of-text/padding position works only with a strong preservation term that
+# keeps the padding shared by other prompts in place (outline -> 0.08, others 1.01). An
+# object is often followed by "in the style of ...": its own token alone took triangle only
+# to 0.49; adding the first end-of-text token with preservation 1.0 took it to 0.13 (others
+# 0.94).
+ANY_TYPE: dict[str, Any] = {"positions": "concept", "preserve_weight": 0.3}
+TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "object": {"positions": "concept+eot", "preserve_weight": 1.0},
+    "style": {"positions": "all_eot", "preserve_weight": 10.0},
+}
+
+
+def type_defaults(concept_type: str | None = None) -> dict[str, Any]:
+    """The re-steering options whose default depends on the concept type, for that type
+    (None: what every type starts from). The one place these defaults are decided:
+    fmn.resteer.resteer_config_for, through which a manifest's concepts and `fmn forget`'s
+    become configs, and `fmn forget --help` read them here."""
+    return {**ANY_TYPE, **(TYPE_DEFAULTS.get(concept_type, {}) if concept_type else {})}
+
+
+def option_default(model: type[BaseModel], name: str) -> Any:
+    """The default of option `name` of a manifest model, as the manifest declares it (a
+    fresh copy: pydantic copies list and dict defaults). What the stage configs' fields
+    default to, and what CLI options that are left out fall back to and their help shows.
+
+    Why the stage configs (fmn.resteer.ResteerConfig, fmn.invert.InvertConfig,
+    fmn.merge.MergeConfig) are dataclasses derived from these models rather than the models
+    themselves: they carry knobs that are no manifest option (timestep range, gradient
+    clipping, prompt templates), which must not be accepted in a manifest nor appear in its
+    published schema; they live in torch modules, while this module must import without
+    torch (`fmn validate`, the schema, the CLI's help); and patches and TI files record
+    them as plain dicts. Reading each shared default from here keeps one source: a default
+    changed here changes the library, `fmn forget` and `fmn run` alike."""
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
+def option_factory(model: type[BaseModel], name: str) -> Callable[[], Any]:
+    """option_default as a dataclass `default_factory`, for list, dict and None defaults
+    (each config gets its own copy)."""
+    return functools.partial(option_default, model, name)
 
 
 class InvertOptions(_Strict):
@@ -280,7 +335,10 @@ class InvertOptions(_Strict):
     """Number of learned tokens."""
     steps: Count = 300  # tokens only need to point at the concept, not reproduce it
     """Optimisation steps."""
-    lr: PositiveFloat = 1e-3  # embeddings move fast; higher overshoots the embedding norm
+    # Adam moves every coordinate by up to ~lr per step, and CLIP token embeddings have a
+    # per-coordinate scale of ~0.01-0.03: 1e-3 x 300 steps can travel many token norms
+    # already; higher overshoots into embeddings that no prompt word is near
+    lr: PositiveFloat = 1e-3
     """Learning rate of the token embeddings."""
     # None: a generic word of the type (fmn.invert.GENERIC_WORDS), not the concept's name,
     # so the tokens find the concept from its images rather than start on it
@@ -294,18 +352,23 @@ class ResteerOptions(_Strict):
 
     steps: Count = 35  # the original Forget-Me-Not recipe; more starts to hurt neighbours
     """Optimisation steps."""
-    lr: PositiveFloat = 3e-3  # with preserve_weight 0.3, forgot 3 world concepts (docs/resteer.md)
+    # AdamW. With the preservation term, 3e-3 is where an identity, an object and a style
+    # of the embedded world fell to <= 20% of base with the rest kept (docs/resteer.md);
+    # 1e-3 moved the object but not the identity, 1e-4 moved nothing in 35 steps
+    lr: PositiveFloat = 3e-3
     """Learning rate."""
-    # None: by concept type (fmn.resteer.TYPE_DEFAULTS): 0.3; 1 for objects, 10 for styles
+    # None: by concept type (type_defaults): 0.3; 1 for objects, 10 for styles
     preserve_weight: NonNegativeFloat | None = None
     """Weight of the term that keeps generic and preserved prompts' keys/values at the base's."""
     params: ResteerParams = "to_kv"  # smallest patch, and the one closed-form merge fuses
     """Trainable parameters: attn2 to_k and to_v, all of attn2, or the whole UNet."""
-    # None: by concept type (fmn.resteer.TYPE_DEFAULTS): the concept's tokens; plus the
-    # first end-of-text for objects, plus all end-of-text for styles
+    # None: by concept type (type_defaults): the concept's tokens; plus the first
+    # end-of-text for objects, plus all end-of-text for styles
     positions: Positions | None = None
     """Token positions whose attention is suppressed (end-of-text also carries the concept)."""
-    mask: MaskName = "auto"  # face for identities, attention-derived for everything else
+    # face for identities, attention-derived for everything else. The default of every way
+    # to build a patch (a manifest, `fmn forget`, fmn.forget.forget_concept)
+    mask: MaskName = "auto"
     """Pixels that enter the loss (re-steering's and, when enabled, textual inversion's):
     face boxes, the base model's attention map, or all."""
     batch: Count = 4  # a few images per step steady the loss; memory grows with it
@@ -353,6 +416,9 @@ class Defaults(_Strict):
 
 # ---------------------------------------------------------------------------------------
 # Concepts
+
+
+GENERATED_IMAGES = 16  # no data to collect; 16 covers seeds and poses
 
 
 class Generate(_Strict):
@@ -407,7 +473,7 @@ class PreservedConcept(_Strict):
 class Concept(PreservedConcept):
     """A concept to forget."""
 
-    images: Images = Generate(generate=16)  # no data to collect; 16 covers seeds and poses
+    images: Images = Generate(generate=GENERATED_IMAGES)
     """Training images: a folder (relative to the manifest) or {generate: N}."""
     mask: Mask | None = None  # None: use resteer.mask
     """Mask for this concept: a mask name, or {folder: path} for user masks."""
@@ -448,7 +514,10 @@ class Merge(_Strict):
     concepts in place; joint: one re-steering run over every concept (docs/merge.md)."""
     weights: dict[str, PositiveFloat] = {}  # equal say for every concept
     """Weight of each concept's patch, by id; concepts left out weigh 1.0."""
-    preserve_weight: PositiveFloat = 0.3  # fmn.merge.MergeConfig: measured in docs/merge.md
+    # At 1 a preserved concept weighs what a target weighs; on the world benchmark
+    # (docs/merge.md, N = 8) 1 kept the preserved concepts at 0.98 but forgot less (Acc_e
+    # 0.71), 0.3 kept 0.975 with Acc_e 0.55
+    preserve_weight: PositiveFloat = 0.3
     """closed-form: weight of the preserved and generic prompts against one concept's edit."""
     ridge: PositiveFloat = 1e-3  # only holds directions no prompt constrains
     """closed-form: pull towards the base weights, relative to the statistics' scale."""
@@ -616,30 +685,36 @@ class Manifest(_Strict):
         by_id = {c.id: c for c in self.concepts}
         if concept_id not in by_id:
             raise KeyError(f"no concept {concept_id!r} in manifest {self.name!r}; {list(by_id)}")
-        c = by_id[concept_id]
-        invert = _overlay(self.defaults.invert, c.invert)
-        resteer = _overlay(self.defaults.resteer, c.resteer)
-        if isinstance(c.mask, str):
-            resteer = resteer.model_copy(update={"mask": c.mask})
-        folder = c.images if isinstance(c.images, Path) else None
-        if isinstance(c.mask, MaskFolder):
-            mask: MaskName | Path = _resolve(c.mask.folder, self.base_dir)
-        else:
-            mask = resteer.mask
-        return ResolvedConcept(
-            id=c.id,
-            type=c.type,
-            text=c.text,
-            images=None if folder is None else _resolve(folder, self.base_dir),
-            generate=c.images.generate if isinstance(c.images, Generate) else None,
-            mask=mask,
-            invert=invert,
-            resteer=resteer,
-        )
+        return resolve_concept(by_id[concept_id], self.defaults, self.base_dir)
 
     def resolved_concepts(self) -> list[ResolvedConcept]:
         """Every concept to forget, resolved, in manifest order."""
         return [self.resolve(c.id) for c in self.concepts]
+
+
+def resolve_concept(c: Concept, defaults: Defaults, base_dir: Path) -> ResolvedConcept:
+    """`c` with `defaults` overlaid by its overrides, and paths made absolute from
+    `base_dir`: how a manifest resolves its concepts, and how `fmn forget` resolves its
+    options (with Defaults()), so that both build the same patch."""
+    invert = _overlay(defaults.invert, c.invert)
+    resteer = _overlay(defaults.resteer, c.resteer)
+    if isinstance(c.mask, str):
+        resteer = resteer.model_copy(update={"mask": c.mask})
+    folder = c.images if isinstance(c.images, Path) else None
+    if isinstance(c.mask, MaskFolder):
+        mask: MaskName | Path = _resolve(c.mask.folder, base_dir)
+    else:
+        mask = resteer.mask
+    return ResolvedConcept(
+        id=c.id,
+        type=c.type,
+        text=c.text,
+        images=None if folder is None else _resolve(folder, base_dir),
+        generate=c.images.generate if isinstance(c.images, Generate) else None,
+        mask=mask,
+        invert=invert,
+        resteer=resteer,
+    )
 
 
 _Options = TypeVar("_Options", InvertOptions, ResteerOptions)

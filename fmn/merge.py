@@ -44,6 +44,7 @@ manifest's `preserve` list and plain-English anchors.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -58,6 +59,7 @@ from fmn.anchors import ERASE_ANCHORS, GENERIC_WORDS, anchor_prompts
 from fmn.attention import token_weights
 from fmn.conditioning import encode_text
 from fmn.io import atomic_dir, write_json
+from fmn.manifest import Merge, option_default, option_factory
 from fmn.models import fingerprint
 from fmn.patch import (
     Patch,
@@ -86,52 +88,49 @@ class MergeError(ValueError):
     """Patches that cannot be merged; the message names the concept at fault."""
 
 
-@dataclass
+_option = functools.partial(option_default, Merge)
+
+
+@dataclass(kw_only=True)
 class MergeConfig:
-    method: str = "closed-form"
-    weights: dict[str, float] = field(default_factory=dict)  # concept id -> weight (default 1)
-    # scale of the preserve set (module docstring). At 1 a preserved concept weighs what a
-    # target weighs; on the world benchmark (docs/merge.md, N = 8) 1 kept the preserved
-    # concepts at 0.98 but forgot less (Acc_e 0.71), 0.3 kept 0.975 with Acc_e 0.55
-    preserve_weight: float = 0.3
-    ridge: float = 1e-3  # relative to the mean eigenvalue of the statistics
+    """Merge settings. Derived from the manifest's `merge:` section (fmn.manifest.Merge,
+    which says why): the options' defaults and the reasons for them live there; only knobs
+    that are no manifest option have their defaults here. Build one by keyword, or with
+    `from_manifest`."""
+
+    method: str = _option("method")  # closed-form | sum | joint (fmn.stages, not here)
+    # concept id -> weight (default 1)
+    weights: dict[str, float] = field(default_factory=option_factory(Merge, "weights"))
+    # scale of the preserve set (module docstring)
+    preserve_weight: float = _option("preserve_weight")
+    ridge: float = _option("ridge")  # relative to the mean eigenvalue of the statistics
     # weight of the erase term (module docstring): 0 fuses the patches as they are; > 0
     # also maps each concept's prompt states, from the concept on, to the base model's
     # keys/values of the same prompt with the concept replaced by an anchor. Relative: at
     # 1 the erase error (as a share of the concept-to-anchor distance) counts as much as
     # the edit error (as a share of the patch's edit)
-    erase_weight: float = 0.0
+    erase_weight: float = _option("erase_weight")
     # anchor: the type's word (fmn.anchors.ERASE_ANCHORS) or `anchors[id]`; removed: the
-    # prompt with the concept left out (measured worse on the world, docs/merge.md)
-    erase_to: str = "anchor"
-    anchors: dict[str, str] = field(default_factory=dict)  # concept id -> anchor text
+    # prompt with the concept left out
+    erase_to: str = _option("erase_to")
+    # concept id -> anchor text
+    anchors: dict[str, str] = field(default_factory=option_factory(Merge, "anchors"))
     # erase_to anchor: per type, pick the anchor among plain words whose images the base
     # model itself least attributes to a target (fmn.anchor_check); `anchors` still win
-    choose_anchors: bool = False
+    choose_anchors: bool = _option("choose_anchors")
     anchor_images: int = 8  # images per candidate word the base model judges
     # erase target pushed past the anchor, away from the concept: anchor + overshoot *
     # (anchor - concept), ESD's negative guidance (Gandikota et al. 2023) in key/value space
-    overshoot: float = 0.0
+    overshoot: float = _option("overshoot")
     # closed-form: try TUNE_GRID and keep the point the base model itself judges best
     # (fmn.self_audit; needs a preserve list); the weights above are then ignored
-    tune: bool = False
+    tune: bool = _option("tune")
     tune_images: int = 4  # images per concept the base model judges, per grid point
 
     @classmethod
-    def from_manifest(cls, merge) -> MergeConfig:
-        """From a manifest's `merge:` section (fmn.manifest.Merge)."""
-        return cls(
-            merge.method,
-            dict(merge.weights),
-            merge.preserve_weight,
-            merge.ridge,
-            merge.erase_weight,
-            merge.erase_to,
-            dict(merge.anchors),
-            merge.choose_anchors,
-            overshoot=merge.overshoot,
-            tune=merge.tune,
-        )
+    def from_manifest(cls, merge: Merge) -> MergeConfig:
+        """From a manifest's `merge:` section (fmn.manifest.Merge): every option by name."""
+        return cls(**merge.model_dump())
 
 
 @dataclass

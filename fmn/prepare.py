@@ -24,6 +24,7 @@ import torch
 
 from fmn.code_key import code_key
 from fmn.conditioning import TextConditioning, encode_text
+from fmn.manifest import GENERATED_IMAGES
 
 if TYPE_CHECKING:
     from fmn.manifest import ResolvedConcept
@@ -313,7 +314,7 @@ def prepare_concept(
     text: str,
     *,
     images: np.ndarray | Path | str | None = None,
-    generate: int = 16,
+    generate: int = GENERATED_IMAGES,
     masks: np.ndarray | None = None,
     seed: int = 0,
     mask: str | Path = "none",
@@ -327,7 +328,10 @@ def prepare_concept(
     that shapes them changed (see the module docstring).
 
     mask: none | auto | face | attention | a Path to a folder of user masks (see
-    fmn.masks.concept_masks); `masks` passes ready-made [N, H, W] masks instead.
+    fmn.masks.concept_masks); `masks` passes ready-made [N, H, W] masks instead. None by
+    default here, the building block that does what it is told (and that ready-made
+    `masks` need); every way to build a patch (a manifest, `fmn forget`,
+    fmn.forget.forget_concept) passes the manifest's default, auto.
     """
     from fmn.masks import MASK_MODES, concept_masks, load_user_masks
     from fmn.models import model_info
@@ -430,6 +434,11 @@ def prepare_concept(
         "cache": "miss" if where is not None else "off",
         "key": key,  # names the cache entry (a hit's record carries it too)
     }
+    # Contiguous, as a cache hit loads them. The VAE hands back a channels-last layout, which
+    # the UNet's convolutions round differently (~1e-5 in a patch): without this, a concept
+    # prepared without the cache (`fmn forget`) trained apart from one read from it (`fmn
+    # run`). After the masks, which keep the values they always had.
+    latents = latents.contiguous()
     data = Prepared(concept_id, concept_type, text, latents, lat_masks, cond, images, record)
     if where is not None:
         _save_cache(where, data, key, masks)
@@ -439,15 +448,15 @@ def prepare_concept(
 def prepare_resolved(
     pipe, r: ResolvedConcept, *, mask: str | Path = "none", cache_dir: Path | None = None
 ) -> Prepared:
-    """prepare_concept for a manifest's resolved concept: its images (or `generate`, 16
-    when unset) drawn with its re-steering seed."""
+    """prepare_concept for a manifest's resolved concept: its images (or `generate` of
+    them) drawn with its re-steering seed."""
     return prepare_concept(
         pipe,
         r.id,
         r.type,
         r.text,
         images=r.images,
-        generate=r.generate or 16,
+        generate=r.generate or GENERATED_IMAGES,  # None: images from a folder, unused
         seed=r.resteer.seed,
         mask=mask,
         cache_dir=cache_dir,

@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from diffusers import DDPMScheduler
@@ -33,6 +33,7 @@ from fmn.attention import (
     token_weights,
 )
 from fmn.conditioning import TextConditioning
+from fmn.manifest import ResteerOptions, option_default, type_defaults
 from fmn.prepare import Prepared
 
 PARAM_PATTERNS = {
@@ -43,21 +44,26 @@ PARAM_PATTERNS = {
 MEASURE_TIMESTEPS = (200, 500, 800)  # where attention is measured before and after
 
 
-@dataclass
+_option = functools.partial(option_default, ResteerOptions)
+
+
+@dataclass(kw_only=True)
 class ResteerConfig:
-    steps: int = 35  # the original recipe's length
-    # AdamW. With the preservation term below, 3e-3 is where an identity, an object and a
-    # style of the embedded world fell to <= 20% of base with the rest kept (docs/resteer.md);
-    # 1e-3 moved the object but not the identity, 1e-4 moved nothing in 35 steps
-    lr: float = 3e-3
-    params: str = "to_kv"  # to_kv | attn2 | unet, see PARAM_PATTERNS
-    positions: str = "concept"  # concept | concept+eot | all_eot, see attention.token_weights
-    batch: int = 4  # images per step
-    seed: int = 0
-    # weight of the anchor key/value preservation term: 0 lets the edit spread to every
-    # neighbour (others' mean M-Score ratio 0.5-0.8 in the sweep), >= 1 stops the target
-    # from moving at all at 35 steps; 0.3 sits between
-    preserve_weight: float = 0.3
+    """Re-steering settings. Derived from the manifest's `ResteerOptions` (fmn.manifest
+    says why): the options' defaults and the reasons for them live there, the per-type
+    ones in `fmn.manifest.type_defaults`; only knobs that are no manifest option have
+    their defaults here. Build one by keyword, or with `from_options` / `resteer_config_for`
+    for a concept type."""
+
+    steps: int = _option("steps")
+    lr: float = _option("lr")  # AdamW
+    params: str = _option("params")  # to_kv | attn2 | unet, see PARAM_PATTERNS
+    # concept | concept+eot | all_eot | concept+after, see attention.token_weights
+    positions: str = type_defaults()["positions"]
+    batch: int = _option("batch")  # images per step
+    seed: int = _option("seed")
+    # weight of the anchor key/value preservation term (preservation_loss)
+    preserve_weight: float = type_defaults()["preserve_weight"]
     t_min: int = 0  # timestep range sampled during training
     t_max: int = 1000
     grad_clip: float = 1.0  # clipped in every mode (the original silently skipped it for the UNet)
@@ -66,26 +72,20 @@ class ResteerConfig:
     # concept's pixels; without masks there is no outside and it is unused
     background_weight: float = 0.0
 
-
-# Per-type defaults, measured on the embedded world (docs/resteer.md, 16 images per concept).
-# The causal text encoder carries a word into every later position. A style word ends its
-# prompts, so suppressing its own token leaves the style (outline 0.96 -> 0.90); adding
-# every end-of-text/padding position works only with a strong preservation term that keeps
-# the padding shared by other prompts in place (outline -> 0.08, others 1.01). An object is
-# often followed by "in the style of ...": its own token alone took triangle only to 0.49;
-# adding the first end-of-text token with preservation 1.0 took it to 0.13 (others 0.94).
-# An identity goes with its own token and a light preservation term (carol -> 0.04).
-TYPE_DEFAULTS: dict[str, dict] = {
-    "object": {"positions": "concept+eot", "preserve_weight": 1.0},
-    "style": {"positions": "all_eot", "preserve_weight": 10.0},
-}
+    @classmethod
+    def from_options(cls, concept_type: str, options: ResteerOptions) -> ResteerConfig:
+        """The config of a concept of `concept_type` with these options (a manifest's
+        resolved `resteer`, or `fmn forget`'s): every option by name, the type's defaults
+        where they are None. The mask is no re-steering setting: prepare applies it."""
+        return resteer_config_for(concept_type, **options.model_dump(exclude={"mask"}))
 
 
-def resteer_config_for(concept_type: str, **overrides) -> ResteerConfig:
-    """The ResteerConfig for a concept type: its type defaults, then explicit overrides
-    (None values are ignored, so unset CLI/manifest options fall through)."""
+def resteer_config_for(concept_type: str, **overrides: Any) -> ResteerConfig:
+    """The ResteerConfig for a concept type: its type defaults (fmn.manifest.type_defaults),
+    then explicit overrides (None values are ignored, so unset CLI/manifest options fall
+    through)."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return ResteerConfig(**{**TYPE_DEFAULTS.get(concept_type, {}), **given})
+    return ResteerConfig(**{**type_defaults(concept_type), **given})
 
 
 @dataclass

@@ -42,7 +42,7 @@ def forgotten(tmp_path_factory) -> Path:
     """carol's patch, made by re-steering the embedded world (~6 s)."""
     torch.set_num_threads(1)
     pipe = load_pipeline(EMBEDDED_NAME)
-    res = forget_concept(pipe, "carol", "id", "carol", ResteerConfig(), generate=16)
+    res = forget_concept(pipe, "carol", "id", "carol", ResteerConfig(), generate=16, mask="none")
     return save_patch(res.patch, tmp_path_factory.mktemp("carol"))
 
 

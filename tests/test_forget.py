@@ -69,7 +69,7 @@ def test_forget_with_attention_masks_records_them(clip_tokenizer_dir) -> None:
     pipe.set_progress_bar_config(disable=True)
     cfg = ResteerConfig(steps=2, lr=1e-2)
     masked = forget_concept(pipe, "star", "object", "star", cfg, generate=2, mask="attention")
-    plain = forget_concept(pipe, "star", "object", "star", cfg, generate=2)
+    plain = forget_concept(pipe, "star", "object", "star", cfg, generate=2, mask="none")
     record = masked.patch.config["mask_record"]
     assert masked.patch.config["mask"] == "attention"
     assert [p["method"] for p in record["per_image"]] == ["attention", "attention"]

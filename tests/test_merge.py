@@ -53,7 +53,7 @@ def _outputs(pipe, deltas: dict[str, torch.Tensor], prompts: list[str], keys) ->
 
 def test_sum_is_the_weighted_sum(pipe) -> None:
     a, b = _patch(pipe, "cat", "object", 1), _patch(pipe, "picasso", "style", 2)
-    res = merge_patches(pipe, [a, b], MergeConfig("sum", weights={"picasso": 0.5}))
+    res = merge_patches(pipe, [a, b], MergeConfig(method="sum", weights={"picasso": 0.5}))
     for n, d in res.patch.deltas.items():
         torch.testing.assert_close(d, a.deltas[n] + 0.5 * b.deltas[n])
     assert res.patch.concept == "cat,picasso" and res.patch.method == "merge:sum"
@@ -62,8 +62,8 @@ def test_sum_is_the_weighted_sum(pipe) -> None:
 def test_closed_form_keeps_each_edit_and_holds_the_preserve_set(pipe) -> None:
     patches = [_patch(pipe, t, k, i) for i, (t, k) in enumerate(CONCEPTS)]
     preserve = [("dog", "object"), ("van gogh", "style")]
-    cf = merge_patches(pipe, patches, MergeConfig("closed-form"), preserve=preserve)
-    summed = merge_patches(pipe, patches, MergeConfig("sum"))
+    cf = merge_patches(pipe, patches, MergeConfig(method="closed-form"), preserve=preserve)
+    summed = merge_patches(pipe, patches, MergeConfig(method="sum"))
     # the preserve set (the manifest's preserved concepts + generic anchors) moves far less
     # under the closed form than under the sum
     rows, w = preserve_rows(pipe, {t for t, _ in CONCEPTS}, preserve, len(CONCEPTS))
@@ -92,7 +92,9 @@ def test_closed_form_of_one_concept_reproduces_it_on_its_prompts(pipe) -> None:
     from fmn.prepare import concept_prompts
 
     p = _patch(pipe, "cat", "object", 7)
-    res = merge_patches(pipe, [p], MergeConfig("closed-form", preserve_weight=1e-6, ridge=1e-9))
+    res = merge_patches(
+        pipe, [p], MergeConfig(method="closed-form", preserve_weight=1e-6, ridge=1e-9)
+    )
     prompts = concept_prompts("cat", "object")
     keys = list(p.deltas)
     want = _outputs(pipe, p.deltas, prompts, keys)
@@ -206,8 +208,8 @@ def test_erase_term_moves_the_concept_towards_its_target(pipe, erase_to) -> None
             for n in p.deltas
         )
 
-    plain = merge_patches(pipe, [p], MergeConfig("closed-form")).patch.deltas
-    cfg = MergeConfig("closed-form", erase_weight=3.0, erase_to=erase_to)
+    plain = merge_patches(pipe, [p], MergeConfig(method="closed-form")).patch.deltas
+    cfg = MergeConfig(method="closed-form", erase_weight=3.0, erase_to=erase_to)
     erased = merge_patches(pipe, [p], cfg).patch.deltas
     numbers = f"gap to the {erase_to} states: plain {gap(plain):.3f}, erase {gap(erased):.3f}"
     assert gap(erased) < 0.85 * gap(plain), numbers  # the preserve set holds back the rest
@@ -230,4 +232,4 @@ def test_erase_rows_pair_each_position_with_the_anchor_prompt(pipe) -> None:
     assert w.sum().item() == pytest.approx(1.0)
     with pytest.raises(MergeError, match=r"anchors name \['dog'\]"):
         p = _patch(pipe, "cat", "object", 3)
-        merge_patches(pipe, [p], MergeConfig("closed-form", anchors={"dog": "an animal"}))
+        merge_patches(pipe, [p], MergeConfig(method="closed-form", anchors={"dog": "an animal"}))

@@ -37,9 +37,11 @@ def test_closed_form_merge_of_three_forgets_all_and_keeps_the_rest() -> None:
     for cid in TARGETS:
         c = get_concept(cid)
         cfg = resteer_config_for(c.type)
-        patches.append(forget_concept(pipe, c.id, c.type, c.text, cfg, preserve=preserve).patch)
+        patches.append(
+            forget_concept(pipe, c.id, c.type, c.text, cfg, preserve=preserve, mask="none").patch
+        )
     base = _mscores(pipe, detector)
-    merged = merge_patches(pipe, patches, MergeConfig("closed-form"), preserve=preserve)
+    merged = merge_patches(pipe, patches, MergeConfig(method="closed-form"), preserve=preserve)
     ratio = _ratios(pipe, detector, merged, base)
     numbers = _numbers(ratio, base, merged)
     print(numbers)
@@ -52,7 +54,7 @@ def test_closed_form_merge_of_three_forgets_all_and_keeps_the_rest() -> None:
 
     # with the erase term (to each type's anchor word) the targets go further. Measured:
     # carol -> 0.000, triangle -> 0.325, outline -> 0.119, preserved 1.016
-    cfg = MergeConfig("closed-form", preserve_weight=1.0, erase_weight=10.0)
+    cfg = MergeConfig(method="closed-form", preserve_weight=1.0, erase_weight=10.0)
     erased = merge_patches(pipe, patches, cfg, preserve=preserve)
     plain, ratio = ratio, _ratios(pipe, detector, erased, base)
     numbers = f"erase: {_numbers(ratio, base, erased)} | plain: {numbers}"

@@ -49,14 +49,7 @@ def stage_invert(manifest: Path | str, concept_id: str, run: Path | str, prep: R
 
     m, rp = load_manifest(manifest), RunPaths(Path(run))
     r = m.resolve(concept_id)
-    opts = r.invert
-    cfg = InvertConfig(
-        tokens=opts.tokens,
-        steps=opts.steps,
-        lr=opts.lr,
-        init_words=opts.init_words,
-        seed=r.resteer.seed,
-    )
+    cfg = InvertConfig.from_options(r.invert, r.resteer.seed)  # as fmn.forget.forget_resolved
     tick = ProgressFile(rp, concept_id)
     with pipeline(base_spec(m)) as pipe:
         data = _prepared(pipe, r, rp)  # a cache hit: stage_prepare made it
@@ -110,11 +103,11 @@ def stage_resteer(
     from fmn.forget import resteer_prepared
     from fmn.io import write_json
     from fmn.patch import patch_hash, save_patch
-    from fmn.resteer import resteer_config_for
+    from fmn.resteer import ResteerConfig
 
     m, rp = load_manifest(manifest), RunPaths(Path(run))
     r = m.resolve(concept_id)
-    cfg = resteer_config_for(r.type, **r.resteer.model_dump(exclude={"mask"}))
+    cfg = ResteerConfig.from_options(r.type, r.resteer)  # as fmn.forget.forget_resolved
     learned = None
     if ti is not None:
         check_record(rp, ti, f"textual inversion of {concept_id!r}")

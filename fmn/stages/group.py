@@ -58,12 +58,12 @@ def _save(rp: RunPaths, concept_id: str, res, key: str) -> Record:
 def _train(pipe, m, rp: RunPaths, ids: list[str], preps: list[Record], tis: list) -> list:
     """Each concept's ForgetResult, or the ResteerError that stopped it."""
     from fmn.forget import resteer_prepared, resteer_prepared_batch
-    from fmn.resteer import ResteerError, resteer_config_for
+    from fmn.resteer import ResteerConfig, ResteerError
 
     rs = [m.resolve(cid) for cid in ids]
     for cid, prep in zip(ids, preps, strict=True):
         check_record(rp, prep, f"prepared data of {cid!r}")
-    cfgs = [resteer_config_for(r.type, **r.resteer.model_dump(exclude={"mask"})) for r in rs]
+    cfgs = [ResteerConfig.from_options(r.type, r.resteer) for r in rs]
     datas = [_prepared(pipe, r, rp) for r in rs]
     learned = [_read_ti(rp.abs(next(iter(t["outputs"])))) if t else None for t in tis]
     ticks = [ProgressFile(rp, cid) for cid in ids]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fmn.io import write_json
-from fmn.manifest import Manifest, load_manifest
+from fmn.manifest import GENERATED_IMAGES, Manifest, load_manifest
 from fmn.runs import ProgressFile, RunPaths, tree_hash
 from fmn.stages.common import Record, base_spec, check_record, pipeline, preserve_list
 
@@ -70,15 +70,15 @@ def _joint(pipe, m: Manifest, rp: RunPaths, tick):
     no masks: fmn.forget.forget_joint is the baseline it was written for."""
     from fmn.forget import forget_joint
     from fmn.merge import MergeResult
-    from fmn.resteer import resteer_config_for
+    from fmn.resteer import ResteerConfig
 
     rs = m.resolved_concepts()
-    cfgs = [resteer_config_for(r.type, **r.resteer.model_dump(exclude={"mask"})) for r in rs]
+    cfgs = [ResteerConfig.from_options(r.type, r.resteer) for r in rs]
     patch = forget_joint(
         pipe,
         [(r.id, r.type, r.text) for r in rs],
         cfgs,
-        generate=max(r.generate or 16 for r in rs),
+        generate=max(r.generate or GENERATED_IMAGES for r in rs),
         preserve=preserve_list(m),
         cache_dir=rp.prep,
         progress=tick,
