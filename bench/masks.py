@@ -3,7 +3,7 @@ MTCNN on the world's cartoon faces and on a real photo. Writes bench/results/mas
 and prints a markdown table.
 
 The attention-mask settings are chosen on a tuning split and measured on a held-out one
-(other images, other seed). The ground truth only measures: attention_masks never sees it.
+(other images, other seed). The ground truth measures and feeds nothing: attention_masks never sees it.
 
     .venv/bin/python bench/masks.py [--per-concept 10] [--out bench/results/masks.json]
 """

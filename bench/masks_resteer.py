@@ -9,7 +9,7 @@ same seed, same images, same scoring prompts and seeds).
 
 Every patch is scored with the world detector on the target and on a fixed set of concepts
 that are never targeted (every identity, object and style of the world except the
-targets). The world's classifier only MEASURES here: nothing it says feeds a loss, a mask or
+targets). The world's classifier measures here and feeds nothing: nothing it says feeds a loss, a mask or
 a setting. The attention masks come from the base model's own cross-attention.
 
 Usage: python bench/masks_resteer.py [--targets triangle square outline dots]

@@ -6,7 +6,7 @@ the base model's), Acc_s ratio (mean accuracy on the preserved concepts / base),
 time and peak memory of the merge (for joint: the joint training run, which is its merge).
 Writes bench/results/merge.json and merge.md.
 
-The world's classifier only measures; the forgetting side sees concept texts, the
+The world's classifier measures and feeds no loss; the forgetting side sees concept texts, the
 manifest's preserve list and images the base model draws.
 Usage: python bench/merge.py [--n 1 4 8 16] [--prompts 4] [--seeds 4]
 """

@@ -17,7 +17,7 @@ end-of-text position (`use_pooler: true`) over all pixels.
 Both get the same 16 images (generated once by the base model, not timed), the same batch
 (4), the same number of steps (35), in the same run, interleaved per repeat, each repeat
 in a fresh subprocess so that peak memory is per implementation. The world classifier
-only measures afterwards (target M-Score ratio to base, and a few other concepts).
+measures afterwards (it feeds no loss) (target M-Score ratio to base, and a few other concepts).
 
 Usage: python bench/resteer.py [--concepts carol eve triangle circle outline dots] [--repeats 3]
 Writes bench/results/resteer.json and resteer.md.

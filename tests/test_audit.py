@@ -1,6 +1,6 @@
 """`fmn audit` on the embedded world: the baseline vs a one-concept patch, for real.
 
-The world classifier only measures here; the patch comes from fmn.forget, which sees the
+The world classifier measures here and feeds no loss; the patch comes from fmn.forget, which sees the
 concept's text and the images the base model draws, nothing else.
 """
 

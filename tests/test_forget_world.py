@@ -1,6 +1,6 @@
 """Forgetting for real on the embedded world: the target's M-Score falls, the others hold.
 
-The world classifier only measures here; the re-steering side sees the concept's text and
+The world classifier measures here and feeds no loss; the re-steering side sees the concept's text and
 images the base model generates, nothing else.
 """
 

@@ -167,6 +167,8 @@ def test_cli_merge_with_a_manifest(pipe, tmp_path) -> None:
         f"name: m\nbase_model: {model}\nconcepts:\n"
         + "".join(f"  - {{id: {t}, type: {k}}}\n" for t, k in CONCEPTS)
         + "preserve:\n  - {id: dog, type: object}\nmerge: {method: sum}\n"
+        # not an embedded world, so the world detector is refused: name one that fits
+        + "evaluate: {detectors: {id: nudenet, object: nudenet, style: nudenet}}\n"
     )
     out = tmp_path / "merged"
     runner = CliRunner()

@@ -1,5 +1,5 @@
 """Three world concepts forgotten one by one, merged in closed form: all three gone, the
-preserved concepts kept. The world classifier only measures; the forgetting side sees the
+preserved concepts kept. The world classifier measures and feeds no loss; the forgetting side sees the
 concepts' texts, the preserve list and images the base model draws."""
 
 from __future__ import annotations
