@@ -278,17 +278,14 @@ class _Strict(BaseModel):
 # Stage options, and the stage configs derived from them
 
 # Re-steering options whose default depends on the concept type (ResteerOptions leaves
-# them None). Every type starts from ANY_TYPE: the concept's own tokens, and a light
-# preservation term (0 lets the edit spread to every neighbour, others' mean M-Score ratio
-# 0.5-0.8 in the sweep; >= 1 stops an identity from moving at all at 35 steps; 0.3 sits
-# between: carol -> 0.04). Measured on the embedded world (docs/resteer.md, 16 images per
-# concept). The causal text encoder carries a word into every later position. A style word
-# ends its prompts, so suppressing its own token leaves the style (outline 0.96 -> 0.90);
-# adding every end-of-text/padding position works only with a strong preservation term that
-# keeps the padding shared by other prompts in place (outline -> 0.08, others 1.01). An
-# object is often followed by "in the style of ...": its own token alone took triangle only
-# to 0.49; adding the first end-of-text token with preservation 1.0 took it to 0.13 (others
-# 0.94).
+# them None). Every type starts from ANY_TYPE: the concept's own tokens and a light
+# preservation term (none lets the edit spread to neighbours; a strong one stops an
+# identity from moving in 35 steps). The causal text encoder carries a word into every
+# later position: a style word ends its prompts, so styles add every end-of-text position
+# and need a strong preservation term to keep the padding other prompts share in place;
+# an object is often followed by "in the style of ...", so objects add the first
+# end-of-text. Chosen by world-detector sweeps on tiny-world's carol, triangle and outline,
+# so in sample (docs/resteer.md has the sweep, docs/world.md the measuring rule).
 ANY_TYPE: dict[str, Any] = {"positions": "concept", "preserve_weight": 0.3}
 TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "object": {"positions": "concept+eot", "preserve_weight": 1.0},
@@ -352,9 +349,9 @@ class ResteerOptions(_Strict):
 
     steps: Count = 35  # the original Forget-Me-Not recipe; more starts to hurt neighbours
     """Optimisation steps."""
-    # AdamW. With the preservation term, 3e-3 is where an identity, an object and a style
-    # of the embedded world fell to <= 20% of base with the rest kept (docs/resteer.md);
-    # 1e-3 moved the object but not the identity, 1e-4 moved nothing in 35 steps
+    # AdamW. With the preservation term, the rate at which tiny-world's carol, triangle and
+    # outline were forgotten with the rest kept, in a detector sweep on those same three
+    # (in sample: docs/resteer.md); lower rates left the identity in place in 35 steps
     lr: PositiveFloat = 3e-3
     """Learning rate."""
     # None: by concept type (type_defaults): 0.3; 1 for objects, 10 for styles
@@ -514,9 +511,9 @@ class Merge(_Strict):
     concepts in place; joint: one re-steering run over every concept (docs/merge.md)."""
     weights: dict[str, PositiveFloat] = {}  # equal say for every concept
     """Weight of each concept's patch, by id; concepts left out weigh 1.0."""
-    # At 1 a preserved concept weighs what a target weighs; on the world benchmark
-    # (docs/merge.md, N = 8) 1 kept the preserved concepts at 0.98 but forgot less (Acc_e
-    # 0.71), 0.3 kept 0.975 with Acc_e 0.55
+    # At 1 a preserved concept weighs what a target weighs; the lower value forgot more at
+    # about the same retention in tiny-world's merge benchmark, whose detector sweep chose
+    # it on the same concepts it reports (in sample: docs/merge.md, docs/world.md)
     preserve_weight: PositiveFloat = 0.3
     """closed-form: weight of the preserved and generic prompts against one concept's edit."""
     ridge: PositiveFloat = 1e-3  # only holds directions no prompt constrains
