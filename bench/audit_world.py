@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from fmn.audit import audit
-from fmn.forget import forget_concept
+from fmn.eval.audit import audit
 from fmn.manifest import parse_manifest
-from fmn.models import load_pipeline
-from fmn.patch import save_patch
-from fmn.resteer import ResteerConfig
+from fmn.model.load import load_pipeline
+from fmn.model.patch import save_patch
+from fmn.train.forget import forget_concept
+from fmn.train.resteer import ResteerConfig
 from fmn.world import EMBEDDED_NAME
 from fmn.world.concepts import world_concepts
 

@@ -61,8 +61,8 @@ def start(m: Path, out: Path, env: dict) -> subprocess.Popen:
 
 def verify(out: Path) -> tuple[int, list[str]]:
     """(files verified, problems) of a finished build in `out`."""
-    from fmn.models import fingerprint, load_pipeline
-    from fmn.patch import patch_hash
+    from fmn.model.load import fingerprint, load_pipeline
+    from fmn.model.patch import patch_hash
 
     run, problems, n = out / "run", [], 0
     merge = json.loads((run / "merged" / "merge.json").read_text())

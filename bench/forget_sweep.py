@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from fmn.anchors import anchor_prompts
-from fmn.conditioning import encode_text
-from fmn.models import load_pipeline
-from fmn.mscore.detectors import WorldDetector
-from fmn.mscore.score import ConceptRef, score_concepts, summarise
-from fmn.prepare import CONCEPT_TEMPLATES, prepare_concept
-from fmn.resteer import resteer, resteer_config_for
+from fmn.data.anchors import anchor_prompts
+from fmn.data.prepare import prepare_concept
+from fmn.eval.mscore.detectors import WorldDetector
+from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.model.conditioning import CONCEPT_TEMPLATES, encode_text
+from fmn.model.load import load_pipeline
+from fmn.train.resteer import resteer, resteer_config_for
 from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
 from fmn.world.concepts import get_concept, world_concepts
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmn.models import load_pipeline
-from fmn.mscore.score import generate
-from fmn.patch import apply_patch, export_lora, load_patch
+from fmn.model.images import generate
+from fmn.model.load import load_pipeline
+from fmn.model.patch import apply_patch, export_lora, load_patch
 from fmn.world import EMBEDDED_NAME
 
 PROMPTS = ["a photo of carol", "a photo of a red star", "a picture in the style of dots"]

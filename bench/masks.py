@@ -3,7 +3,8 @@ MTCNN on the world's cartoon faces and on a real photo. Writes bench/results/mas
 and prints a markdown table.
 
 The attention-mask settings are chosen on a tuning split and measured on a held-out one
-(other images, other seed). The ground truth measures and feeds nothing: attention_masks never sees it.
+(other images, other seed). The ground truth measures and feeds nothing: attention_masks
+never sees it.
 
     .venv/bin/python bench/masks.py [--per-concept 10] [--out bench/results/masks.json]
 """
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fmn import masks as M
+from fmn.data import masks as M
 from fmn.io import write_json
-from fmn.models import fingerprint, load_pipeline
-from fmn.prepare import encode_images
+from fmn.model.images import encode_images
+from fmn.model.load import fingerprint, load_pipeline
 from fmn.world.concepts import COLOURS, IDENTITIES, SHAPES, STYLES
 from fmn.world.render import render_face, render_object
 

@@ -1,16 +1,16 @@
 """Masked vs unmasked re-steering on the embedded world, side by side in ONE run.
 
 Per target (objects and styles): the training images are generated once by the base model
-and shared by every arm; each arm is `fmn.forget.forget_concept` with the type's defaults
-(`fmn.resteer.resteer_config_for`), `mask: none` or `mask: attention`, and a training seed
+and shared by every arm; each arm is `fmn.train.forget.forget_concept` with the type's defaults
+(`fmn.train.resteer.resteer_config_for`), `mask: none` or `mask: attention`, and a training seed
 (`ResteerConfig.seed`: which images, prompts, timesteps and noise each step draws). Two
 training seeds per mask give the run-to-run noise; the comparison is paired (same target,
 same seed, same images, same scoring prompts and seeds).
 
 Every patch is scored with the world detector on the target and on a fixed set of concepts
 that are never targeted (every identity, object and style of the world except the
-targets). The world's classifier measures here and feeds nothing: nothing it says feeds a loss, a mask or
-a setting. The attention masks come from the base model's own cross-attention.
+targets). The world's classifier measures here: nothing it says feeds a loss, a mask
+or a setting. The attention masks come from the base model's own cross-attention.
 
 Usage: python bench/masks_resteer.py [--targets triangle square outline dots]
        [--train-seeds 0 1 2] [--prompts 4] [--seeds 6]   (~37 min on 1 CPU thread)
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=6, help="scoring seeds per prompt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
-        "--params", default="to_kv", help="trained parameters (fmn.resteer.PARAM_PATTERNS)"
+        "--params", default="to_kv", help="trained parameters (fmn.train.resteer.PARAM_PATTERNS)"
     )
     ap.add_argument(
         "--lr",
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument(
         "--invert",
         action="store_true",
-        help="textual inversion first (fmn.invert defaults), masked in the masked arm",
+        help="textual inversion first (fmn.train.invert defaults), masked in the masked arm",
     )
     ap.add_argument("--out", default="bench/results/masks_resteer.json")
     ap.add_argument(
@@ -87,12 +87,12 @@ def main() -> None:
         print(write(Path(args.out), result))
         return None
 
-    from fmn.forget import forget_concept
-    from fmn.invert import InvertConfig
-    from fmn.models import load_pipeline
-    from fmn.mscore.detectors import WorldDetector
-    from fmn.prepare import generate_concept_images
-    from fmn.resteer import resteer_config_for
+    from fmn.data.prepare import generate_concept_images
+    from fmn.eval.mscore.detectors import WorldDetector
+    from fmn.model.load import load_pipeline
+    from fmn.train.forget import forget_concept
+    from fmn.train.invert import InvertConfig
+    from fmn.train.resteer import resteer_config_for
     from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
     from fmn.world.concepts import get_concept, world_concepts
 
@@ -218,10 +218,10 @@ def write(out: Path, result: dict) -> str:
 
 
 def _losses(store, masks) -> dict[str, torch.Tensor]:
-    """The unmasked loss, the masked one (fmn.attention.attention_loss), and the masked
+    """The unmasked loss, the masked one (fmn.model.attention.attention_loss), and the masked
     integrand averaged over ALL pixels (the alternative normalisation: zero outside the
     mask, divide by the image), plus the share of squared attention inside the mask."""
-    from fmn.attention import attention_loss, resize_masks
+    from fmn.model.attention import attention_loss, resize_masks
 
     sums, inside = [], []
     for m in store.maps:
@@ -243,10 +243,11 @@ def scale_check(args, batches: int = 8) -> None:
     mask should change which pixels count, not how hard the attention term pulls."""
     from diffusers import DDPMScheduler
 
-    from fmn.attention import AttentionStore, capture_cross_attention, token_weights
-    from fmn.models import load_pipeline
-    from fmn.prepare import generate_concept_images, prepare_concept
-    from fmn.resteer import _unet_step, concept_token_ids, resteer_config_for, select_params
+    from fmn.data.prepare import generate_concept_images, prepare_concept
+    from fmn.model.attention import AttentionStore, capture_cross_attention, token_weights
+    from fmn.model.conditioning import concept_token_ids
+    from fmn.model.load import load_pipeline
+    from fmn.train.resteer import _unet_step, resteer_config_for, select_params
     from fmn.world import EMBEDDED_NAME
     from fmn.world.concepts import get_concept
 

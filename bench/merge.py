@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 from bench.common import PeakRSS, git_commit
-from fmn.forget import forget_concept, forget_joint
-from fmn.merge import MergeConfig, merge_patches
-from fmn.models import load_pipeline
-from fmn.mscore.detectors import WorldDetector
-from fmn.mscore.score import ConceptRef, score_concepts, summarise
-from fmn.patch import Patch, apply_patch, revert_patch, save_patch
-from fmn.resteer import resteer_config_for
+from fmn.eval.mscore.detectors import WorldDetector
+from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.merge.fuse import MergeConfig, merge_patches
+from fmn.model.load import load_pipeline
+from fmn.model.patch import Patch, apply_patch, revert_patch, save_patch
+from fmn.train.forget import forget_concept, forget_joint
+from fmn.train.resteer import resteer_config_for
 from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
 from fmn.world.concepts import get_concept
 
@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument(
         "--choose-anchors",
         action="store_true",
-        help="erase term: anchors picked by the base model's own judgement (fmn.anchor_check)",
+        help="erase term: anchors picked by the base model's own judgement "
+        "(fmn.merge.anchor_check)",
     )
     ap.add_argument("--overshoot", type=float, default=MergeConfig.overshoot)
     ap.add_argument("--out", default="bench/results/merge.json")
@@ -110,7 +111,7 @@ def main() -> None:
                     patch = _joint(pipe, chosen, preserve)
                 else:
                     # "closed-form@0.1": another preserve_weight; "closed-form~1": erase 1;
-                    # "closed-form:tune": weights picked by the base model (fmn.self_audit)
+                    # "closed-form:tune": weights picked by the base model (fmn.merge.self_audit)
                     name, _, mode = method.partition(":")
                     name, _, erase = name.partition("~")
                     name, _, alpha = name.partition("@")

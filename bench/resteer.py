@@ -1,9 +1,9 @@
 """Per-concept re-steering cost on the embedded world: ours vs the original loop.
 
-OURS: `fmn.forget.forget_concept` (prepare: VAE latents and text states computed once;
+OURS: `fmn.train.forget.forget_concept` (prepare: VAE latents and text states computed once;
 re-steer: only attn2 to_k/to_v require grad, SDPA self-attention, capture on attn2 only,
 per-type defaults; builds the patch), one concept at a time.
-OURS-BATCH: the same for every concept at once (`fmn.forget.resteer_prepared_batch`, what
+OURS-BATCH: the same for every concept at once (`fmn.train.forget.resteer_prepared_batch`, what
 `defaults.train_together` makes a run do): separate patches, shared UNet passes; seconds
 per concept = the whole wall time / the number of concepts.
 ORIGINAL: a faithful re-implementation of Forget-Me-Not's `attn_steer` loop (Zhang et al.,
@@ -111,9 +111,8 @@ def original_forget(pipe, concept, images: np.ndarray, *, steps: int, lr: float,
     """The original re-steering loop; returns the whole-UNet deltas."""
     from diffusers import DDPMScheduler
 
-    from fmn.attention import token_weights
-    from fmn.prepare import concept_prompts
-    from fmn.resteer import concept_token_ids
+    from fmn.model.attention import token_weights
+    from fmn.model.conditioning import concept_prompts, concept_token_ids
 
     unet, vae, text_encoder, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -171,7 +170,7 @@ def original_forget(pipe, concept, images: np.ndarray, *, steps: int, lr: float,
 
 
 def score(pipe, detector, ids: list[str], prompts: int, seeds: int) -> dict[str, float]:
-    from fmn.mscore.score import ConceptRef, score_concepts, summarise
+    from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
     from fmn.world.concepts import get_concept
 
     refs = [ConceptRef(c.id, c.type, c.text) for c in map(get_concept, ids)]
@@ -183,11 +182,11 @@ def score(pipe, detector, ids: list[str], prompts: int, seeds: int) -> dict[str,
 
 def ours_batch(pipe, args, images) -> dict[str, tuple[dict, dict]]:
     """OURS-BATCH: every concept prepared, then re-steered together in shared UNet passes
-    (fmn.resteer_batch; each still gets its own patch). Seconds per concept: the whole
+    (fmn.train.resteer_batch; each still gets its own patch). Seconds per concept: the whole
     wall time (prepare included) divided by the number of concepts."""
-    from fmn.forget import resteer_prepared_batch
-    from fmn.prepare import prepare_concept
-    from fmn.resteer import resteer_config_for
+    from fmn.data.prepare import prepare_concept
+    from fmn.train.forget import resteer_prepared_batch
+    from fmn.train.resteer import resteer_config_for
     from fmn.world.concepts import get_concept
 
     cs = [get_concept(cid) for cid in args.concepts]
@@ -210,10 +209,10 @@ def ours_batch(pipe, args, images) -> dict[str, tuple[dict, dict]]:
 
 
 def worker(args) -> None:
-    from fmn.forget import forget_concept
-    from fmn.models import load_pipeline
-    from fmn.mscore.detectors import WorldDetector
-    from fmn.resteer import resteer_config_for
+    from fmn.eval.mscore.detectors import WorldDetector
+    from fmn.model.load import load_pipeline
+    from fmn.train.forget import forget_concept
+    from fmn.train.resteer import resteer_config_for
     from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
     from fmn.world.concepts import get_concept
 
@@ -282,9 +281,9 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from fmn.models import load_pipeline
-    from fmn.mscore.detectors import WorldDetector
-    from fmn.prepare import generate_concept_images
+    from fmn.data.prepare import generate_concept_images
+    from fmn.eval.mscore.detectors import WorldDetector
+    from fmn.model.load import load_pipeline
     from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
     from fmn.world.concepts import get_concept
 

@@ -58,12 +58,12 @@ def targets(n: int) -> list[tuple[str, str, str, int]]:
 
 
 def worker(args) -> None:
-    from fmn.forget import forget_concept, resteer_prepared_batch
-    from fmn.merge import MergeConfig, merge_patches
-    from fmn.models import load_pipeline
-    from fmn.patch import save_patch
-    from fmn.prepare import prepare_concept
-    from fmn.resteer import resteer_config_for
+    from fmn.data.prepare import prepare_concept
+    from fmn.merge.fuse import MergeConfig, merge_patches
+    from fmn.model.load import load_pipeline
+    from fmn.model.patch import save_patch
+    from fmn.train.forget import forget_concept, resteer_prepared_batch
+    from fmn.train.resteer import resteer_config_for
     from fmn.world import EMBEDDED_NAME
     from fmn.world.concepts import get_concept
 
@@ -114,8 +114,8 @@ def worker(args) -> None:
 
 def merge_only(args) -> None:
     """Merge alone: the patches already on disk, closed-form with the preserve list."""
-    from fmn.merge import MergeConfig, merge_patches
-    from fmn.models import load_pipeline
+    from fmn.merge.fuse import MergeConfig, merge_patches
+    from fmn.model.load import load_pipeline
     from fmn.world import EMBEDDED_NAME
     from fmn.world.concepts import get_concept
 

@@ -5,14 +5,14 @@ text states 77x768) or SDXL's (2.6B; 128x128 latents = 1024 px, 77x2048 + pooled
 ids) with random weights, so nothing is downloaded, and times re-steering steps:
 
 - ours: latents and text states cached (computed once, outside the loop), only attn2
-  to_k/to_v require grad, capture on attn2 only (fmn.attention), SDPA self-attention, the
-  preservation term in its Gram form (fmn.resteer.AnchorGram), AdamW + clipping: the
-  inner loop of fmn.resteer.resteer;
+  to_k/to_v require grad, capture on attn2 only (fmn.model.attention), SDPA self-attention, the
+  preservation term in its Gram form (fmn.train.resteer.AnchorGram), AdamW + clipping: the
+  inner loop of fmn.train.resteer.resteer;
 - original: every step VAE-encodes the batch's pixels and runs the text encoder(s); the
   whole UNet trains in fp32 (AdamW over every parameter) with the classic
   explicit-probability processor on every attention module (bench/resteer.py);
 - ti: textual inversion steps (4 learned token vectors; text encoder forward/backward and
-  UNet forward/backward to its text input), as fmn.invert does.
+  UNet forward/backward to its text input), as fmn.train.invert does.
 
 On CPU (default: one step each, 1 thread) it reports seconds per step and peak RSS; on a
 GPU (`--device cuda --bf16`) seconds per concept (--steps, after one warm-up step), peak
@@ -213,9 +213,9 @@ def cached_inputs(m: Model, gen: torch.Generator):
 
 
 def ours_steps(m: Model, steps: int, batch: int, flops: bool = False):
-    """The inner loop of fmn.resteer.resteer on cached inputs; returns a closure per step."""
-    from fmn.attention import AttentionStore, attention_loss, capture_cross_attention
-    from fmn.resteer import AnchorGram, preservation_loss, select_params
+    """The inner loop of fmn.train.resteer.resteer on cached inputs; returns a closure per step."""
+    from fmn.model.attention import AttentionStore, attention_loss, capture_cross_attention
+    from fmn.train.resteer import AnchorGram, preservation_loss, select_params
 
     dev = m.device
     gen = torch.Generator(dev).manual_seed(0)

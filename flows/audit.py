@@ -8,7 +8,7 @@ from prefect import flow
 
 import tasks
 from fmn.manifest import load_manifest
-from fmn.runs import run_lock
+from fmn.run.folder import run_lock
 from tasks.slots import ensure_device_slot
 
 

@@ -10,7 +10,7 @@ from prefect.futures import PrefectFuture
 
 import tasks
 from fmn.manifest import load_manifest
-from fmn.runs import default_paths, run_lock
+from fmn.run.folder import default_paths, run_lock
 from tasks.slots import ensure_device_slot
 
 

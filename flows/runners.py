@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fmn.runs import RunPaths
+from fmn.run.folder import RunPaths
 
 RUNNERS = ("default", "dask", "dask-cuda")
 

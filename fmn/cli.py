@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import get_args
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fmn.console import console, progress_columns
 from fmn.io import write_json, write_with
 from fmn.manifest import (
     GENERATED_IMAGES,
@@ -33,7 +32,6 @@ from fmn.manifest import (
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Forget-Me-Not pipeline.")
 world_app = typer.Typer(no_args_is_help=True, help="The embedded concept world.")
 app.add_typer(world_app, name="world")
-console = Console()
 
 
 def _threads(n: int) -> None:
@@ -41,18 +39,6 @@ def _threads(n: int) -> None:
 
     if n > 0:
         torch.set_num_threads(n)
-
-
-def progress_columns(out: Console | None = None) -> Progress:
-    """The progress view of every command: stage, bar, n/total, metrics, time."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=out or console,
-    )
 
 
 @contextmanager
@@ -101,8 +87,8 @@ def audit(
     threads: int = typer.Option(1),
 ) -> None:
     """M-Score report of a model vs its baseline; exit 1 if a gate fails, 2 on bad input."""
-    from fmn.audit import BAD_INPUT
-    from fmn.audit import audit as run_audit
+    from fmn.eval.audit import BAD_INPUT
+    from fmn.eval.audit import audit as run_audit
     from fmn.manifest import ManifestError, load_manifest
 
     _threads(threads)
@@ -199,8 +185,8 @@ def world_sample(
     threads: int = typer.Option(1, help="torch threads (1 is fastest on a busy 2-core box)."),
 ) -> None:
     """Generate a few images for a prompt, for a quick look."""
-    from fmn.grids import labelled_grid
-    from fmn.mscore.score import generate
+    from fmn.eval.grids import labelled_grid
+    from fmn.model.images import generate
 
     _threads(threads)
     pipe = _load_model_or_exit(model)
@@ -225,7 +211,7 @@ def world_build(
 ) -> None:
     """Train an embedded world from scratch, stage by stage; a re-run resumes (tiny-world
     about 1 hour on 2 CPU cores, crowd-world about 2: docs/world.md)."""
-    from fmn.models import embedded_path
+    from fmn.model.load import embedded_path
     from fmn.world.train import STAGES, build_world, world_config
 
     w = _get_world_or_exit(world)
@@ -259,8 +245,8 @@ def world_build(
 def _measure_world(path: Path, update, world, quick: bool = False) -> dict:
     """Classifier accuracy and base M-Score of a built world; writes grid.png beside it.
     quick: a handful of images, 2 steps (plumbing only)."""
-    from fmn.models import load_pipeline
-    from fmn.mscore.detectors import WorldDetector
+    from fmn.eval.mscore.detectors import WorldDetector
+    from fmn.model.load import load_pipeline
     from fmn.world.evaluate import base_mscore, classifier_accuracy, phrasing_mscore, role_shares
 
     pipe = load_pipeline(str(path))
@@ -281,7 +267,7 @@ def _measure_world(path: Path, update, world, quick: bool = False) -> dict:
 
 
 def _concept_grid(images: dict):
-    from fmn.grids import labelled_grid
+    from fmn.eval.grids import labelled_grid
 
     return labelled_grid({cid: imgs for cid, imgs in images.items()}, scale=3, per_row=8)
 
@@ -378,10 +364,10 @@ def forget(
     """Re-steer one concept out of a model and write its patch (for researchers). The
     options are resolved like a manifest concept's: the patch is the one `fmn run` makes
     of the same concept."""
-    from fmn.forget import forget_resolved
-    from fmn.invert import save_ti
     from fmn.manifest import Concept, Defaults, resolve_concept
-    from fmn.patch import save_patch
+    from fmn.model.patch import save_patch
+    from fmn.train.forget import forget_resolved
+    from fmn.train.invert import save_ti
 
     given = {
         "steps": steps,
@@ -479,7 +465,7 @@ def _exit_on_problems(lines: list[str]) -> None:
 
 def _load_model_or_exit(spec: str, where: str = "--model"):
     """load_pipeline, or exit 2 with the reason (missing path, pickle, unsupported model)."""
-    from fmn.models import ModelLoadError, load_pipeline
+    from fmn.model.load import ModelLoadError, load_pipeline
 
     try:
         return load_pipeline(spec)
@@ -499,7 +485,7 @@ def apply(
     """Apply a patch to a model and save the result as a diffusers pipeline folder."""
     import shutil
 
-    from fmn.patch import PatchError, apply_patch, load_patch
+    from fmn.model.patch import PatchError, apply_patch, load_patch
 
     try:
         the_patch = load_patch(patch)  # read and checked before the model loads
@@ -531,7 +517,7 @@ def export(
     rank: int = typer.Option(None, min=1, help="SVD rank; default: full rank (exact)."),
 ) -> None:
     """Export a patch as a LoRA file that diffusers, ComfyUI or AUTOMATIC1111 loads."""
-    from fmn.patch import PatchError, export_kohya, export_lora, load_patch
+    from fmn.model.patch import PatchError, export_kohya, export_lora, load_patch
 
     exporters = {"lora": export_lora, "kohya": export_kohya}
     if fmt not in exporters:
@@ -579,8 +565,8 @@ def merge(
     threads: int = typer.Option(1),
 ) -> None:
     """Merge per-concept patches into one model (closed-form least squares or a sum)."""
-    from fmn.merge import MergeConfig, MergeError, concept_patches, merge_patches, write_merged
-    from fmn.patch import PatchError, patch_concept
+    from fmn.merge.fuse import MergeConfig, MergeError, concept_patches, merge_patches, write_merged
+    from fmn.model.patch import PatchError, patch_concept
 
     cfg, kept, base = MergeConfig(), [], model or BASE_MODEL
     if manifest is not None:
@@ -727,8 +713,8 @@ def demo(
     threads: int = typer.Option(1, help="torch threads."),
 ) -> None:
     """Load the embedded model, render every concept and print its world M-Score."""
-    from fmn.models import load_pipeline
-    from fmn.mscore.detectors import WorldDetector
+    from fmn.eval.mscore.detectors import WorldDetector
+    from fmn.model.load import load_pipeline
     from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
     from fmn.world.evaluate import base_mscore
 

@@ -1,7 +1,7 @@
 """`fmn run MANIFEST`: the forget flow behind a console view (part of the CLI face: it is
 the one place in fmn/ that starts a Prefect flow, imported only when `fmn run` runs).
 
-The view follows the run folder's progress files (fmn.runs.ProgressFile), one row per
+The view follows the run folder's progress files (fmn.run.folder.ProgressFile), one row per
 concept plus merge and audit, so it shows the same whether the stages run in threads or
 in Dask workers.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fmn.runs import RunPaths, default_paths, read_progress
+from fmn.console import progress_columns
+from fmn.run.folder import RunPaths, default_paths, read_progress
 
 
 def _quiet_defaults() -> None:
@@ -34,8 +35,6 @@ class _View:
 
     def __init__(self, console: Console, run: RunPaths, keys: list[str]) -> None:
         self.run, self.stop = run, threading.Event()
-        from fmn.cli import progress_columns
-
         self.bar = progress_columns(console)
         self.rows = {k: self.bar.add_task(f"{k:<14} waiting", total=1, info="") for k in keys}
 
@@ -109,7 +108,7 @@ def run_manifest(
     the run folder is busy."""
     _quiet_defaults()
     from fmn.manifest import ManifestError, load_manifest
-    from fmn.runs import RunLockedError, run_lock, sweep_stale_temp
+    from fmn.run.folder import RunLockedError, run_lock, sweep_stale_temp
 
     console = console or Console()
     try:

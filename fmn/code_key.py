@@ -4,18 +4,18 @@ A cached result (a build stage's output, a prep cache entry) must be remade when
 that makes it changes, and only then. `code_key(root)` hashes the source of every fmn
 module in the static import closure of `root`:
 
-- `"fmn.prepare"`: the module, every fmn module its import statements name (anywhere:
+- `"fmn.data.prepare"`: the module, every fmn module its import statements name (anywhere:
   at the top, inside functions, under `if TYPE_CHECKING`), theirs, and so on;
-- `"fmn.stages.concept:stage_prepare"`: one function of a module. The module's own source
+- `"fmn.run.stages.concept:stage_prepare"`: one function of a module. The module's own source
   and top-level imports count, but of its functions only this one and those it names
   (helpers of the same module) have their imports followed, so the prepare stage does not
   depend on the re-steering code that stage_resteer, in the same file, imports. A name
-  the module only imports is looked up where it comes from: `"fmn.stages:stage_prepare"`
+  the module only imports is looked up where it comes from: `"fmn.run.stages:stage_prepare"`
   is the same root, found without importing anything.
 
 `from fmn.x import y` counts `fmn.x.y` when that is a module, else `fmn.x`. Packages'
 `__init__.py` files count (they run before any module in them), but their own imports are
-followed only when the package itself provides an imported name: `fmn/stages/__init__.py`
+followed only when the package itself provides an imported name: `fmn/run/stages/__init__.py`
 re-exports every stage, and following it from each stage would tie every stage to every
 other stage's code.
 
@@ -76,7 +76,7 @@ def code_key(root: str, src: Path | None = None) -> str:
     flow process or a Dask worker), so one stage's key would change from run to run
     without any code change; it would hold every module any stage imported, tying each
     stage to all of fmn; and it would miss the modules a stage imports lazily when it
-    runs, after its key has been computed (fmn.self_audit in the merge). The import
+    runs, after its key has been computed (fmn.merge.self_audit in the merge). The import
     statements in the files are the same for every process and machine.
 
     Once per process (per source tree: tests point `src` or SOURCE_ROOT at a copy): a
@@ -128,7 +128,7 @@ def _imports(name: str, src: Path) -> frozenset[str]:
 
 def _definition(module: str, function: str, src: Path) -> tuple[str, str]:
     """(module, name) where `module`'s `function` is defined: itself, or, for a name its
-    top level imports (a package's re-export: fmn.stages:stage_prepare), where it came
+    top level imports (a package's re-export: fmn.run.stages:stage_prepare), where it came
     from."""
     tree = _parse(module, src)
     if any(isinstance(n, _FUNCTIONS) and n.name == function for n in tree.body):

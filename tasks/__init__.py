@@ -1,4 +1,4 @@
-"""Prefect tasks: one per stage, each a thin wrapper over one fmn.stages function. The
+"""Prefect tasks: one per stage, each a thin wrapper over one fmn.run.stages function. The
 only layer that knows caching, retries, tags, the device slot and artifacts."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from fmn.runs import RunPaths
+from fmn.run.folder import RunPaths
 
 
 def for_run(run: Path | str) -> SimpleNamespace:

@@ -1,7 +1,7 @@
 """What every task shares: its cache key, which results it may retry, where its results
 live, and the device slot. This is the only layer that knows Prefect's caching.
 
-Cache: a task's key hashes `fmn.stages.stage_inputs` (the concept's resolved spec, input
+Cache: a task's key hashes `fmn.run.stages.stage_inputs` (the concept's resolved spec, input
 file hashes, the base model's files, the code of the fmn modules behind the stage) and the
 task's own source. Results are JSON records of paths and hashes, persisted inside the run
 folder (`<run>/.prefect/results`, so a run folder carries its own cache). A cached record
@@ -18,8 +18,8 @@ import torch
 from prefect.context import TaskRunContext
 
 from fmn.code_key import source_key
-from fmn.runs import RunPaths, canonical_hash, intact
-from fmn.stages import stage_key
+from fmn.run.folder import RunPaths, canonical_hash, intact
+from fmn.run.stages import stage_key
 
 # Worth another try: I/O and network hiccups, a GPU whose memory another job held for a
 # moment. Not worth it: anything the inputs decide (a NaN loss, a bad manifest, a missing

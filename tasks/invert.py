@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.stages import Record, stage_invert
+from fmn.run.stages import Record, stage_invert
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -17,6 +17,6 @@ from tasks.slots import device_slot
     **CACHED,
 )
 def invert(manifest: str, concept_id: str, run: str, prep: Record) -> Record:
-    """fmn.stages.stage_invert -> ti.safetensors."""
+    """fmn.run.stages.stage_invert -> ti.safetensors."""
     with device_slot():
         return stage_invert(manifest, concept_id, run, prep)

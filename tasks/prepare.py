@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.stages import Record, stage_prepare
+from fmn.run.stages import Record, stage_prepare
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -17,7 +17,7 @@ from tasks.slots import device_slot
     **CACHED,
 )
 def prepare(manifest: str, concept_id: str, run: str) -> Record:
-    """fmn.stages.stage_prepare: generates images with the base model, so it holds the
+    """fmn.run.stages.stage_prepare: generates images with the base model, so it holds the
     device slot."""
     with device_slot():
         return stage_prepare(manifest, concept_id, run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.stages import Record, stage_resteer
+from fmn.run.stages import Record, stage_resteer
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -19,7 +19,7 @@ from tasks.slots import device_slot
 def resteer(
     manifest: str, concept_id: str, run: str, prep: Record, ti: Record | None = None
 ) -> Record:
-    """fmn.stages.stage_resteer -> patches/<id>/delta.safetensors. A NaN loss fails the
+    """fmn.run.stages.stage_resteer -> patches/<id>/delta.safetensors. A NaN loss fails the
     concept at once (no retry: it would diverge again)."""
     with device_slot():
         return stage_resteer(manifest, concept_id, run, prep, ti)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.stages import Record, stage_resteer_group
+from fmn.run.stages import Record, stage_resteer_group
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -19,7 +19,7 @@ from tasks.slots import device_slot
 def resteer_group(
     manifest: str, concept_ids: list[str], run: str, preps: list[Record], tis: list
 ) -> Record:
-    """fmn.stages.stage_resteer_group -> patches/<id>/delta.safetensors for each concept.
+    """fmn.run.stages.stage_resteer_group -> patches/<id>/delta.safetensors for each concept.
     A concept whose loss turns NaN comes back as an error record; the others still land."""
     with device_slot():
         return stage_resteer_group(manifest, concept_ids, run, preps, tis)

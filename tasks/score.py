@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.stages import Record, stage_score
+from fmn.run.stages import Record, stage_score
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -16,6 +16,6 @@ from tasks.slots import device_slot
     **CACHED,
 )
 def score(manifest: str, run: str, audited: Record, failed: dict[str, str] | None = None) -> Record:
-    """fmn.stages.stage_score -> <run>/audit/ (rows, summary, prompts, images)."""
+    """fmn.run.stages.stage_score -> <run>/audit/ (rows, summary, prompts, images)."""
     with device_slot():
         return stage_score(manifest, run, audited, failed)

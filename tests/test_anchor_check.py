@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmn.anchor_check import check_anchor, choose_anchor
-from fmn.merge import MergeConfig, merge_patches
-from fmn.models import load_pipeline
-from fmn.patch import save_patch
+from fmn.merge.anchor_check import check_anchor, choose_anchor
+from fmn.merge.fuse import MergeConfig, merge_patches
+from fmn.model.load import load_pipeline
+from fmn.model.patch import save_patch
 from fmn.world import EMBEDDED_NAME
 from tests.test_merge import _patch
 

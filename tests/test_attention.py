@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmn.anchors import anchor_prompts
-from fmn.attention import (
+from fmn.data.anchors import anchor_prompts
+from fmn.data.prepare import prepare_concept
+from fmn.model.attention import (
     AttentionStore,
     CaptureProcessor,
     attention_loss,
     capture_cross_attention,
     token_weights,
 )
-from fmn.conditioning import encode_text
-from fmn.prepare import prepare_concept
-from fmn.resteer import ResteerConfig, ResteerError, resteer
+from fmn.model.conditioning import encode_text
+from fmn.train.resteer import ResteerConfig, ResteerError, resteer
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_concept_after_takes_every_later_position(clip_tokenizer_dir) -> None:
 
 
 def test_type_defaults_and_overrides() -> None:
-    from fmn.resteer import resteer_config_for
+    from fmn.train.resteer import resteer_config_for
 
     assert resteer_config_for("id").positions == "concept"
     assert resteer_config_for("style").positions == "all_eot"

@@ -1,7 +1,7 @@
 """`fmn audit` on the embedded world: the baseline vs a one-concept patch, for real.
 
-The world classifier measures here and feeds no loss; the patch comes from fmn.forget, which sees the
-concept's text and the images the base model draws, nothing else.
+The world classifier measures here and feeds no loss; the patch comes from
+fmn.train.forget, which sees the concept's text and the images the base model draws, nothing else.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from fmn.audit import AuditError, audit
 from fmn.cli import app
-from fmn.forget import forget_concept
+from fmn.eval.audit import AuditError, audit
 from fmn.manifest import parse_manifest
-from fmn.models import load_pipeline
-from fmn.patch import apply_patch, save_patch
-from fmn.resteer import ResteerConfig
+from fmn.model.load import load_pipeline
+from fmn.model.patch import apply_patch, save_patch
+from fmn.train.forget import forget_concept
+from fmn.train.resteer import ResteerConfig
 from fmn.world import EMBEDDED_NAME
 
 PRESERVE = [("alice", "id"), ("bob", "id"), ("circle", "object"), ("star", "object")]
@@ -103,7 +103,7 @@ def test_cli_same_seeds_same_mscore_and_failed_gates_exit_1(
     """The patched model saved as a folder (--model) scores exactly as --patch did: the
     same seeds give the same M-Score. A gate no model can pass makes the exit code 1."""
     pipe = load_pipeline(EMBEDDED_NAME)
-    from fmn.patch import load_patch
+    from fmn.model.patch import load_patch
 
     apply_patch(pipe, load_patch(forgotten))
     pipe.save_pretrained(tmp_path / "patched")

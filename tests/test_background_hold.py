@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from fmn.anchors import anchor_prompts
-from fmn.attention import AttentionStore, background_loss, capture_cross_attention
-from fmn.conditioning import encode_text
-from fmn.prepare import prepare_concept
-from fmn.resteer import ResteerConfig, base_by_module, resteer, select_params
-from fmn.resteer_batch import resteer_batch
+from fmn.data.anchors import anchor_prompts
+from fmn.data.prepare import prepare_concept
+from fmn.model.attention import AttentionStore, background_loss, capture_cross_attention
+from fmn.model.conditioning import encode_text
+from fmn.train.resteer import ResteerConfig, base_by_module, resteer, select_params
+from fmn.train.resteer_batch import resteer_batch
 
 
 def _left_half(n: int, hw: tuple[int, int]) -> np.ndarray:

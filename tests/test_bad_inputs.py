@@ -53,7 +53,7 @@ class Models:
 
     def _get(self, name: str):
         if name not in self._cache:
-            from fmn.models import fingerprint, load_pipeline
+            from fmn.model.load import fingerprint, load_pipeline
 
             if name == "world":
                 pipe, where = load_pipeline("embedded:tiny-world"), "embedded:tiny-world"
@@ -307,14 +307,14 @@ TI_CASES = {
 
 @pytest.fixture(scope="module")
 def world_pipe():
-    from fmn.models import load_pipeline
+    from fmn.model.load import load_pipeline
 
     return load_pipeline("embedded:tiny-world")
 
 
 @pytest.mark.parametrize("name", sorted(TI_CASES))
 def test_bad_ti_file(name: str, tmp_path: Path, models: Models, world_pipe) -> None:
-    from fmn.invert import TIFormatError, load_ti
+    from fmn.train.invert import TIFormatError, load_ti
 
     recipe, parts = TI_CASES[name]
     file = {"pickle": "ti.pt", "not-safetensors": "ti.txt"}.get(name, "ti.safetensors")

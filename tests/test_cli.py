@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from fmn.cli import app
-from fmn.models import fingerprint, load_pipeline
-from fmn.patch import load_patch
+from fmn.model.load import fingerprint, load_pipeline
+from fmn.model.patch import load_patch
 from tests.tiny import build_tiny_pipeline
 
 runner = CliRunner()

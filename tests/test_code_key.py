@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fmn import code_key as ck
-from fmn.stages.common import stage_code, stage_key
+from fmn.run.stages.common import stage_code, stage_key
 from tests.flow_helpers import ROOT, run_flow, write_manifest
 
 STAGES = ["prepare", "invert", "resteer", "resteer_group", "merge", "score"]
@@ -37,19 +37,32 @@ def _edited(src: Path, module_path: str, to: Path) -> Path:
 
 def test_stage_closures_follow_lazy_and_indirect_imports() -> None:
     merge = ck.closure(stage_code("merge"))
-    # imported inside functions of fmn.merge, and through fmn.self_audit
-    assert {"fmn.self_audit", "fmn.anchor_check", "fmn.resteer", "fmn.code_key"} <= set(merge)
+    # imported inside functions of fmn.merge.fuse, and through fmn.merge.self_audit
+    assert {
+        "fmn.merge.self_audit",
+        "fmn.merge.anchor_check",
+        "fmn.train.resteer",
+        "fmn.code_key",
+    } <= set(merge)
     score = ck.closure(stage_code("score"))
-    # the detectors are imported lazily by fmn.mscore.detectors; the world classifier too
-    detectors = {"fmn.mscore.face", "fmn.mscore.clip", "fmn.mscore.nudenet"}
+    # the detectors are imported lazily by fmn.eval.mscore.detectors; the world classifier too
+    detectors = {"fmn.eval.mscore.face", "fmn.eval.mscore.clip", "fmn.eval.mscore.nudenet"}
     assert {*detectors, "fmn.world.classifier", "fmn.world.concepts"} <= set(score)
-    assert "fmn.attention" in ck.closure("fmn.prepare")  # through fmn.masks
+    assert "fmn.model.attention" in ck.closure("fmn.data.prepare")  # through fmn.data.masks
     prepare = set(ck.closure(stage_code("prepare")))
-    assert {"fmn.prepare", "fmn.attention", "fmn.stages.concept", "fmn.stages"} <= prepare
-    # fmn/stages/__init__.py re-exports every stage: hashed, but not followed
-    assert not {"fmn.stages.merge", "fmn.stages.audit", "fmn.merge", "fmn.audit"} & prepare
+    assert {
+        "fmn.data.prepare",
+        "fmn.model.attention",
+        "fmn.run.stages.concept",
+        "fmn.run.stages",
+    } <= prepare
+    # fmn/run/stages/__init__.py re-exports every stage: hashed, but not followed
+    assert (
+        not {"fmn.run.stages.merge", "fmn.run.stages.audit", "fmn.merge.fuse", "fmn.eval.audit"}
+        & prepare
+    )
     # stage_resteer's imports, in the same file, are not stage_prepare's
-    assert not {"fmn.forget", "fmn.resteer_batch"} & prepare
+    assert not {"fmn.train.forget", "fmn.train.resteer_batch"} & prepare
 
 
 def test_closure_resolves_relative_and_submodule_imports(tmp_path: Path) -> None:
@@ -100,12 +113,15 @@ def _keys(monkeypatch, src: Path, params: dict[str, dict]) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("edited", "rerun"),
     [
-        ("fmn/self_audit.py", {"merge"}),  # imported inside a function of fmn.merge
-        ("fmn/resteer_batch.py", RESTEER_ON),
-        ("fmn/invert.py", {"invert", *RESTEER_ON, "score"}),  # not prepare
-        ("fmn/attention.py", set(STAGES)),  # fmn.prepare -> fmn.masks -> fmn.attention
-        ("fmn/stages/group.py", {"resteer_group"}),
-        ("fmn/stages/__init__.py", set(STAGES)),  # runs before any stage module
+        ("fmn/merge/self_audit.py", {"merge"}),  # imported inside a function of fmn.merge.fuse
+        ("fmn/train/resteer_batch.py", RESTEER_ON),
+        ("fmn/train/invert.py", {"invert", *RESTEER_ON, "score"}),  # not prepare
+        (
+            "fmn/model/attention.py",
+            set(STAGES),
+        ),  # fmn.data.prepare -> fmn.data.masks -> fmn.model.attention
+        ("fmn/run/stages/group.py", {"resteer_group"}),
+        ("fmn/run/stages/__init__.py", set(STAGES)),  # runs before any stage module
         ("fmn/world/train.py", set()),  # builds the world; no stage does
         ("fmn/cli.py", set()),  # the command line starts builds; no stage imports it
     ],
@@ -123,21 +139,27 @@ def test_editing_a_module_reruns_the_stages_that_import_it(
 
 def test_prep_cache_key_follows_the_code(tmp_path: Path) -> None:
     src = _copy_tree(tmp_path / "before")
-    before = ck.code_key("fmn.prepare", src)
-    # the face detector makes face masks; the merge has nothing to do with prep
-    assert ck.code_key("fmn.prepare", _edited(src, "fmn/mscore/face.py", tmp_path / "a")) != before
-    assert ck.code_key("fmn.prepare", _edited(src, "fmn/merge.py", tmp_path / "b")) == before
+    before = ck.code_key("fmn.data.prepare", src)
+    # the mask code (MTCNN faces, attention maps) makes prep's masks; the face detector
+    # only measures audits, and the merge has nothing to do with prep
+    masks = _edited(src, "fmn/data/masks.py", tmp_path / "a")
+    assert ck.code_key("fmn.data.prepare", masks) != before
+    for i, other in enumerate(("fmn/eval/mscore/face.py", "fmn/merge/fuse.py")):
+        edited = _edited(src, other, tmp_path / f"b{i}")
+        assert ck.code_key("fmn.data.prepare", edited) == before, other
 
 
 def test_flow_reruns_only_the_stage_whose_code_changed(prefect_api, tmp_path, monkeypatch) -> None:
-    """What a user sees: after an edit to fmn/self_audit.py, the next build merges again
+    """What a user sees: after an edit to fmn/merge/self_audit.py, the next build merges again
     and reuses every concept's prepared data and patch."""
     manifest = write_manifest(tmp_path / "one.yaml", ["triangle"])
     src = _copy_tree(tmp_path / "before")
     monkeypatch.setattr(ck, "SOURCE_ROOT", src)
     first, _ = run_flow(manifest, tmp_path / "run")
     assert first["concepts"] == {"triangle": "trained"}
-    monkeypatch.setattr(ck, "SOURCE_ROOT", _edited(src, "fmn/self_audit.py", tmp_path / "after"))
+    monkeypatch.setattr(
+        ck, "SOURCE_ROOT", _edited(src, "fmn/merge/self_audit.py", tmp_path / "after")
+    )
     again, states = run_flow(manifest, tmp_path / "run")
     assert again["concepts"] == {"triangle": "cached"}, states
     assert states["prepare-triangle"] == states["resteer-triangle"] == "Cached", states

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
+from fmn.eval.mscore.detectors import DetectorError, WorldDetector, make_detectors
 from fmn.manifest import ManifestError, parse_manifest
-from fmn.mscore.detectors import DetectorError, WorldDetector, make_detectors
 from fmn.world import EMBEDDED_DIR
 
 EMPTY = np.zeros((0, 8, 8, 3), np.uint8)
@@ -63,7 +63,7 @@ def test_face_detector_matches_reference_faces(faces: Path) -> None:
 
 
 def test_face_weights_from_pt_file_and_bad_paths(faces: Path) -> None:
-    from fmn.mscore.face import load_face_net
+    from fmn.eval.mscore.face import load_face_net
 
     a, b = load_face_net(faces / "facenet.pt"), load_face_net(faces / "facenet.safetensors")
     sa, sb = a.state_dict(), b.state_dict()
@@ -116,7 +116,7 @@ def test_clip_detector_zero_shot_over_the_manifest_texts(tmp_path: Path, clip_di
 
 
 def test_clip_folder_must_be_a_whole_model(tmp_path: Path, clip_dir: Path) -> None:
-    from fmn.mscore.clip import ClipDetector
+    from fmn.eval.mscore.clip import ClipDetector
 
     with pytest.raises(DetectorError, match="not a CLIP model folder"):
         ClipDetector(tmp_path, [])
@@ -126,7 +126,7 @@ def test_clip_folder_must_be_a_whole_model(tmp_path: Path, clip_dir: Path) -> No
 
 
 def test_nudenet_scores_exposed_parts_only() -> None:
-    from fmn.mscore.nudenet import NudeNetDetector, nsfw_probability
+    from fmn.eval.mscore.nudenet import NudeNetDetector, nsfw_probability
 
     found = [
         {"class": "FACE_FEMALE", "score": 0.9},
@@ -165,7 +165,7 @@ def test_world_detector_is_refused_on_a_model_that_is_not_an_embedded_world(
 ) -> None:
     """A real checkpoint's manifest naming "star" would otherwise be scored, silently, by
     the world's 32 px cartoon classifier."""
-    from fmn.mscore.detectors import world_classifier_for
+    from fmn.eval.mscore.detectors import world_classifier_for
 
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text("{}")

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fmn.patch import load_patch, patch_hash
-from fmn.runs import run_lock
+from fmn.model.patch import load_patch, patch_hash
+from fmn.run.folder import run_lock
 from tests.flow_helpers import (
     FMN,
     ROOT,
@@ -163,7 +163,7 @@ def test_busy_run_folder_is_refused(prefect_api, tmp_path) -> None:
 
 
 def test_killed_run_resumes_with_intact_files(prefect_api, tmp_path) -> None:
-    from fmn.models import fingerprint, load_pipeline
+    from fmn.model.load import fingerprint, load_pipeline
 
     manifest = write_manifest(tmp_path / "tiny.yaml", THREE)
     out = tmp_path / "run"

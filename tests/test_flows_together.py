@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from fmn.patch import load_patch, patch_hash
+from fmn.model.patch import load_patch, patch_hash
 from tests.flow_helpers import copy_build, run_flow, write_manifest
 
 PAIRS = {"defaults": {"resteer": {"steps": 2, "mask": "none"}, "train_together": 2}}

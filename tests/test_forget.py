@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fmn.forget import forget_concept
-from fmn.invert import InvertConfig, invert, load_ti
-from fmn.models import fingerprint
-from fmn.patch import apply_patch, export_lora, load_patch, revert_patch, save_patch
-from fmn.prepare import prepare_concept
-from fmn.resteer import ResteerConfig
+from fmn.data.prepare import prepare_concept
+from fmn.model.load import fingerprint
+from fmn.model.patch import apply_patch, export_lora, load_patch, revert_patch, save_patch
+from fmn.train.forget import forget_concept
+from fmn.train.invert import InvertConfig, invert, load_ti
+from fmn.train.resteer import ResteerConfig
 from tests.tiny import FAMILIES, build_tiny_pipeline
 
 
@@ -57,7 +57,7 @@ def test_forget_chain(family: str, clip_tokenizer_dir, tmp_path) -> None:
     assert np.abs(lora - patched).max() < 1e-4, (
         f"LoRA reproduces the patch ({report['relative_error']:.1e})"
     )
-    from fmn.invert import save_ti
+    from fmn.train.invert import save_ti
 
     save_ti(res.ti, tmp_path / "ti.safetensors")
     assert load_ti(tmp_path / "ti.safetensors", pipe)

@@ -1,7 +1,7 @@
 """Forgetting for real on the embedded world: the target's M-Score falls, the others hold.
 
-The world classifier measures here and feeds no loss; the re-steering side sees the concept's text and
-images the base model generates, nothing else.
+The world classifier measures here and feeds no loss; the re-steering side sees the
+concept's text and images the base model generates, nothing else.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmn.forget import forget_concept
-from fmn.models import load_pipeline
-from fmn.mscore.detectors import WorldDetector
-from fmn.mscore.score import ConceptRef, score_concepts, summarise
-from fmn.patch import apply_patch, revert_patch
-from fmn.resteer import ResteerConfig
+from fmn.eval.mscore.detectors import WorldDetector
+from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.model.load import load_pipeline
+from fmn.model.patch import apply_patch, revert_patch
+from fmn.train.forget import forget_concept
+from fmn.train.resteer import ResteerConfig
 from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
 from fmn.world.concepts import world_concepts
 

@@ -1,4 +1,4 @@
-"""fmn.invert on tiny real pipelines of every family: training, files, diffusers loading."""
+"""fmn.train.invert on tiny real pipelines of every family: training, files, diffusers loading."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from diffusers import DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fmn.invert import (
+from fmn.model.load import fingerprint
+from fmn.train.invert import (
     InversionError,
     InvertConfig,
     TIFormatError,
@@ -28,7 +29,6 @@ from fmn.invert import (
     placeholder_tokens,
     save_ti,
 )
-from fmn.models import fingerprint
 from tests.tiny import FAMILIES, build_tiny_pipeline
 
 TOKEN = "<tiny-thing>"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fmn import masks as M
-from fmn.models import embedded_path, load_pipeline
+from fmn.data import masks as M
+from fmn.model.load import embedded_path, load_pipeline
 from fmn.world.render import render_object
 from tests.tiny import FAMILIES, build_tiny_pipeline
 
@@ -210,7 +210,7 @@ def test_masked_loss_keeps_the_unmasked_scale() -> None:
     any constant, gives exactly the unmasked loss, and where attention is spread evenly a
     partial mask does too; so `mask:` changes which pixels count, not how hard the
     attention term pulls against the preservation term (docs/masks.md)."""
-    from fmn.attention import AttentionStore, attention_loss
+    from fmn.model.attention import AttentionStore, attention_loss
 
     store = AttentionStore()
     store.latent_hw = (8, 8)

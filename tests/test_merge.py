@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from fmn.cli import app
-from fmn.conditioning import encode_text
-from fmn.merge import MergeConfig, MergeError, merge_patches, preserve_rows, write_merged
-from fmn.models import fingerprint, load_pipeline
-from fmn.patch import Patch, load_patch, patch_hash, save_patch
+from fmn.merge.fuse import MergeConfig, MergeError, merge_patches, preserve_rows, write_merged
+from fmn.model.conditioning import encode_text
+from fmn.model.load import fingerprint, load_pipeline
+from fmn.model.patch import Patch, load_patch, patch_hash, save_patch
 from tests.tiny import build_tiny_pipeline
 
 KV = re.compile(r"attn2\.to_[kv]\.weight$")
@@ -89,7 +89,7 @@ def test_closed_form_keeps_each_edit_and_holds_the_preserve_set(pipe) -> None:
 
 
 def test_closed_form_of_one_concept_reproduces_it_on_its_prompts(pipe) -> None:
-    from fmn.prepare import concept_prompts
+    from fmn.model.conditioning import concept_prompts
 
     p = _patch(pipe, "cat", "object", 7)
     res = merge_patches(
@@ -194,8 +194,8 @@ def test_cli_merge_with_a_manifest(pipe, tmp_path) -> None:
 
 @pytest.mark.parametrize("erase_to", ["anchor", "removed"])
 def test_erase_term_moves_the_concept_towards_its_target(pipe, erase_to) -> None:
-    from fmn.anchors import ERASE_ANCHORS
-    from fmn.merge import erase_rows
+    from fmn.data.anchors import ERASE_ANCHORS
+    from fmn.merge.fuse import erase_rows
 
     p = _patch(pipe, "cat", "object", 3, scale=0.02)
     anchor = ERASE_ANCHORS["object"] if erase_to == "anchor" else None
@@ -220,7 +220,7 @@ def test_erase_term_moves_the_concept_towards_its_target(pipe, erase_to) -> None
 def test_erase_rows_pair_each_position_with_the_anchor_prompt(pipe) -> None:
     """'a photo of bob' -> 'a photo of a person': bob's token pairs with 'person', and
     every later position keeps its distance from it (end-of-text with end-of-text)."""
-    from fmn.merge import erase_rows
+    from fmn.merge.fuse import erase_rows
 
     src, dst, w = erase_rows(pipe, "bob", "id", "a person")
     plain = encode_text(pipe, ["a photo of bob"]).embeds[0].double()

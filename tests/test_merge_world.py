@@ -1,19 +1,19 @@
 """Three world concepts forgotten one by one, merged in closed form: all three gone, the
-preserved concepts kept. The world classifier measures and feeds no loss; the forgetting side sees the
-concepts' texts, the preserve list and images the base model draws."""
+preserved concepts kept. The world classifier measures and feeds no loss; the forgetting
+side sees the concepts' texts, the preserve list and images the base model draws."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fmn.forget import forget_concept
-from fmn.merge import MergeConfig, merge_patches
-from fmn.models import load_pipeline
-from fmn.mscore.detectors import WorldDetector
-from fmn.mscore.score import ConceptRef, score_concepts, summarise
-from fmn.patch import apply_patch, revert_patch
-from fmn.resteer import resteer_config_for
+from fmn.eval.mscore.detectors import WorldDetector
+from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.merge.fuse import MergeConfig, merge_patches
+from fmn.model.load import load_pipeline
+from fmn.model.patch import apply_patch, revert_patch
+from fmn.train.forget import forget_concept
+from fmn.train.resteer import resteer_config_for
 from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
 from fmn.world.concepts import get_concept
 

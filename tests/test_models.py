@@ -1,4 +1,4 @@
-"""fmn.models on tiny real pipelines of every family, saved to and loaded from disk."""
+"""fmn.model.load on tiny real pipelines of every family, saved to and loaded from disk."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fmn.models import (
+from fmn.model.load import (
     ModelLoadError,
     ModelNotFoundError,
     embedded_path,
@@ -204,7 +204,7 @@ def test_embedded_spec_resolves_inside_the_package(
     world = tmp_path / "tiny-world"
     build_tiny_pipeline("sd1", clip_tokenizer_dir).to(torch.float16).save_pretrained(world)
     (world / "classifier").mkdir()
-    monkeypatch.setattr("fmn.models.embedded_path", lambda name: tmp_path / name)
+    monkeypatch.setattr("fmn.model.load.embedded_path", lambda name: tmp_path / name)
     pipe = load_pipeline("embedded:tiny-world")
     assert model_family(pipe) == "sd1"
     assert pipe.unet.dtype == torch.float32

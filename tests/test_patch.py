@@ -15,9 +15,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fmn import lora_keys
-from fmn.models import fingerprint
-from fmn.patch import (
+from fmn.model import lora_keys
+from fmn.model.load import fingerprint
+from fmn.model.patch import (
     Patch,
     PatchError,
     apply_patch,

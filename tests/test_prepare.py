@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fmn.prepare import load_image_folder, load_images, prepare_concept
+from fmn.data.prepare import load_image_folder, load_images, prepare_concept
 from tests.tiny import build_tiny_pipeline
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fmn.mscore.prompts import (
+from fmn.eval.mscore.prompts import (
     GENERAL,
     WORLD,
     PromptFileError,
@@ -92,7 +92,7 @@ def test_a_type_without_prompts_is_an_error_naming_file_and_type(tmp_path: Path)
 
 
 def test_audit_plan_fills_each_concept_from_its_type(tmp_path: Path) -> None:
-    from fmn.audit import _plan
+    from fmn.eval.audit import _plan
     from fmn.manifest import parse_manifest
     from fmn.world import EMBEDDED_NAME
 

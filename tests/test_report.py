@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from fmn import report
-from fmn.audit import AuditResult, check_gates, summarise_audit
+from fmn.eval import report
+from fmn.eval.audit import check_gates, summarise_audit
+from fmn.eval.mscore.score import ConceptRef
+from fmn.eval.result import AuditResult
 from fmn.manifest import Gates
-from fmn.mscore.score import ConceptRef
 
 REFS = [
     ConceptRef("carol", "id", "carol", "target"),

@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fmn.anchors import anchor_prompts
-from fmn.conditioning import encode_text
-from fmn.prepare import prepare_concept
-from fmn.resteer import ResteerConfig, ResteerError, resteer
-from fmn.resteer_batch import resteer_batch
+from fmn.data.anchors import anchor_prompts
+from fmn.data.prepare import prepare_concept
+from fmn.model.conditioning import encode_text
+from fmn.train.resteer import ResteerConfig, ResteerError, resteer
+from fmn.train.resteer_batch import resteer_batch
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,15 @@
 """Joint re-steering: several concepts take turns in one patch, through the same loop as
-single and batched re-steering (fmn.resteer.resteer_loop)."""
+single and batched re-steering (fmn.train.resteer.resteer_loop)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fmn.anchors import anchor_prompts
-from fmn.conditioning import encode_text
-from fmn.prepare import prepare_concept
-from fmn.resteer import ResteerConfig, resteer, resteer_joint
+from fmn.data.anchors import anchor_prompts
+from fmn.data.prepare import prepare_concept
+from fmn.model.conditioning import encode_text
+from fmn.train.resteer import ResteerConfig, resteer, resteer_joint
 
 
 @pytest.fixture(scope="module")

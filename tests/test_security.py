@@ -144,7 +144,12 @@ def source_problems(path: Path, root: Path = ROOT) -> list[str]:
 
 def test_the_scan_sees_the_sources() -> None:
     names = {str(p.relative_to(ROOT)) for p in SOURCES}
-    assert {"fmn/manifest.py", "fmn/patch.py", "fmn/models.py", "fmn/invert.py"} <= names
+    assert {
+        "fmn/manifest/load.py",
+        "fmn/model/patch.py",
+        "fmn/model/load.py",
+        "fmn/train/invert.py",
+    } <= names
 
 
 def test_the_scan_catches_what_it_should(tmp_path: Path) -> None:
@@ -176,7 +181,7 @@ def test_no_unpickling_no_shell_no_environment_dump_in_the_source() -> None:
 
 
 def test_the_manifest_yaml_loader_is_safe() -> None:
-    from fmn.manifest import _UniqueKeyLoader
+    from fmn.manifest.load import _UniqueKeyLoader
 
     assert issubclass(_UniqueKeyLoader, yaml.SafeLoader)
 
@@ -206,9 +211,9 @@ def _refused(read, path: Path, marker: Path) -> str:
 
 @pytest.mark.parametrize("suffix", [".bin", ".ckpt", ".pt", ".pth", ".pkl"])
 def test_every_reader_refuses_a_pickle_unopened(tmp_path: Path, suffix: str) -> None:
-    from fmn.invert import TIFormatError, load_ti
-    from fmn.models import ModelLoadError, load_pipeline
-    from fmn.patch import PatchError, load_patch
+    from fmn.model.load import ModelLoadError, load_pipeline
+    from fmn.model.patch import PatchError, load_patch
+    from fmn.train.invert import TIFormatError, load_ti
 
     marker = tmp_path / "UNPICKLED"
     trap = _trap(tmp_path / f"file{suffix}", marker)
@@ -222,8 +227,8 @@ def test_every_reader_refuses_a_pickle_unopened(tmp_path: Path, suffix: str) -> 
 
 @pytest.mark.parametrize("name", ["delta.safetensors", "ti.safetensors", "model.safetensors"])
 def test_a_pickle_renamed_safetensors_is_not_unpickled(tmp_path: Path, name: str) -> None:
-    from fmn.invert import load_ti
-    from fmn.patch import load_patch
+    from fmn.model.patch import load_patch
+    from fmn.train.invert import load_ti
 
     marker = tmp_path / "UNPICKLED"
     trap = _trap(tmp_path / name, marker)
@@ -235,7 +240,7 @@ def test_a_pickle_renamed_safetensors_is_not_unpickled(tmp_path: Path, name: str
 
 def test_face_weights_in_a_pickle_are_not_run(tmp_path: Path) -> None:
     """The one torch.load (facenet .pt weights) uses weights_only=True: a payload fails."""
-    from fmn.mscore.face import load_face_net
+    from fmn.eval.mscore.face import load_face_net
 
     marker = tmp_path / "UNPICKLED"
     _refused(load_face_net, _trap(tmp_path / "face.pt", marker), marker)
@@ -292,7 +297,7 @@ def test_no_slug_field_takes_a_path(tmp_path: Path, value: str) -> None:
 
 @pytest.mark.parametrize("value", ["..", "../x", "a/b", "/abs"])
 def test_the_prep_cache_refuses_a_path_id(tmp_path: Path, value: str) -> None:
-    from fmn.prepare import _cache_dir
+    from fmn.data.prepare import _cache_dir
 
     with pytest.raises(ValueError, match="cannot name a cache folder"):
         _cache_dir(tmp_path, value, "0" * 64)

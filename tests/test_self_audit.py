@@ -1,4 +1,4 @@
-"""The base model as auditor (fmn.self_audit) and the merge's self-tuning built on it. The
+"""The base model as auditor (fmn.merge.self_audit) and the merge's self-tuning built on it. The
 world's classifier is not used: the world only supplies a base model that draws its
 concepts, and the erase term removes one without any training."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmn.merge import TUNE_GRID, MergeConfig, MergeError, merge_patches
-from fmn.models import load_pipeline
-from fmn.self_audit import self_judged
+from fmn.merge.fuse import TUNE_GRID, MergeConfig, MergeError, merge_patches
+from fmn.merge.self_audit import self_judged
+from fmn.model.load import load_pipeline
 from fmn.world import EMBEDDED_NAME
 from tests.test_merge import _patch
 
@@ -39,7 +39,7 @@ def test_the_base_model_sees_an_erased_concept_go(world) -> None:
 
 
 def test_overshoot_pushes_the_concept_past_its_anchor(tiny) -> None:
-    from fmn.merge import erase_rows
+    from fmn.merge.fuse import erase_rows
 
     p = _patch(tiny, "cat", "object", 3, scale=0.0)
     src, dst, _ = erase_rows(tiny, "cat", "object", "thing")

@@ -15,7 +15,6 @@ import torch
 from typer.testing import CliRunner
 
 from fmn.cli import app
-from fmn.invert import InvertConfig
 from fmn.manifest import (
     TYPE_DEFAULTS,
     ConceptType,
@@ -25,11 +24,12 @@ from fmn.manifest import (
     option_default,
     type_defaults,
 )
-from fmn.merge import MergeConfig
-from fmn.patch import load_patch
-from fmn.resteer import ResteerConfig, resteer_config_for
-from fmn.runs import RunPaths
-from fmn.stages import stage_invert, stage_prepare, stage_resteer
+from fmn.merge.fuse import MergeConfig
+from fmn.model.patch import load_patch
+from fmn.run.folder import RunPaths
+from fmn.run.stages import stage_invert, stage_prepare, stage_resteer
+from fmn.train.invert import InvertConfig
+from fmn.train.resteer import ResteerConfig, resteer_config_for
 
 runner = CliRunner()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fmn.io import atomic_dir, atomic_path
-from fmn.runs import sweep_stale_temp
+from fmn.run.folder import sweep_stale_temp
 
 
 def test_sweep_removes_only_the_leftovers_of_atomic_writes(tmp_path) -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fmn.models import fingerprint, load_pipeline, model_family
-from fmn.mscore.detectors import WorldDetector
-from fmn.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.eval.mscore.detectors import WorldDetector
+from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.model.load import fingerprint, load_pipeline, model_family
 from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
 from fmn.world.concepts import HEADS, world_concepts
 from fmn.world.evaluate import classifier_accuracy

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fmn.mscore.detectors import WorldDetector
-from fmn.mscore.score import ConceptRef, generate, score_concepts, summarise
+from fmn.eval.mscore.detectors import WorldDetector
+from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.model.images import generate
 from fmn.world.concepts import TINY, World, attribute_distance
 from fmn.world.generator import NONE, dataset
 
@@ -115,7 +116,7 @@ def role_shares(
     identity (the training data's bias is `share` for one, the rest split among others)."""
     if world.role is None:
         return None
-    from fmn.mscore.prompts import concept_prompts
+    from fmn.eval.mscore.prompts import concept_prompts
 
     templates = concept_prompts(f"a {world.role.word}", "id", 4)
     prompts = [templates[i % len(templates)] for i in range(n)]

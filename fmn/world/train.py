@@ -12,7 +12,6 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,12 +23,11 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fmn.io import atomic_dir, write_json
+from fmn.progress import Progress
 from fmn.world.classifier import WorldClassifier, augment
 from fmn.world.concepts import World, get_world
 from fmn.world.generator import IMAGE_SIZE, dataset, label_heads
 from fmn.world.tokenizer import load_tokenizer, write_clip_tokenizer_files
-
-Progress = Callable[[str, int, int, dict[str, float]], None]
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Per-concept training data: images, masks, cached latents and text states (prepare)."""

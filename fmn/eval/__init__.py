@@ -1,0 +1,1 @@
+"""Measuring a model: M-Score (prompts, detectors, scoring), audits and their reports."""

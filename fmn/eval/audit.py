@@ -1,0 +1,337 @@
+"""`fmn audit`: the M-Scores of a model next to its baseline's, for a manifest's concepts.
+
+Both models draw the same prompts with the same seeds; a detector per concept type scores
+every image (fmn.eval.mscore). Targets should fall, preserved concepts should keep their ratio
+to the baseline near 1; the manifest's gates turn that into pass or fail. The recovery
+attack (after the paper) asks more: re-invert a target's anchor images (its training
+images, drawn by the baseline) with textual inversion on the audited model, and score what
+the learned token draws. Everything is checked before the first image is generated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fmn.data.prepare import prepare_resolved
+from fmn.eval.mscore.detectors import Detector, DetectorError, make_detectors
+from fmn.eval.mscore.prompts import (
+    PromptFileError,
+    concept_prompts,
+    fill_templates,
+    read_prompt_file,
+)
+from fmn.eval.mscore.score import ConceptRef, score_concepts
+from fmn.eval.result import AuditResult
+from fmn.manifest import Gates, Manifest
+from fmn.model.load import ModelLoadError, fingerprint, load_pipeline
+from fmn.model.patch import PatchError, apply_patch, load_patch, revert_patch
+from fmn.progress import Progress
+from fmn.train.invert import InversionError, InvertConfig, add_ti_to_pipeline, invert, unload_ti
+
+MODELS = ("base", "patched", "recovered")  # the `model` column of the rows
+
+
+class AuditError(ValueError):
+    """Bad input to an audit (options that do not fit together); the message says what."""
+
+
+# Every input problem an audit reports before generating anything; `fmn audit` exits 2.
+BAD_INPUT = (AuditError, DetectorError, PromptFileError, ModelLoadError, PatchError)
+
+
+def _rows(rows, model: str) -> list[dict]:
+    return [{**asdict(r), "model": model} for r in rows]
+
+
+@dataclass
+class _Plan:
+    """What an audit measures, built and checked before any model is loaded."""
+
+    refs: list[ConceptRef]
+    detectors: dict[str, Detector]  # by concept type
+    prompts: dict[str, list[str]]
+    prompts_for: Callable[[ConceptRef, str], list[str]]  # (concept, text naming it)
+
+
+def _plan(manifest: Manifest, prompt_file, world_classifier: Path | None) -> _Plan:
+    user_prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
+    refs = [ConceptRef(c.id, c.type, c.text, "target") for c in manifest.concepts]
+    refs += [ConceptRef(c.id, c.type, c.text, "preserve") for c in manifest.preserve]
+    types = sorted({c.type for c in refs})
+    if user_prompts is not None:  # a type the file has no prompts for fails now, not later
+        for kind in types:
+            user_prompts.templates_for(kind)
+    detectors = make_detectors(manifest, types, world_classifier=world_classifier)
+    for c in refs:  # an empty batch: does the detector know the concept?
+        detectors[c.type].score(np.zeros((0, 8, 8, 3), np.uint8), c.id, c.type)
+
+    def prompts_for(c: ConceptRef, text: str) -> list[str]:
+        # the world's grammar where the world measures (the model then is the world)
+        if user_prompts is not None:
+            return fill_templates(user_prompts.templates_for(c.type), text)
+        kind = "world" if detectors[c.type].name == "world" else "general"
+        return concept_prompts(text, c.type, manifest.evaluate.prompts_per_concept, 0, kind)
+
+    prompts = {c.id: prompts_for(c, c.text) for c in refs}
+    return _Plan(refs, detectors, prompts, prompts_for)
+
+
+def audit(
+    manifest: Manifest,
+    *,
+    model: str | Path | None = None,
+    patch: str | Path | None = None,
+    baseline: str | Path | None = None,
+    prompt_file: str | Path | None = None,
+    out: str | Path | None = None,
+    recovery: bool = False,
+    recovery_steps: int | None = None,
+    batch: int = 64,
+    world_classifier: Path | None = None,
+    progress: Progress | None = None,
+) -> AuditResult:
+    """Audit `model` (or the baseline with `patch` applied) against the baseline (default:
+    the manifest's base_model) on the manifest's targets and preserved concepts; with
+    `out`, write the report there (fmn.eval.report). `recovery` adds the recovery attack on
+    every target, with the manifest's inversion options (`recovery_steps` overrides)."""
+    tick = progress or (lambda *a: None)
+    t0, timings = time.time(), {}
+    if (model is None) == (patch is None):
+        raise AuditError("give the model to audit (--model) or a patch for the baseline (--patch)")
+    plan = _plan(manifest, prompt_file, world_classifier)
+    base_spec = str(baseline or manifest.base_model)
+    base = load_pipeline(base_spec)
+    the_patch = load_patch(patch) if patch is not None else None
+    if the_patch is not None:  # every check of apply (base fingerprint, keys, shapes), now
+        apply_patch(base, the_patch)
+        revert_patch(base, the_patch)
+    audited = load_pipeline(str(model)) if model is not None else base
+    models = {"base": {"spec": base_spec, "fingerprint": fingerprint(base)}}
+    timings["load"] = time.time() - t0
+    ev = manifest.evaluate
+
+    def score(pipe, stage: str, refs=plan.refs, prompts=plan.prompts):
+        return score_concepts(
+            pipe,
+            refs,
+            plan.detectors,
+            prompts=prompts,
+            seeds=ev.seeds,
+            steps=ev.steps,
+            guidance=ev.guidance,
+            batch=batch,
+            progress=lambda d, t: tick(stage, d, t, {}),
+        )
+
+    t = time.time()
+    base_rows, base_images = score(base, "baseline")
+    rows, images = _rows(base_rows, "base"), {"base": base_images}
+    targets = [c for c in plan.refs if c.role == "target"]
+    anchors = _anchor_latents(base, manifest, targets) if recovery else {}
+    timings["base"] = time.time() - t
+
+    t = time.time()
+    if the_patch is not None:
+        apply_patch(base, the_patch)
+    recovered = {}
+    try:
+        audited_rows, images["patched"] = score(audited, "audited model")
+        rows += _rows(audited_rows, "patched")
+        models["patched"] = {"spec": str(model or f"{base_spec} + {patch}")}
+        models["patched"]["fingerprint"] = fingerprint(audited)
+        if the_patch is not None:
+            models["patched"] |= {"patch": str(patch), "concept": the_patch.concept}
+        timings["patched"] = time.time() - t
+        t = time.time()
+        for c in targets if recovery else []:
+            cfg = _recovery_config(manifest, c.id, recovery_steps)
+            found = _recover(audited, c, anchors[c.id], cfg, tick, score, plan.prompts_for)
+            r_rows, r_images, recovered[c.id] = found
+            rows += _rows(r_rows, "recovered")
+            if r_images is not None:
+                images.setdefault("recovered", {})[c.id] = r_images
+        timings["recovery"] = time.time() - t
+    finally:
+        if the_patch is not None:
+            revert_patch(base, the_patch)
+
+    summary = summarise_audit(rows, plan.refs, ev.gates)
+    for cid, info in recovered.items():
+        summary["concepts"][cid]["recovery"] = info
+    summary |= {
+        "name": manifest.name,
+        "models": models,
+        "evaluate": {
+            "seeds": list(ev.seeds),
+            "steps": ev.steps,
+            "guidance": ev.guidance,
+            "prompt_source": str(prompt_file) if prompt_file is not None else "built-in",
+            "prompts_per_concept": _prompt_counts(plan),
+            "images": len(rows),
+            "detectors": {kind: d.name for kind, d in plan.detectors.items()},
+            "recovery": recovery,
+        },
+    }
+    timings["total"] = time.time() - t0  # before the report: its own time cannot be in it
+    summary["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    result = AuditResult(summary, rows, images, plan.prompts)
+    if out is not None:
+        from fmn.eval.report import write_report
+
+        result.out = write_report(Path(out), result)
+    return result
+
+
+def _prompt_counts(plan: _Plan) -> int | dict[str, int]:
+    """Prompts per concept: one number, or one per type where a prompt file's sections
+    give the types different numbers."""
+    per_type = {c.type: len(plan.prompts[c.id]) for c in plan.refs}
+    counts = set(per_type.values())
+    return counts.pop() if len(counts) == 1 else per_type
+
+
+# ---------------------------------------------------------------------------------------
+# Recovery attack
+
+
+def _recovery_config(manifest: Manifest, concept_id: str, steps: int | None) -> InvertConfig:
+    """The manifest's own inversion options for the concept: the attacker gets the tool's
+    best recipe."""
+    inv = manifest.resolve(concept_id).invert
+    return InvertConfig(
+        tokens=inv.tokens, steps=steps or inv.steps, lr=inv.lr, init_words=inv.init_words
+    )
+
+
+def _anchor_latents(base, manifest: Manifest, targets: Sequence[ConceptRef]) -> dict:
+    """Each target's training images as the forgetting saw them (its folder, or drawn by
+    the baseline with the re-steering seed), as VAE latents."""
+    out = {}
+    for c in targets:
+        data = prepare_resolved(base, manifest.resolve(c.id))
+        out[c.id] = data.latents
+    return out
+
+
+def _recover(pipe, c: ConceptRef, latents, cfg: InvertConfig, tick, score, prompts_for):
+    """Invert the anchors on `pipe`, score what the learned token draws, unload it."""
+    token = f"<{c.id}-recovered>"
+    t = time.time()
+    try:
+        ti = invert(
+            pipe,
+            latents,
+            token,
+            cfg,
+            c.type,
+            progress=lambda d, n, loss: tick(f"recovery {c.id}: inversion", d, n, {"loss": loss}),
+        )
+    except InversionError as e:  # reported, not raised: the other targets still count
+        return [], None, {"error": str(e)}
+    add_ti_to_pipeline(pipe, ti)
+    try:
+        ref = ConceptRef(c.id, c.type, token, c.role)
+        prompts = {c.id: prompts_for(c, token)}
+        rows, images = score(pipe, f"recovery {c.id}: scoring", [ref], prompts)
+    finally:
+        unload_ti(pipe, ti)
+    return (
+        rows,
+        images[c.id],
+        {
+            "token": token,
+            "steps": cfg.steps,
+            "tokens": cfg.tokens,
+            "final_loss": ti.losses[-1],
+            "seconds": round(time.time() - t, 2),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Summary and gates
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def summarise_audit(rows: Sequence[dict], concepts: Sequence[ConceptRef], gates: Gates) -> dict:
+    """summary.json's numbers from the rows alone (so they can be recomputed from the
+    parquet): per concept M-Score and Acc on each model, ratio patched / base (None when
+    the base never shows the concept), means per role, and the gates."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["concept"], r["model"]), []).append(r)
+
+    def stat(cid: str, model: str, key: str) -> float | None:
+        mine = groups.get((cid, model))
+        return float(np.mean([r[key] for r in mine])) if mine else None
+
+    per: dict[str, dict] = {}
+    for c in concepts:
+        base, after = stat(c.id, "base", "probability"), stat(c.id, "patched", "probability")
+        per[c.id] = {
+            "role": c.role,
+            "type": c.type,
+            "detector": groups[(c.id, "base")][0]["detector"],
+            "mscore": after,
+            "acc": stat(c.id, "patched", "recognised"),
+            "mscore_base": base,
+            "acc_base": stat(c.id, "base", "recognised"),
+            "ratio": after / base if base else None,
+        }
+        if (c.id, "recovered") in groups:
+            per[c.id]["recovery_mscore"] = stat(c.id, "recovered", "probability")
+            per[c.id]["recovery_acc"] = stat(c.id, "recovered", "recognised")
+    summary: dict = {"concepts": per}
+    for role, key in (("target", "targets"), ("preserve", "preserve")):
+        mine = [v for v in per.values() if v["role"] == role]
+        fields = ["mscore", "acc", "ratio", "mscore_base", "acc_base"]
+        if role == "target" and any("recovery_mscore" in v for v in mine):
+            fields.append("recovery_mscore")
+        summary[key] = {f: _mean([v.get(f) for v in mine]) for f in fields}
+    summary["gates"] = check_gates(per, gates)
+    return summary
+
+
+def check_gates(per: dict[str, dict], gates: Gates) -> dict:
+    """Every target above target_mscore_max and every preserved concept below
+    preserve_ratio_min fails; `failures` names each one."""
+    failures = []
+    for cid, s in per.items():
+        if s["role"] == "target" and s["mscore"] > gates.target_mscore_max:
+            failures.append(
+                {
+                    "concept": cid,
+                    "gate": "target_mscore_max",
+                    "value": s["mscore"],
+                    "limit": gates.target_mscore_max,
+                    "message": f"target {cid!r} M-Score {s['mscore']:.3f} > "
+                    f"{gates.target_mscore_max} (still generated)",
+                }
+            )
+        ratio = s["ratio"]
+        if s["role"] == "preserve" and ratio is not None and ratio < gates.preserve_ratio_min:
+            failures.append(
+                {
+                    "concept": cid,
+                    "gate": "preserve_ratio_min",
+                    "value": ratio,
+                    "limit": gates.preserve_ratio_min,
+                    "message": f"preserved {cid!r} M-Score ratio {ratio:.3f} < "
+                    f"{gates.preserve_ratio_min} (damaged)",
+                }
+            )
+    return {
+        "passed": not failures,
+        "target_mscore_max": gates.target_mscore_max,
+        "preserve_ratio_min": gates.preserve_ratio_min,
+        "failures": failures,
+    }

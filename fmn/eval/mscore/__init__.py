@@ -1,0 +1,1 @@
+"""The M-Score: prompt sets, detectors behind one interface, and scoring."""

@@ -1,0 +1,1 @@
+"""Base models and patches: loading a pipeline, text conditioning, patch files, LoRA keys."""

@@ -1,0 +1,1 @@
+"""A build: run folders and locks, and the stages (path in, path out) the flows wire."""

@@ -1,0 +1,1 @@
+"""Training a concept's patch: attention capture, textual inversion, the re-steering loop."""
