@@ -23,7 +23,13 @@ import numpy as np
 import torch
 
 from fmn.code_key import code_key
-from fmn.model.conditioning import TextConditioning, concept_prompts, cycled_prompts, encode_text
+from fmn.model.conditioning import (
+    CONCEPT_TEMPLATES,
+    TextConditioning,
+    concept_prompts,
+    cycled_prompts,
+    encode_text,
+)
 from fmn.model.images import encode_images, generate
 from fmn.manifest import GENERATED_IMAGES
 
