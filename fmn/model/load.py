@@ -221,7 +221,8 @@ def _embedded_dir(spec: str) -> Path:
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"embedded model {spec!r} is not built: {path} has no model_index.json. "
-            "Build the embedded world with `make world`."
+            f"Build it with `fmn world build --world {name} --out build/{name} --ship` "
+            "(`fmn world list` names the worlds)."
         )
     return path
 
