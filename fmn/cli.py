@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from fmn.console import console, progress_columns
-from fmn.io import write_json, write_with
+from fmn.io import atomic_dir, write_json, write_with
 from fmn.manifest import (
     GENERATED_IMAGES,
     ConceptType,
@@ -483,7 +483,6 @@ def apply(
     force: bool = typer.Option(False, help="Apply even to another base model."),
 ) -> None:
     """Apply a patch to a model and save the result as a diffusers pipeline folder."""
-    import shutil
 
     from fmn.model.patch import PatchError, apply_patch, load_patch
 
@@ -498,12 +497,8 @@ def apply(
     except PatchError as e:
         typer.echo(f"{patch}: {e}", err=True)
         raise typer.Exit(2) from None
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the folder appears whole or not at all
+    with atomic_dir(out) as tmp:  # the old folder stays until the new one is whole
+        pipe.save_pretrained(tmp)
     console.print(f"wrote {out}")
 
 

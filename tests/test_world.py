@@ -133,3 +133,25 @@ def test_world_build_runs_end_to_end_and_resumes(tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_ship_never_leaves_the_installed_world_missing(tmp_path) -> None:
+    """A ship that fails halfway (here: a build without its classifier) leaves the world
+    installed before it in place, whole."""
+    from fmn.world.evaluate import ship
+
+    build = tmp_path / "build"
+    for sub in ["unet", "vae", "text_encoder", "scheduler", "classifier", "tokenizer"]:
+        (build / sub).mkdir(parents=True)
+        (build / sub / "config.json").write_text("{}")
+    (build / "model_index.json").write_text("{}")
+    dest = tmp_path / "assets" / "w"
+    ship(build, dest)
+    assert (dest / "classifier" / "config.json").is_file()
+    import shutil
+
+    shutil.rmtree(build / "classifier")
+    with pytest.raises(FileNotFoundError):
+        ship(build, dest)
+    assert (dest / "classifier" / "config.json").is_file(), "the old install must survive"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["w"], "no temp folder is left"

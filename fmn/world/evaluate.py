@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from fmn.eval.mscore.detectors import WorldDetector
 from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.io import atomic_dir
 from fmn.model.images import generate
 from fmn.world.concepts import TINY, World, attribute_distance
 from fmn.world.generator import NONE, dataset
@@ -135,9 +136,8 @@ def role_shares(
 
 def ship(build_dir: Path, dest: Path) -> Path:
     """Copy a built world into `dest` with weights in fp16 (halves the size; the loader
-    upcasts). Writes to a temp folder first and swaps it in, so dest is never half-written."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    upcasts). Writes to a temp folder first and swaps it in (fmn.io.atomic_dir), so dest is
+    never half-written and never missing."""
     keep = [
         "model_index.json",
         "world_config.json",
@@ -145,24 +145,21 @@ def ship(build_dir: Path, dest: Path) -> Path:
         "train_log.jsonl",
         "grid.png",
     ]
-    tmp.mkdir(parents=True)
-    for name in keep:
-        if (build_dir / name).exists():
-            shutil.copy2(build_dir / name, tmp / name)
-    for sub in ["unet", "vae", "text_encoder", "scheduler", "classifier", "tokenizer"]:
-        (tmp / sub).mkdir()
-        for f in (build_dir / sub).iterdir():
-            if f.name == "tokenizer.json":
-                continue  # rebuilt from vocab.json + merges.txt on load; saves 3.6 MB
-            if f.suffix == ".safetensors":
-                state = load_file(str(f))
-                save_file(
-                    {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
-                    str(tmp / sub / f.name),
-                )
-            else:
-                shutil.copy2(f, tmp / sub / f.name)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+    with atomic_dir(dest) as tmp:  # the installed world stays until the new one is whole
+        for name in keep:
+            if (build_dir / name).exists():
+                shutil.copy2(build_dir / name, tmp / name)
+        for sub in ["unet", "vae", "text_encoder", "scheduler", "classifier", "tokenizer"]:
+            (tmp / sub).mkdir()
+            for f in (build_dir / sub).iterdir():
+                if f.name == "tokenizer.json":
+                    continue  # rebuilt from vocab.json + merges.txt on load; saves 3.6 MB
+                if f.suffix == ".safetensors":
+                    state = load_file(str(f))
+                    save_file(
+                        {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+                        str(tmp / sub / f.name),
+                    )
+                else:
+                    shutil.copy2(f, tmp / sub / f.name)
     return dest
