@@ -168,9 +168,14 @@ def test_hub_id_offline_fails_fast_with_advice() -> None:
     assert time.monotonic() - start < 10
 
 
-def test_unknown_embedded_model_says_how_to_build() -> None:
-    with pytest.raises(ModelNotFoundError, match="make world"):
+def test_unknown_embedded_model_says_how_to_build(monkeypatch, tmp_path) -> None:
+    with pytest.raises(ModelNotFoundError, match="the worlds are: tiny-world, crowd-world"):
         load_pipeline("embedded:no-such-world")
+    import fmn.model.load as L
+
+    monkeypatch.setattr(L, "embedded_path", lambda name: tmp_path / name)
+    with pytest.raises(ModelNotFoundError, match="fmn world build --world crowd-world"):
+        load_pipeline("embedded:crowd-world")
 
 
 @pytest.mark.skipif(

@@ -217,6 +217,12 @@ def _embedded_dir(spec: str) -> Path:
     name = spec.removeprefix(EMBEDDED_PREFIX)
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
         raise ModelLoadError(f"bad embedded model name in {spec!r}; try embedded:tiny-world")
+    from fmn.world.concepts import WORLDS
+
+    if name not in WORLDS:
+        raise ModelNotFoundError(
+            f"no embedded world {name!r} in {spec!r}; the worlds are: {', '.join(WORLDS)}"
+        )
     path = embedded_path(name)
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
