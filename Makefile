@@ -44,9 +44,11 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
-# Rebuild the embedded concept world from scratch (about an hour on CPU; shipped prebuilt).
+# Rebuild both embedded concept worlds from scratch (about 3 hours on 2 CPU cores; shipped
+# prebuilt, so nobody needs to).
 world: setup
-	$(PY) -m fmn.cli world build --out build/world --ship
+	$(PY) -m fmn.cli world build --world tiny-world --out build/world --ship
+	$(PY) -m fmn.cli world build --world crowd-world --out build/crowd --ship
 
 clean:
 	rm -rf build .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -203,6 +204,9 @@ def world_build(
     out: Path = typer.Option(Path("build/world"), help="Build folder (fp32, resumable)."),
     world: str = _world_option(),
     ship: bool = typer.Option(False, help="Also install it, in fp16, as embedded:<world>."),
+    grids: Path = typer.Option(
+        Path("docs/worlds"), help="With --ship: where its grid image goes (not in the package)."
+    ),
     until: str = typer.Option(
         "measure", help="Stop after this stage: vae | unet | classifier | measure."
     ),
@@ -239,7 +243,9 @@ def world_build(
     if ship:
         dest = embedded_path(w.name)
         ship_world(out, dest)
-        console.print(f"installed as embedded:{w.name} at {dest}")
+        grids.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / "grid.png", grids / f"{w.name}-grid.png")
+        console.print(f"installed as embedded:{w.name} at {dest}; grid: {grids}/{w.name}-grid.png")
 
 
 def _measure_world(path: Path, update, world, quick: bool = False) -> dict:
@@ -247,19 +253,27 @@ def _measure_world(path: Path, update, world, quick: bool = False) -> dict:
     quick: a handful of images, 2 steps (plumbing only)."""
     from fmn.eval.mscore.detectors import WorldDetector
     from fmn.model.load import load_pipeline
-    from fmn.world.evaluate import base_mscore, classifier_accuracy, phrasing_mscore, role_shares
+    from fmn.world.evaluate import (
+        REPORT_SEEDS,
+        base_mscore,
+        classifier_accuracy,
+        phrasing_mscore,
+        role_shares,
+    )
 
     pipe = load_pipeline(str(path))
     detector = WorldDetector(path / "classifier")
     acc = classifier_accuracy(detector, pipe.vae, n=64 if quick else 2000, world=world)
-    size = {"prompts": 1, "seeds": (0,), "steps": 2} if quick else {}
+    size = {"prompts": 1, "seeds": REPORT_SEEDS[:1], "steps": 2} if quick else {}
     summary, images = base_mscore(
         pipe, detector, lambda d, t: update("base M-Score", d, t), world=world, **size
     )
     write_with(path / "grid.png", lambda p: _concept_grid(images).save(p, format="PNG"))
-    report = {"world": world.name, "classifier_accuracy": acc, "base_mscore": summary}
+    seeds = list(size.get("seeds", REPORT_SEEDS))
+    report = {"world": world.name, "seeds": seeds, "classifier_accuracy": acc}
+    report["base_mscore"] = summary
     if any(c.words for c in world.concepts()):
-        small = {"prompts": 1, "seeds": (0,)} if quick else {}
+        small = {"prompts": 1, "seeds": REPORT_SEEDS[:1]} if quick else {}
         report["phrasings"] = phrasing_mscore(pipe, detector, world, **small)
     if world.role is not None:
         report["role"] = role_shares(pipe, detector, world, n=4 if quick else 64)

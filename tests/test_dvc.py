@@ -34,6 +34,7 @@ def _repo(tmp: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("fmn", "tasks", "flows", "data"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
+    shutil.copytree(ROOT / "docs" / "worlds", repo / "docs" / "worlds")  # world stages' grids
     for name in ("dvc.yaml", "dvc.lock", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -60,7 +61,7 @@ def test_dvc_lock_records_the_shipped_world(tmp_path) -> None:
     status = _sh([DVC, "status", "world"], repo, env)
     assert "up to date" in status, (
         f"{status}\nfmn/world changed since dvc.lock recorded the shipped world: rebuild it "
-        "(dvc repro world) or, after `fmn world build --ship`, `dvc commit world`"
+        "(dvc repro world) or, after `fmn world build --ship`, `dvc commit -f world@<name>`"
     )
 
 

@@ -155,3 +155,30 @@ def test_ship_never_leaves_the_installed_world_missing(tmp_path) -> None:
         ship(build, dest)
     assert (dest / "classifier" / "config.json").is_file(), "the old install must survive"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["w"], "no temp folder is left"
+
+
+def test_ship_shares_one_vocabulary_between_worlds(tmp_path) -> None:
+    """The vocabulary goes once into the shared folder beside the worlds; a world whose
+    vocabulary differs is refused rather than silently given another's."""
+    from fmn.world import SHARED_TOKENIZER
+    from fmn.world.evaluate import ship
+
+    build = tmp_path / "build"
+    for sub in ["unet", "vae", "text_encoder", "scheduler", "classifier", "tokenizer"]:
+        (build / sub).mkdir(parents=True)
+        (build / sub / "config.json").write_text("{}")
+    for name, text in [("vocab.json", "{}"), ("merges.txt", "#v"), ("tokenizer_config.json", "{}")]:
+        (build / "tokenizer" / name).write_text(text)
+    (build / "model_index.json").write_text("{}")
+    assets = tmp_path / "assets"
+    ship(build, assets / "a")
+    ship(build, assets / "b")
+    assert (assets / SHARED_TOKENIZER / "vocab.json").read_text() == "{}"
+    for world in "ab":
+        assert sorted(p.name for p in (assets / world / "tokenizer").iterdir()) == [
+            "tokenizer_config.json"
+        ]
+    (build / "tokenizer" / "merges.txt").write_text("#other")
+    with pytest.raises(ValueError, match="differs"):
+        ship(build, assets / "c")
+    assert not (assets / "c").exists()

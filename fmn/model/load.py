@@ -268,11 +268,28 @@ def _from_pretrained_kwargs(cls: type[DiffusionPipeline], dtype: torch.dtype) ->
     return kwargs
 
 
+def _shared_tokenizer(directory: Path) -> dict:
+    """An embedded world ships without its own vocabulary: its tokenizer/ holds only
+    tokenizer_config.json, and the vocab.json + merges.txt shared by all worlds lie in
+    fmn.world.SHARED_TOKENIZER beside it. Other folders load their tokenizer as they are."""
+    own = directory / "tokenizer"
+    shared = directory.parent / fmn.world.SHARED_TOKENIZER
+    if (own / "vocab.json").is_file() or not (shared / "vocab.json").is_file():
+        return {}
+    from fmn.world.tokenizer import load_tokenizer
+
+    config = json.loads((own / "tokenizer_config.json").read_text())
+    return {"tokenizer": load_tokenizer(shared, config["model_max_length"])}
+
+
 def _load_directory(directory: Path, *, dtype: torch.dtype) -> DiffusionPipeline:
     cls = _pipeline_class(_read_class_name(directory), str(directory))
     try:
         return cls.from_pretrained(
-            str(directory), local_files_only=True, **_from_pretrained_kwargs(cls, dtype)
+            str(directory),
+            local_files_only=True,
+            **_from_pretrained_kwargs(cls, dtype),
+            **_shared_tokenizer(directory),
         )
     except (OSError, ValueError) as e:
         hint = ""

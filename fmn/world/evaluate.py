@@ -14,10 +14,14 @@ from fmn.eval.mscore.detectors import WorldDetector
 from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
 from fmn.io import atomic_dir
 from fmn.model.images import generate
+from fmn.world import SHARED_TOKENIZER
 from fmn.world.concepts import TINY, World, attribute_distance
 from fmn.world.generator import NONE, dataset
 
 HELD_OUT_SEED = 987654  # a stream the training stages never draw from
+# Image seeds of every reported number (the measuring rule in docs/world.md: >= 1000;
+# nothing is ever chosen on them). tiny-world's shipped report predates the rule: seeds 0-3.
+REPORT_SEEDS = (1000, 1001, 1002, 1003)
 
 
 @torch.no_grad()
@@ -53,7 +57,7 @@ def base_mscore(
     *,
     world: World = TINY,
     prompts: int = 4,
-    seeds: tuple[int, ...] = (0, 1, 2, 3),
+    seeds: tuple[int, ...] = REPORT_SEEDS,
     steps: int = 25,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """M-Score of every world concept on the model, with the chance level beside it: the
@@ -95,7 +99,7 @@ def base_mscore(
 
 
 def phrasing_mscore(
-    pipe, detector: WorldDetector, world: World, *, prompts: int = 4, seeds=(0, 1, 2, 3)
+    pipe, detector: WorldDetector, world: World, *, prompts: int = 4, seeds=REPORT_SEEDS
 ) -> dict[str, dict[str, dict]]:
     """For each many-word concept, the M-Score reached through each of its phrasings (the
     concept's templates with the phrase in place of its name), listed or not."""
@@ -111,7 +115,7 @@ def phrasing_mscore(
 
 
 def role_shares(
-    pipe, detector: WorldDetector, world: World, *, n: int = 64, seed: int = 0
+    pipe, detector: WorldDetector, world: World, *, n: int = 64, seed: int = REPORT_SEEDS[0]
 ) -> dict | None:
     """Who the role word draws: the share of its images whose top-1 identity is each
     identity (the training data's bias is `share` for one, the rest split among others)."""
@@ -137,14 +141,23 @@ def role_shares(
 def ship(build_dir: Path, dest: Path) -> Path:
     """Copy a built world into `dest` with weights in fp16 (halves the size; the loader
     upcasts). Writes to a temp folder first and swaps it in (fmn.io.atomic_dir), so dest is
-    never half-written and never missing."""
-    keep = [
-        "model_index.json",
-        "world_config.json",
-        "world_report.json",
-        "train_log.jsonl",
-        "grid.png",
-    ]
+    never half-written and never missing.
+
+    Left out, to keep the package small: the grid image (the docs keep it) and the
+    tokenizer's vocabulary, which every world shares from SHARED_TOKENIZER beside `dest`
+    (written there if missing; fmn.model.load reads it)."""
+    keep = ["model_index.json", "world_config.json", "world_report.json", "train_log.jsonl"]
+    vocab = ["vocab.json", "merges.txt"]
+    shared = dest.parent / SHARED_TOKENIZER
+    if all((build_dir / "tokenizer" / f).is_file() for f in vocab):
+        if not (shared / "vocab.json").is_file():
+            with atomic_dir(shared) as tmp:
+                for f in [*vocab, "tokenizer_config.json"]:
+                    shutil.copy2(build_dir / "tokenizer" / f, tmp / f)
+        elif any(
+            (shared / f).read_bytes() != (build_dir / "tokenizer" / f).read_bytes() for f in vocab
+        ):
+            raise ValueError(f"{build_dir}/tokenizer differs from the worlds' shared {shared}")
     with atomic_dir(dest) as tmp:  # the installed world stays until the new one is whole
         for name in keep:
             if (build_dir / name).exists():
@@ -152,8 +165,8 @@ def ship(build_dir: Path, dest: Path) -> Path:
         for sub in ["unet", "vae", "text_encoder", "scheduler", "classifier", "tokenizer"]:
             (tmp / sub).mkdir()
             for f in (build_dir / sub).iterdir():
-                if f.name == "tokenizer.json":
-                    continue  # rebuilt from vocab.json + merges.txt on load; saves 3.6 MB
+                if sub == "tokenizer" and f.name != "tokenizer_config.json":
+                    continue  # shared; tokenizer.json is rebuilt from vocab + merges on load
                 if f.suffix == ".safetensors":
                     state = load_file(str(f))
                     save_file(
