@@ -112,18 +112,12 @@ def original_forget(pipe, concept, images: np.ndarray, *, steps: int, lr: float,
     from diffusers import DDPMScheduler
 
     from fmn.model.attention import token_weights
-    from fmn.model.conditioning import concept_prompts, concept_token_ids
+    from fmn.model.conditioning import concept_prompts, concept_token_ids, token_ids
 
     unet, vae, text_encoder, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     prompts = concept_prompts(concept.text, concept.type)
-    ids = tok(
-        prompts,
-        padding="max_length",
-        max_length=tok.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    ids = token_ids(tok, prompts)
     positions = token_weights(
         ids, concept_token_ids(tok, concept.text), "all_eot", eos_id=tok.eos_token_id
     ).bool()

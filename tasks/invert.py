@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.run.stages import Record, stage_invert
+from fmn.run.stages import PrepRecord, TIRecord, stage_invert
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -16,7 +16,7 @@ from tasks.slots import device_slot
     tags=["fmn", "device", "training"],
     **CACHED,
 )
-def invert(manifest: str, concept_id: str, run: str, prep: Record) -> Record:
+def invert(manifest: str, concept_id: str, run: str, prep: PrepRecord) -> TIRecord:
     """fmn.run.stages.stage_invert -> ti.safetensors."""
     with device_slot():
         return stage_invert(manifest, concept_id, run, prep)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.run.stages import Record, stage_prepare
+from fmn.run.stages import PrepRecord, stage_prepare
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -16,7 +16,7 @@ from tasks.slots import device_slot
     tags=["fmn", "device"],
     **CACHED,
 )
-def prepare(manifest: str, concept_id: str, run: str) -> Record:
+def prepare(manifest: str, concept_id: str, run: str) -> PrepRecord:
     """fmn.run.stages.stage_prepare: generates images with the base model, so it holds the
     device slot."""
     with device_slot():

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from fmn.run.stages import Record, stage_report
+from fmn.run.stages import ReportRecord, ScoreRecord, stage_report
 
 
 def _num(v: float | None) -> str:
@@ -48,7 +48,7 @@ def summary_markdown(summary: dict, index: str) -> str:
 
 # Not cached: it is cheap, and each flow run should publish its own artifacts.
 @task(name="report", cache_policy=NO_CACHE, persist_result=False, tags=["fmn"])
-def report(run: str, scored: Record, out: str) -> Record:
+def report(run: str, scored: ScoreRecord, out: str) -> ReportRecord:
     """fmn.run.stages.stage_report, then a table artifact of M-Scores and a markdown summary
     that links the HTML report."""
     rec = stage_report(run, scored, out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.run.stages import Record, stage_resteer
+from fmn.run.stages import PatchRecord, PrepRecord, TIRecord, stage_resteer
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -17,8 +17,8 @@ from tasks.slots import device_slot
     **CACHED,
 )
 def resteer(
-    manifest: str, concept_id: str, run: str, prep: Record, ti: Record | None = None
-) -> Record:
+    manifest: str, concept_id: str, run: str, prep: PrepRecord, ti: TIRecord | None = None
+) -> PatchRecord:
     """fmn.run.stages.stage_resteer -> patches/<id>/delta.safetensors. A NaN loss fails the
     concept at once (no retry: it would diverge again)."""
     with device_slot():

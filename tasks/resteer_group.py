@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.run.stages import Record, stage_resteer_group
+from fmn.run.stages import GroupRecord, PrepRecord, stage_resteer_group
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -17,8 +17,8 @@ from tasks.slots import device_slot
     **CACHED,
 )
 def resteer_group(
-    manifest: str, concept_ids: list[str], run: str, preps: list[Record], tis: list
-) -> Record:
+    manifest: str, concept_ids: list[str], run: str, preps: list[PrepRecord], tis: list
+) -> GroupRecord:
     """fmn.run.stages.stage_resteer_group -> patches/<id>/delta.safetensors for each concept.
     A concept whose loss turns NaN comes back as an error record; the others still land."""
     with device_slot():

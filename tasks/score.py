@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from fmn.run.stages import Record, stage_score
+from fmn.run.stages import Audited, ScoreRecord, stage_score
 from tasks._common import CACHED, cache_key
 from tasks.slots import device_slot
 
@@ -15,7 +15,9 @@ from tasks.slots import device_slot
     tags=["fmn", "device"],
     **CACHED,
 )
-def score(manifest: str, run: str, audited: Record, failed: dict[str, str] | None = None) -> Record:
+def score(
+    manifest: str, run: str, audited: Audited, failed: dict[str, str] | None = None
+) -> ScoreRecord:
     """fmn.run.stages.stage_score -> <run>/audit/ (rows, summary, prompts, images)."""
     with device_slot():
         return stage_score(manifest, run, audited, failed)

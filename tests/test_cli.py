@@ -34,7 +34,7 @@ def test_validate_names_the_field_and_exits_2(tmp_path) -> None:
 
 
 def test_validate_accepts_the_shipped_manifests() -> None:
-    for m in ("manifests/demo.yaml", "manifests/nightly.yaml"):
+    for m in ("manifests/demo.yaml", "manifests/nightly.yaml", "manifests/crowd-demo.yaml"):
         result = runner.invoke(app, ["validate", m])
         assert result.exit_code == 0, result.output
 

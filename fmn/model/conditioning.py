@@ -35,6 +35,18 @@ class TextConditioning:
         return self.embeds[idx], kwargs
 
 
+def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """[len(prompts), max_length] ids, padded to the full length and truncated, as the
+    pipelines tokenise (max_length: the tokenizer's model_max_length unless given)."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 @torch.no_grad()
 def encode_text(
     pipe, prompts: list[str], image_hw: tuple[int, int] | None = None
@@ -49,13 +61,7 @@ def encode_text(
         if hasattr(pipe, "maybe_convert_prompt")
         else prompts
     )
-    ids = tok(
-        expanded,
-        padding="max_length",
-        max_length=tok.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    ids = token_ids(tok, list(expanded))
     device = pipe.unet.device
     if model_family(pipe) == "sdxl":
         embeds, _, pooled, _ = pipe.encode_prompt(

@@ -35,6 +35,7 @@ from torch import nn
 
 from fmn.io import atomic_path
 from fmn.manifest import InvertOptions, ResteerOptions, option_default, option_factory
+from fmn.model.conditioning import token_ids
 from fmn.model.load import PICKLE_SUFFIXES, fingerprint, model_family
 
 FORMAT = "fmn-ti"
@@ -320,13 +321,7 @@ def _placeholder_tokenizer(tokenizer, names: list[str]):
 def _tokenize_templates(tokenizer, templates: list[str], names: list[str]) -> torch.Tensor:
     """[len(templates), max_length] ids, padded and truncated the way the pipeline does."""
     prompts = [t.replace("{}", " ".join(names)) for t in templates]
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    ids = token_ids(tokenizer, prompts)
     want = torch.tensor(tokenizer.convert_tokens_to_ids(names))
     for prompt, row in zip(prompts, ids, strict=True):
         if not torch.equal(row[torch.isin(row, want)], want):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fmn.io import atomic_dir, write_json
+from fmn.model.conditioning import token_ids
 from fmn.progress import Progress
 from fmn.world.classifier import WorldClassifier, augment
 from fmn.world.concepts import World, get_world
@@ -229,13 +230,7 @@ def train_unet(
             data["captions"], np.random.default_rng(cfg.seed).random(cfg.n_train), strict=True
         )
     ]
-    ids = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=cfg.max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    ids = token_ids(tokenizer, captions, cfg.max_length)
     unet, text = make_unet(cfg), make_text_encoder(cfg)
     params = [*unet.parameters(), *text.parameters()]
     ema = [p.detach().clone() for p in params]

@@ -11,7 +11,6 @@ can key a cache on it. Nothing here imports Prefect.
 
 from fmn.run.stages.audit import mark_failed, stage_report, stage_score
 from fmn.run.stages.common import (
-    Record,
     StageInputError,
     base_spec,
     model_key,
@@ -21,10 +20,27 @@ from fmn.run.stages.common import (
 from fmn.run.stages.concept import stage_invert, stage_prepare, stage_resteer
 from fmn.run.stages.group import stage_resteer_group
 from fmn.run.stages.merge import stage_merge
+from fmn.run.stages.records import (
+    Audited,
+    GroupRecord,
+    MergeRecord,
+    PatchRecord,
+    PrepRecord,
+    ReportRecord,
+    ScoreRecord,
+    TIRecord,
+)
 
 __all__ = [
-    "Record",
+    "Audited",
+    "GroupRecord",
+    "MergeRecord",
+    "PatchRecord",
+    "PrepRecord",
+    "ReportRecord",
+    "ScoreRecord",
     "StageInputError",
+    "TIRecord",
     "base_spec",
     "mark_failed",
     "model_key",

@@ -14,7 +14,8 @@ from pathlib import Path
 from fmn.io import atomic_dir, write_json
 from fmn.manifest import load_manifest
 from fmn.run.folder import ProgressFile, RunPaths, tree_hash
-from fmn.run.stages.common import Record, base_spec, check_record, patch_file
+from fmn.run.stages.common import base_spec, check_record, patch_file
+from fmn.run.stages.records import Audited, ReportRecord, ScoreRecord
 
 IMAGES_FILE = "images.safetensors"
 
@@ -41,9 +42,9 @@ def mark_failed(summary: dict, failed: dict[str, str]) -> dict:
 def stage_score(
     manifest: Path | str,
     run: Path | str,
-    audited: Record,
+    audited: Audited,
     failed: dict[str, str] | None = None,
-) -> Record:
+) -> ScoreRecord:
     """Audit a model against the manifest's base model. `audited` names it: {"model":
     a model spec or folder} or {"patch": a patch file}, relative paths from the run
     folder; a stage_merge record also carries "outputs", checked first."""
@@ -83,7 +84,7 @@ def stage_score(
     }
 
 
-def stage_report(run: Path | str, scored: Record, out: Path | str) -> Record:
+def stage_report(run: Path | str, scored: ScoreRecord, out: Path | str) -> ReportRecord:
     """Write the report folder `out` (fmn.eval.report) from a stage_score record."""
     from safetensors.torch import load_file
 

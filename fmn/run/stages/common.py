@@ -12,8 +12,7 @@ from pathlib import Path
 from fmn.code_key import code_key
 from fmn.manifest import Manifest, ResolvedConcept, load_manifest
 from fmn.run.folder import RunPaths, canonical_hash, file_hash, intact, tree_hash
-
-Record = dict  # a stage's result: plain JSON (paths relative to the run, hashes)
+from fmn.run.stages.records import Audited, MergeRecord, PatchRecord, PrepRecord, TIRecord
 
 
 class StageInputError(RuntimeError):
@@ -90,7 +89,7 @@ def preserve_list(m: Manifest) -> list[tuple[str, str]]:
     return [(p.text, p.type) for p in m.preserve]
 
 
-def _audited_key(run: Path, audited: Record) -> str:
+def _audited_key(run: Path, audited: Audited) -> str:
     if "patch" in audited:
         return file_hash(patch_file(run / audited["patch"]))
     spec = str(run / audited["model"]) if (run / audited["model"]).exists() else audited["model"]
@@ -169,7 +168,9 @@ def stage_code(stage: str) -> str:
     return f"{__package__}:stage_{stage}"
 
 
-def check_record(run: RunPaths, record: Record, what: str) -> None:
+def check_record(
+    run: RunPaths, record: PrepRecord | TIRecord | PatchRecord | MergeRecord | Audited, what: str
+) -> None:
     if not intact(run.root, record["outputs"]):
         raise StageInputError(
             f"{what}: {', '.join(record['outputs'])} in {run.root} changed or vanished after "

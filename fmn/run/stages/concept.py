@@ -7,13 +7,13 @@ from pathlib import Path
 from fmn.manifest import ResolvedConcept, load_manifest
 from fmn.run.folder import ProgressFile, RunPaths, file_hash
 from fmn.run.stages.common import (
-    Record,
     base_spec,
     check_record,
     drop_pipeline,
     pipeline,
     preserve_list,
 )
+from fmn.run.stages.records import PatchRecord, PrepRecord, TIRecord
 
 
 def _prepared(pipe, r: ResolvedConcept, run: RunPaths):
@@ -22,7 +22,7 @@ def _prepared(pipe, r: ResolvedConcept, run: RunPaths):
     return prepare_resolved(pipe, r, mask=r.mask, cache_dir=run.prep)
 
 
-def stage_prepare(manifest: Path | str, concept_id: str, run: Path | str) -> Record:
+def stage_prepare(manifest: Path | str, concept_id: str, run: Path | str) -> PrepRecord:
     """Images, masks, latents and text conditioning of one concept, into the prep cache."""
     from fmn.data.prepare import CACHE_FILE, RECORD_FILE
 
@@ -43,7 +43,9 @@ def stage_prepare(manifest: Path | str, concept_id: str, run: Path | str) -> Rec
     }
 
 
-def stage_invert(manifest: Path | str, concept_id: str, run: Path | str, prep: Record) -> Record:
+def stage_invert(
+    manifest: Path | str, concept_id: str, run: Path | str, prep: PrepRecord
+) -> TIRecord:
     """Textual inversion of one concept from its prepared latents -> ti.safetensors."""
     from fmn.train.invert import InvertConfig, invert, save_ti
 
@@ -96,9 +98,9 @@ def stage_resteer(
     manifest: Path | str,
     concept_id: str,
     run: Path | str,
-    prep: Record,
-    ti: Record | None = None,
-) -> Record:
+    prep: PrepRecord,
+    ti: TIRecord | None = None,
+) -> PatchRecord:
     """Attention re-steering of one concept -> patches/<id>/delta.safetensors."""
     from fmn.io import write_json
     from fmn.model.patch import patch_hash, save_patch

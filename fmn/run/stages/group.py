@@ -13,7 +13,6 @@ from pathlib import Path
 
 from fmn.run.folder import ProgressFile, RunPaths
 from fmn.run.stages.common import (
-    Record,
     base_spec,
     check_record,
     drop_pipeline,
@@ -22,11 +21,12 @@ from fmn.run.stages.common import (
     stage_key,
 )
 from fmn.run.stages.concept import _prepared, _read_ti
+from fmn.run.stages.records import GroupRecord, PatchRecord, PrepRecord, TIRecord
 
 LOG_FILE = "resteer.json"
 
 
-def _reusable(rp: RunPaths, concept_id: str, key: str) -> Record | None:
+def _reusable(rp: RunPaths, concept_id: str, key: str) -> PatchRecord | None:
     """The record of a patch this stage already made from the same inputs, if intact."""
     from fmn.model.patch import patch_hash
 
@@ -41,7 +41,7 @@ def _reusable(rp: RunPaths, concept_id: str, key: str) -> Record | None:
     return {"concept": concept_id, "hash": log["hash"], "outputs": {rp.rel(path): log["hash"]}}
 
 
-def _save(rp: RunPaths, concept_id: str, res, key: str) -> Record:
+def _save(rp: RunPaths, concept_id: str, res, key: str) -> PatchRecord:
     from fmn.io import write_json
     from fmn.model.patch import patch_hash, save_patch
 
@@ -55,7 +55,7 @@ def _save(rp: RunPaths, concept_id: str, res, key: str) -> Record:
     return {"concept": concept_id, "hash": digest, "outputs": {rp.rel(path): digest}}
 
 
-def _train(pipe, m, rp: RunPaths, ids: list[str], preps: list[Record], tis: list) -> list:
+def _train(pipe, m, rp: RunPaths, ids: list[str], preps: list[PrepRecord], tis: list) -> list:
     """Each concept's ForgetResult, or the ResteerError that stopped it."""
     from fmn.train.forget import resteer_prepared, resteer_prepared_batch
     from fmn.train.resteer import ResteerConfig, ResteerError
@@ -95,9 +95,9 @@ def stage_resteer_group(
     manifest: Path | str,
     concept_ids: list[str],
     run: Path | str,
-    preps: list[Record],
-    tis: list[Record | None],
-) -> Record:
+    preps: list[PrepRecord],
+    tis: list[TIRecord | None],
+) -> GroupRecord:
     """Re-steer `concept_ids` together -> patches/<id>/delta.safetensors each. Returns
     {"concepts": [one stage_resteer record per concept, or {"concept", "error"}],
     "outputs": every patch}; "reused": true marks a patch kept from an earlier run."""
@@ -110,7 +110,7 @@ def stage_resteer_group(
         )
         for cid, p, t in zip(concept_ids, preps, tis, strict=True)
     }
-    records: dict[str, Record] = {}
+    records: dict[str, PatchRecord] = {}
     for cid in concept_ids:
         rec = _reusable(rp, cid, keys[cid])
         if rec is not None:

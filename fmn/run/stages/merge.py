@@ -7,12 +7,13 @@ from pathlib import Path
 from fmn.io import write_json
 from fmn.manifest import GENERATED_IMAGES, Manifest, load_manifest
 from fmn.run.folder import ProgressFile, RunPaths, tree_hash
-from fmn.run.stages.common import Record, base_spec, check_record, pipeline, preserve_list
+from fmn.run.stages.common import base_spec, check_record, pipeline, preserve_list
+from fmn.run.stages.records import MergeRecord, PatchRecord
 
 MERGED_RECORD = "merged.json"  # beside merged/, which write_merged replaces whole
 
 
-def stage_merge(manifest: Path | str, run: Path | str, patches: list[Record]) -> Record:
+def stage_merge(manifest: Path | str, run: Path | str, patches: list[PatchRecord]) -> MergeRecord:
     """Merge the given patches (stage_resteer records, hashes checked first) as the
     manifest's `merge` says, into <run>/merged/. With `merge.method: joint` the concepts
     are instead re-steered together in one run here (fmn.train.forget.forget_joint), and
@@ -45,7 +46,7 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[Record]) ->
             model_fingerprint = fingerprint(pipe)
         finally:
             revert_patch(pipe, result.patch)
-    out = {
+    out: MergeRecord = {
         "merged": rp.rel(rp.merged),
         "model": rp.rel(rp.merged / "model"),
         "concepts": [c["id"] for c in record["concepts"]],
