@@ -212,11 +212,14 @@ def world_build(
     ),
     quick: bool = typer.Option(False, help="A few steps per stage: checks the plumbing only."),
     threads: int = typer.Option(2, help="torch threads for training."),
+    minutes: float = typer.Option(
+        None, help="Stop at the first UNet checkpoint after this many minutes; run again to go on."
+    ),
 ) -> None:
     """Train an embedded world from scratch, stage by stage; a re-run resumes (tiny-world
     about 1 hour on 2 CPU cores, crowd-world about 2: docs/world.md)."""
     from fmn.model.load import embedded_path
-    from fmn.world.train import STAGES, build_world, world_config
+    from fmn.world.train import STAGES, BuildPaused, build_world, world_config
 
     w = _get_world_or_exit(world)
     if until not in (*STAGES, "measure"):
@@ -227,10 +230,15 @@ def world_build(
     t0 = time.time()
     with _bar() as update:
         try:
-            build_world(out, cfg, update, until=None if until == "measure" else until)
+            build_world(
+                out, cfg, update, until=None if until == "measure" else until, minutes=minutes
+            )
         except ValueError as e:
             console.print(f"[red]{e}[/red]")
             raise typer.Exit(2) from None
+        except BuildPaused as e:
+            console.print(f"{out}: {e}")
+            return
         if until != "measure":
             console.print(f"stopped after {until}: {out} (run again to go on)")
             return

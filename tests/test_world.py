@@ -111,12 +111,19 @@ def test_cli_lists_concepts_as_json() -> None:
 
 
 def test_world_build_runs_end_to_end_and_resumes(tmp_path) -> None:
-    """`fmn world build --quick`: every stage with a few steps (plumbing, not quality)."""
+    """`fmn world build --quick`: every stage with a few steps (plumbing, not quality). Out
+    of time (`--minutes 0`), it stops at the first UNet checkpoint; run again, it goes on
+    from there."""
     out = tmp_path / "world"
-    result = CliRunner().invoke(
-        app, ["world", "build", "--quick", "--out", str(out), "--threads", "1"]
-    )
+    quick = ["world", "build", "--quick", "--out", str(out), "--threads", "1"]
+    result = CliRunner().invoke(app, [*quick, "--minutes", "0"])
     assert result.exit_code == 0, result.output
+    assert "paused after UNet step 1 of 3" in " ".join(result.output.split())
+    assert (out / "unet.ckpt" / "step.json").is_file() and not (out / "unet").exists()
+    result = CliRunner().invoke(app, quick)
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"stage": "unet", "resumed_at": 1} in log
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "classifier"):
         assert (out / part).is_dir(), part
     report = json.loads((out / "world_report.json").read_text())

@@ -66,11 +66,16 @@ class WorldConfig:
 STAGES = ("vae", "unet", "classifier")
 
 
+class BuildPaused(Exception):
+    """The build stopped at a UNet checkpoint because its time was up; run it again to go
+    on from there."""
+
+
 def world_config(world: str, *, quick: bool = False) -> WorldConfig:
     """The settings a world is built with; quick: a few steps per stage (plumbing only)."""
     cfg = crowd_config() if world == "crowd-world" else WorldConfig(world=world)
     if quick:
-        cfg = replace(cfg, vae_steps=3, unet_steps=3, clf_steps=3, n_train=512)
+        cfg = replace(cfg, vae_steps=3, unet_steps=3, clf_steps=3, n_train=512, checkpoint_every=1)
     return cfg
 
 
@@ -215,10 +220,16 @@ def _load_checkpoint(path: Path, modules, ema, opt, gen: torch.Generator) -> int
 
 
 def train_unet(
-    cfg: WorldConfig, vae: AutoencoderKL, tokenizer, out: Path, progress: Progress
+    cfg: WorldConfig,
+    vae: AutoencoderKL,
+    tokenizer,
+    out: Path,
+    progress: Progress,
+    deadline: float | None = None,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """UNet and text encoder jointly, epsilon prediction, min-SNR weighting, EMA.
-    Resumes from `out/unet.ckpt` when a crash left one."""
+    Resumes from `out/unet.ckpt` when a crash or a pause left one. Past `deadline` (a
+    time.time()), it stops at the next checkpoint with BuildPaused."""
     torch.manual_seed(cfg.seed)
     data = dataset(cfg.n_train, cfg.seed + 2, world=get_world(cfg.world))
     stats = encode_dataset(vae, data["images"])
@@ -270,6 +281,12 @@ def train_unet(
             _log(out, {"stage": "unet", "step": step, "loss": loss.item()})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.unet_steps:
             _save_checkpoint(ckpt, step + 1, params, ema, opt, gen)
+            if deadline is not None and time.time() >= deadline:
+                _log(out, {"stage": "unet", "paused_at": step + 1})
+                raise BuildPaused(
+                    f"paused after UNet step {step + 1} of {cfg.unet_steps} (time is up); "
+                    "run the same command again to go on from there"
+                )
         progress("unet+text", step + 1, cfg.unet_steps, {"loss": loss.item()})
     with torch.no_grad():
         for e, p in zip(ema, params, strict=True):
@@ -316,9 +333,17 @@ def train_classifier(
     return clf.eval()
 
 
-def build_world(out: Path, cfg: WorldConfig, progress: Progress, until: str | None = None) -> Path:
+def build_world(
+    out: Path,
+    cfg: WorldConfig,
+    progress: Progress,
+    until: str | None = None,
+    minutes: float | None = None,
+) -> Path:
     """Train every part of the world into `out` (a diffusers pipeline dir + classifier/);
-    `until` stops after that stage (a stage already on disk is never trained again)."""
+    `until` stops after that stage (a stage already on disk is never trained again).
+    `minutes`: past that, the UNet stage stops at its next checkpoint (BuildPaused), so a
+    long stage can run in pieces of a chosen length."""
     from diffusers import StableDiffusionPipeline
 
     from fmn.world.classifier import load_classifier, save_classifier
@@ -348,7 +373,8 @@ def build_world(out: Path, cfg: WorldConfig, progress: Progress, until: str | No
     if until == "vae":
         return out
     if not (out / "unet" / "config.json").exists():
-        unet, text = train_unet(cfg, vae, tokenizer, out, progress)
+        deadline = None if minutes is None else t0 + 60 * minutes
+        unet, text = train_unet(cfg, vae, tokenizer, out, progress, deadline)
         scheduler = DDIMScheduler(
             num_train_timesteps=1000,
             beta_schedule="scaled_linear",
