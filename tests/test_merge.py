@@ -135,6 +135,26 @@ def test_write_merged_outputs_load_and_leave_the_base_alone(pipe, tmp_path) -> N
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
 
 
+def test_a_patch_with_bias_deltas_merges_without_a_lora(pipe, tmp_path) -> None:
+    """`params: attn2` also trains attn2's to_out bias, which a LoRA cannot carry: the
+    build still writes the merged patch and model, and merge.json says why there is no
+    LoRA (it used to fail the whole run at this point)."""
+    patch = _patch(pipe, "cat", "object", 1)
+    bias = next(n for n, p in pipe.unet.named_parameters() if n.endswith("attn2.to_out.0.bias"))
+    patch.deltas[bias] = torch.full_like(dict(pipe.unet.named_parameters())[bias], 0.01)
+    res = merge_patches(pipe, [patch], MergeConfig(method="sum"))
+    record = write_merged(pipe, res, tmp_path / "merged")
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "delta.safetensors",
+        "merge.json",
+        "model",
+    ]
+    assert "to_out.0.bias" in record["lora"]["skipped"]
+    merged = load_pipeline(str(tmp_path / "merged" / "model"))
+    base = dict(pipe.unet.named_parameters())[bias]
+    torch.testing.assert_close(dict(merged.unet.named_parameters())[bias], base + 0.01)
+
+
 @pytest.mark.parametrize("fault", ["nan", "base", "twice", "key", "no-concept"])
 def test_refusals_name_the_concept(pipe, fault: str) -> None:
     good, bad = _patch(pipe, "cat", "object", 1), _patch(pipe, "mary", "id", 2)

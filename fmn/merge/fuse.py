@@ -67,6 +67,7 @@ from fmn.model.patch import (
     apply_patch,
     export_lora,
     load_patch,
+    not_lora,
     patch_hash,
     patch_header,
     revert_patch,
@@ -525,13 +526,19 @@ def concept_patches(folder: Path) -> list[Path]:
 
 def write_merged(pipe, result: MergeResult, out: Path, *, lora_rank: int | None = None) -> dict:
     """Write a merge's outputs into `out` (replaced whole, atomically): delta.safetensors
-    (the merged patch), lora.safetensors (diffusers/peft LoRA; full rank is exact),
+    (the merged patch), lora.safetensors (diffusers/peft LoRA; full rank is exact; left
+    out, with the reason in merge.json, when the patch changes biases or norms, which a
+    LoRA cannot carry: `params: attn2` or `unet`),
     model/ (a diffusers pipeline with the patch applied) and merge.json (every concept,
     its patch hash and weight, how much of its edit the merge kept). `pipe` comes back
     unchanged. Returns the merge.json record."""
     with atomic_dir(out) as tmp:
         save_patch(result.patch, tmp)
-        lora = export_lora(result.patch, tmp / "lora.safetensors", lora_rank)
+        if bad := not_lora(result.patch):
+            lora = {"skipped": f"{len(bad)} changed parameters are no 2-D weights: {bad[0]}, ..."}
+        else:
+            done = export_lora(result.patch, tmp / "lora.safetensors", lora_rank)
+            lora = {"rank": done["rank"], "relative_error": done["relative_error"]}
         apply_patch(pipe, result.patch)
         try:
             pipe.save_pretrained(tmp / "model", safe_serialization=True)
@@ -548,7 +555,7 @@ def write_merged(pipe, result: MergeResult, out: Path, *, lora_rank: int | None 
             "anchor_checks": result.anchor_checks,
             "tuning": result.tuning,
             "seconds": result.seconds,
-            "lora": {"rank": lora["rank"], "relative_error": lora["relative_error"]},
+            "lora": lora,
         }
         write_json(tmp / "merge.json", record)
     return record

@@ -422,6 +422,16 @@ def export_kohya(patch: Patch, path: Path | str, rank: int | None = None) -> dic
     return report
 
 
+def not_lora(patch: Patch) -> list[str]:
+    """The parameters a patch changes that a LoRA cannot carry: anything but a 2-D Linear
+    weight (biases and norms, which `params: attn2` and `params: unet` also train)."""
+    return [
+        k
+        for k, d in sorted(patch.deltas.items())
+        if d.count_nonzero() > 0 and (d.ndim != 2 or lora_keys.module_of(k) is None)
+    ]
+
+
 def _factorize(patch: Patch, rank: int | None) -> tuple[list[_Factor], list[str]]:
     """Truncated SVD of every nonzero delta: W = U S Vh, B = U_r sqrt(S_r), A = sqrt(S_r) Vh_r."""
     if rank is not None and rank < 1:
@@ -430,13 +440,13 @@ def _factorize(patch: Patch, rank: int | None) -> tuple[list[_Factor], list[str]
     _check_finite(patch.deltas, patch.concept)
     nonzero = {k: d for k, d in sorted(patch.deltas.items()) if d.count_nonzero() > 0}
     skipped = sorted(set(patch.deltas) - set(nonzero))  # a zero delta changes nothing
-    not_lora = [k for k, d in nonzero.items() if d.ndim != 2 or lora_keys.module_of(k) is None]
-    if not_lora:
-        shapes = [f"{k} {tuple(nonzero[k].shape)}" for k in not_lora[:_SHOW_KEYS]]
+    if bad := not_lora(patch):
+        shapes = [f"{k} {tuple(nonzero[k].shape)}" for k in bad[:_SHOW_KEYS]]
         raise PatchError(
-            f"patch for concept {patch.concept!r} changes {len(not_lora)} parameters that a "
+            f"patch for concept {patch.concept!r} changes {len(bad)} parameters that a "
             f"LoRA cannot carry (only 2-D Linear weights): {shapes}. Use the patch itself or "
-            "a merged model, or re-steer with params to_kv/attn2."
+            "a merged model, or re-steer with params: to_kv (attn2 and unet also train "
+            "biases)."
         )
     if not nonzero:
         raise PatchError(f"patch for concept {patch.concept!r} is all zeros: nothing to export")
