@@ -16,6 +16,7 @@ from fmn.manifest.files import (
     check_image_folder,
     image_files,
     image_problem,
+    refuse_pickle,
 )
 from fmn.manifest.load import (
     FILE_LOC,
@@ -101,6 +102,7 @@ __all__ = [
     "option_factory",
     "option_problems",
     "parse_manifest",
+    "refuse_pickle",
     "resolve_concept",
     "type_defaults",
     "write_schema",

@@ -128,8 +128,22 @@ def _check_folder(path: Path, info: ValidationInfo) -> Path:
 ImageFolder = Annotated[Path, AfterValidator(_check_folder)]
 
 # Checkpoint suffixes that are Python pickles: loading one can run arbitrary code, so no
-# fmn reader opens them (models, patches, TI files); fmn.model.load re-exports this.
+# fmn reader opens them (models, patches, TI files): each calls refuse_pickle first.
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
+
+
+def refuse_pickle(path: Path, error: type[Exception], what: str = "read") -> None:
+    """Raise `error` when `path` is a pickle file, before anything opens it: the one
+    refusal every reader of user files (models, patches, TI files) gives."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise error(
+            f"refusing to {what} {path}: {path.suffix} files are Python pickles, and loading "
+            "one can run arbitrary code; we never unpickle. Convert it to .safetensors in a "
+            "sandbox you trust (load it there, then save it with safetensors.torch.save_file) "
+            "and pass the .safetensors file instead."
+        )
+
+
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as fmn.model.load reads it
 MODEL_HINT = (
     "use a diffusers pipeline folder, a .safetensors checkpoint, a hub id (org/name) or "

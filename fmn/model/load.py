@@ -35,7 +35,7 @@ from safetensors import safe_open
 from transformers.utils import logging as transformers_logging
 
 import fmn.world
-from fmn.manifest import PICKLE_SUFFIXES  # defined there (light); patch, invert import it here
+from fmn.manifest import refuse_pickle  # defined there (light)
 
 Family = Literal["sd1", "sd2", "sdxl"]
 
@@ -189,13 +189,7 @@ def _load(
     if spec.startswith(EMBEDDED_PREFIX):
         return _load_directory(_embedded_dir(spec), dtype=dtype)
     path = Path(spec).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelLoadError(
-            f"refusing to load {spec}: {path.suffix} files are Python pickles, and loading "
-            "one can run arbitrary code. Convert it to .safetensors in a sandbox you trust "
-            "(e.g. load it there and save it with safetensors.torch.save_file) and pass "
-            "the .safetensors file instead."
-        )
+    refuse_pickle(path, ModelLoadError, "load")
     if path.is_dir():
         return _load_directory(path, dtype=dtype)
     if path.is_file():

@@ -29,8 +29,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fmn.io import atomic_path
+from fmn.manifest import PICKLE_SUFFIXES, refuse_pickle
 from fmn.model import lora_keys
-from fmn.model.load import PICKLE_SUFFIXES, fingerprint
+from fmn.model.load import fingerprint
 
 PATCH_FILE = "delta.safetensors"
 FORMAT = "fmn-patch"
@@ -172,12 +173,7 @@ def patch_hash(path: Path | str) -> str:
 
 def _patch_file(path: Path | str) -> Path:
     file = Path(path)
-    if file.suffix.lower() in PICKLE_SUFFIXES:
-        raise PatchError(
-            f"refusing to read {file}: {file.suffix} files are Python pickles and loading one "
-            "can run arbitrary code; we never unpickle. Convert it to .safetensors in a sandbox "
-            "you trust (load it there, then safetensors.torch.save_file) and pass that."
-        )
+    refuse_pickle(file, PatchError)
     if file.is_dir():
         file = file / PATCH_FILE
     if not file.is_file():

@@ -34,9 +34,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fmn.io import atomic_path
-from fmn.manifest import InvertOptions, ResteerOptions, option_default, option_factory
+from fmn.manifest import (
+    InvertOptions,
+    ResteerOptions,
+    option_default,
+    option_factory,
+    refuse_pickle,
+)
 from fmn.model.conditioning import token_ids
-from fmn.model.load import PICKLE_SUFFIXES, fingerprint, model_family
+from fmn.model.load import fingerprint, model_family
 
 FORMAT = "fmn-ti"
 FORMAT_VERSION = "1"
@@ -464,12 +470,7 @@ def load_ti(path: Path | str, pipe: DiffusionPipeline | None = None) -> dict[str
     Pickled embeddings (.pt, .bin, ...) are refused: unpickling runs arbitrary code.
     """
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise TIFormatError(
-            f"refusing to load {path}: {path.suffix} files are Python pickles, and loading one "
-            "can run arbitrary code. Convert it to .safetensors in a sandbox you trust "
-            "(load it there and save the tensors with safetensors.torch.save_file)."
-        )
+    refuse_pickle(path, TIFormatError, "load")
     if path.suffix.lower() != ".safetensors":
         raise TIFormatError(f"{path} is not a .safetensors TI file")
     if not path.is_file():
