@@ -92,7 +92,7 @@ def forget(pipe, concept, method: str):
     return forget_concept(pipe, concept.id, concept.type, concept.text, cfg, mask=mask)
 
 
-def row(method, concept, base, patched, steps, seconds) -> dict:
+def row(method, concept, base, patched, steps, seconds, commit: str) -> dict:
     ratio = {c: patched[c] / base[c] for c in base if base[c] > 0}
     others = {c: r for c, r in ratio.items() if c != concept.id and base[c] >= SCORED_MIN_BASE}
     # (none only in --quick, whose 2-step images the detector does not recognise)
@@ -108,7 +108,7 @@ def row(method, concept, base, patched, steps, seconds) -> dict:
         "worst_ratio": others[worst] if others else float("nan"),
         "steps": steps,
         "seconds": round(seconds, 2),
-        "commit": git_commit(),
+        "commit": commit,
     }
 
 
@@ -147,12 +147,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-
+    # every fmn module is imported now, so the code measured is the commit recorded here
+    # even if HEAD moves while the bench runs
+    import fmn.train.forget  # noqa: F401
     from fmn.eval.mscore.detectors import WorldDetector
     from fmn.model.load import embedded_path, load_pipeline
     from fmn.model.patch import apply_patch, revert_patch
     from fmn.world.concepts import CROWD
 
+    commit = git_commit()
     pipe = load_pipeline(f"embedded:{CROWD.name}")
     detector = WorldDetector(embedded_path(CROWD.name) / "classifier")
     everyone = [c for c in CROWD.concepts() if c.type != "role"]
@@ -176,7 +179,7 @@ def main() -> None:
     if base is None or set(base) != {c.id for c in everyone}:
         t0 = time.time()
         base = score_all(pipe, detector, everyone, **size)
-        _append(args.partial, {"base": base, "commit": git_commit()})
+        _append(args.partial, {"base": base, "commit": commit})
         print(f"base M-Scores of {len(base)} concepts: {time.time() - t0:.0f} s", flush=True)
     rows = [d for d in done if "method" in d]
     have = {(r["method"], r["concept"]) for r in rows}
@@ -192,7 +195,7 @@ def main() -> None:
                 patched = score_all(pipe, detector, everyone, **size)
             finally:
                 revert_patch(pipe, result.patch)
-            r = row(method, c, base, patched, len(result.resteer.losses), seconds)
+            r = row(method, c, base, patched, len(result.resteer.losses), seconds, commit)
             _append(args.partial, r)
             rows.append(r)
             print(json.dumps(r), flush=True)
