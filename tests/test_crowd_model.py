@@ -64,3 +64,17 @@ def test_crowd_draws_held_out_identities_its_classifier_names(crowd) -> None:
         images = generate(crowd, prompts, [1000, 1001], steps=15)
         top = [names[i] for i in detector.head_probs(images, "identity").argmax(1)]
         assert top == [cid, cid], f"{cid}: drawn as {top}"
+
+
+def test_a_copied_world_without_the_shared_vocabulary_says_where_it_is(tmp_path) -> None:
+    import shutil
+
+    from fmn.model.load import ModelLoadError
+
+    copy = tmp_path / "crowd"
+    shutil.copytree(CROWD_DIR, copy)
+    with pytest.raises(ModelLoadError, match="clip-tokenizer.*vocab.json and merges.txt"):
+        load_pipeline(str(copy))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(ASSETS_DIR / SHARED_TOKENIZER / name, copy / "tokenizer" / name)
+    assert len(load_pipeline(str(copy)).tokenizer) == 49408

@@ -276,10 +276,13 @@ def _shared_tokenizer(directory: Path) -> dict:
     return {"tokenizer": load_tokenizer(shared, config["model_max_length"])}
 
 
+MIN_VOCAB = 1000  # a tokenizer built from missing vocab files has a handful of tokens
+
+
 def _load_directory(directory: Path, *, dtype: torch.dtype) -> DiffusionPipeline:
     cls = _pipeline_class(_read_class_name(directory), str(directory))
     try:
-        return cls.from_pretrained(
+        pipe = cls.from_pretrained(
             str(directory),
             local_files_only=True,
             **_from_pretrained_kwargs(cls, dtype),
@@ -290,6 +293,19 @@ def _load_directory(directory: Path, *, dtype: torch.dtype) -> DiffusionPipeline
         if any(directory.glob("*/*.bin")) or any(directory.glob("*/*.ckpt")):
             hint = " Its weights look pickled (.bin): convert them to .safetensors first."
         raise ModelLoadError(f"could not load the pipeline in {directory}: {e}{hint}") from e
+    # transformers builds a tokenizer of a few tokens, silently, from a folder that has
+    # lost its vocab.json/merges.txt (e.g. a copied embedded world, whose vocabulary is
+    # shared): every prompt would then encode to the same ids
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, name, None)
+        if tok is not None and len(tok) < MIN_VOCAB:
+            raise ModelLoadError(
+                f"the tokenizer in {directory / name} has {len(tok)} tokens: its vocab.json/"
+                "merges.txt are missing. A copied embedded world shares its vocabulary from "
+                f"fmn/world/assets/{fmn.world.SHARED_TOKENIZER}/: copy vocab.json and "
+                f"merges.txt from there into {directory / name}/."
+            )
+    return pipe
 
 
 def _load_hub(repo_id: str, *, dtype: torch.dtype, offline: bool) -> DiffusionPipeline:
