@@ -11,8 +11,10 @@ other concepts whose base M-Score is at least 0.5. `seconds` is the forgetting a
 (prepare + re-steer), not the scoring.
 
 Methods:
-- fixed: today's defaults (`fmn forget`: the manifest's re-steering defaults per type,
-  mask auto).
+- fixed: the type's default rung without the loop (`resteer.loop: false`), mask auto.
+- loop: the closed loop (fmn.train.loop, the default of `fmn forget` and `fmn run`). A
+  concept it fails by name ships nothing: its row is the base model (ratios 1), with the
+  loop's reason; `seconds` includes the judging (`judge_seconds`).
 
 Targets (default): every held-out object and style, the first 24 held-out identities,
 and beside them every tune object and style and the first 8 tune identities.
@@ -22,7 +24,7 @@ each finished row (and the base M-Scores, first) is appended to
 build/bench/single.partial.jsonl with the commit it ran on; a re-run skips what is there.
 When every row is in, it writes bench/results/single.json and single.md.
 
-Usage: python bench/single.py [--methods fixed] [--ids 24] [--tune-ids 8]
+Usage: python bench/single.py [--methods fixed loop] [--ids 24] [--tune-ids 8]
        [--targets james circle ...] [--threads 1] [--quick]
 """
 
@@ -45,6 +47,7 @@ SEEDS = (1000, 1001, 1002, 1003)  # the measuring rule: reported numbers at seed
 PROMPTS = 6  # 6 templates x 4 seeds = 24 images per concept
 SCORED_MIN_BASE = 0.5  # others count in the means only where the base model draws them
 PARTIAL = ROOT / "build" / "bench" / "single.partial.jsonl"
+METHODS = {"fixed": False, "loop": True}  # method -> resteer.loop
 OUT = ROOT / "bench" / "results" / "single.json"
 COLUMNS = [
     "method",
@@ -57,6 +60,7 @@ COLUMNS = [
     "worst_ratio",
     "steps",
     "seconds",
+    "status",
 ]
 
 
@@ -81,18 +85,25 @@ def score_all(pipe, detector, concepts, *, prompts: int, seeds, steps: int) -> d
 
 
 def forget(pipe, concept, method: str):
+    """The concept's ForgetResult, or None where the loop failed it (nothing shipped), and
+    the loop's record (None for the fixed recipe)."""
     from fmn.manifest import ResteerOptions, option_default
     from fmn.train.forget import forget_concept
+    from fmn.train.loop import NotForgotten
     from fmn.train.resteer import ResteerConfig
 
-    if method != "fixed":
-        raise SystemExit(f"unknown method {method!r}: fixed (the closed loop is not built yet)")
-    cfg = ResteerConfig.from_options(concept.type, ResteerOptions())
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r}: one of {list(METHODS)}")
+    cfg = ResteerConfig.from_options(concept.type, ResteerOptions(loop=METHODS[method]))
     mask = option_default(ResteerOptions, "mask")
-    return forget_concept(pipe, concept.id, concept.type, concept.text, cfg, mask=mask)
+    try:
+        res = forget_concept(pipe, concept.id, concept.type, concept.text, cfg, mask=mask)
+    except NotForgotten as e:
+        return None, e.result.loop
+    return res, res.loop
 
 
-def row(method, concept, base, patched, steps, seconds, commit: str) -> dict:
+def row(method, concept, base, patched, steps, seconds, commit: str, loop=None) -> dict:
     ratio = {c: patched[c] / base[c] for c in base if base[c] > 0}
     others = {c: r for c, r in ratio.items() if c != concept.id and base[c] >= SCORED_MIN_BASE}
     # (none only in --quick, whose 2-step images the detector does not recognise)
@@ -108,6 +119,9 @@ def row(method, concept, base, patched, steps, seconds, commit: str) -> dict:
         "worst_ratio": others[worst] if others else float("nan"),
         "steps": steps,
         "seconds": round(seconds, 2),
+        "status": loop["status"] if loop else "fixed",
+        "reason": loop["reason"] if loop else "",
+        "judge_seconds": loop["judge_seconds"] if loop else 0.0,
         "commit": commit,
     }
 
@@ -129,6 +143,7 @@ def summary(rows: list[dict]) -> list[dict]:
                 "others_mean_min": float(np.nanmin([r["others_mean"] for r in mine])),
                 "worst_ratio": worst["worst_ratio"],
                 "worst_run": f"{worst['concept']}: {worst['worst_other']}",
+                "failed": sum(r.get("status") == "failed" for r in mine),
                 "seconds_mean": float(np.mean([r["seconds"] for r in mine])),
             }
         )
@@ -137,7 +152,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", nargs="+", default=["fixed"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--ids", type=int, default=24, help="held-out identities")
     ap.add_argument("--tune-ids", type=int, default=8)
     ap.add_argument("--targets", nargs="+", help="these concept ids instead")
@@ -188,14 +203,18 @@ def main() -> None:
             if (method, c.id) in have:
                 continue
             t0 = time.time()
-            result = forget(pipe, c, method)
+            result, loop = forget(pipe, c, method)
             seconds = time.time() - t0
-            apply_patch(pipe, result.patch)
-            try:
-                patched = score_all(pipe, detector, everyone, **size)
-            finally:
-                revert_patch(pipe, result.patch)
-            r = row(method, c, base, patched, len(result.resteer.losses), seconds, commit)
+            if result is None:  # the loop failed it by name: nothing shipped, the base stays
+                patched, steps = base, loop["steps"]
+            else:
+                apply_patch(pipe, result.patch)
+                try:
+                    patched = score_all(pipe, detector, everyone, **size)
+                finally:
+                    revert_patch(pipe, result.patch)
+                steps = loop["steps"] if loop else len(result.resteer.losses)
+            r = row(method, c, base, patched, steps, seconds, commit, loop)
             _append(args.partial, r)
             rows.append(r)
             print(json.dumps(r), flush=True)

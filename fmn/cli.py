@@ -381,6 +381,13 @@ def forget(
     seed: int = typer.Option(
         None, help="Random seed.", show_default=_default(ResteerOptions, "seed")
     ),
+    loop: bool = typer.Option(
+        None,
+        "--loop/--no-loop",
+        help="Closed loop: judge each rung, re-steer harder while the concept is drawn, "
+        "fail by name when a watched concept moves (docs/resteer.md).",
+        show_default=_default(ResteerOptions, "loop"),
+    ),
     threads: int = typer.Option(1),
 ) -> None:
     """Re-steer one concept out of a model and write its patch (for researchers). The
@@ -390,6 +397,7 @@ def forget(
     from fmn.model.patch import save_patch
     from fmn.train.forget import forget_resolved
     from fmn.train.invert import save_ti
+    from fmn.train.loop import NotForgotten
 
     given = {
         "steps": steps,
@@ -398,6 +406,7 @@ def forget(
         "positions": positions,
         "preserve_weight": preserve_weight,
         "seed": seed,
+        "loop": loop,
     }
     # every option is checked before the model loads, with the manifest's rules and hints
     concept = {"id": concept_id, "type": concept_type, "text": text}
@@ -413,23 +422,20 @@ def forget(
     _threads(threads)
     pipe = _load_model_or_exit(model)
     with _bar() as update:
-        res = forget_resolved(pipe, resolved, preserve=kept, progress=update)
+        try:
+            res = forget_resolved(pipe, resolved, preserve=kept, progress=update)
+        except NotForgotten as e:  # nothing shipped: the log says how far the loop went
+            write_json(out / "resteer.json", {"concept": concept_id, **e.result.log()})
+            console.print(f"[red]{e}[/red]\n  log: {out / 'resteer.json'}")
+            raise typer.Exit(1) from None
     path = save_patch(res.patch, out)
     if res.ti is not None:
         save_ti(res.ti, out / "ti.safetensors")
     r = res.resteer
-    write_json(
-        out / "resteer.json",
-        {
-            "concept": concept_id,
-            "losses": r.losses,
-            "seconds": r.seconds,
-            "attention_before": r.attention_before,
-            "attention_after": r.attention_after,
-        },
-    )
+    write_json(out / "resteer.json", {"concept": concept_id, **res.log()})
+    how = f"{res.loop['reason']}; " if res.loop else ""
     console.print(
-        f"{concept_id}: attention on its tokens {r.attention_before:.4f} -> "
+        f"{concept_id}: {how}attention on its tokens {r.attention_before:.4f} -> "
         f"{r.attention_after:.4f} in {r.seconds:.1f} s; patch: {path}"
     )
 

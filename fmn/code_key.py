@@ -76,7 +76,7 @@ def code_key(root: str, src: Path | None = None) -> str:
     flow process or a Dask worker), so one stage's key would change from run to run
     without any code change; it would hold every module any stage imported, tying each
     stage to all of fmn; and it would miss the modules a stage imports lazily when it
-    runs, after its key has been computed (fmn.merge.self_audit in the merge). The import
+    runs, after its key has been computed (fmn.train.judge in the merge). The import
     statements in the files are the same for every process and machine.
 
     Once per process (per source tree: tests point `src` or SOURCE_ROOT at a copy): a

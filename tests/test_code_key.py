@@ -37,9 +37,9 @@ def _edited(src: Path, module_path: str, to: Path) -> Path:
 
 def test_stage_closures_follow_lazy_and_indirect_imports() -> None:
     merge = ck.closure(stage_code("merge"))
-    # imported inside functions of fmn.merge.fuse, and through fmn.merge.self_audit
+    # imported inside functions of fmn.merge.fuse, and through fmn.train.judge
     assert {
-        "fmn.merge.self_audit",
+        "fmn.train.judge",
         "fmn.merge.anchor_check",
         "fmn.train.resteer",
         "fmn.code_key",
@@ -113,7 +113,8 @@ def _keys(monkeypatch, src: Path, params: dict[str, dict]) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("edited", "rerun"),
     [
-        ("fmn/merge/self_audit.py", {"merge"}),  # imported inside a function of fmn.merge.fuse
+        ("fmn/merge/anchor_check.py", {"merge"}),  # only the merge reaches it
+        ("fmn/train/judge.py", {"merge", *RESTEER_ON}),  # fmn.merge.fuse (lazily), the loop
         ("fmn/train/resteer_batch.py", RESTEER_ON),
         ("fmn/train/invert.py", {"invert", *RESTEER_ON, "score"}),  # not prepare
         (
@@ -150,7 +151,7 @@ def test_prep_cache_key_follows_the_code(tmp_path: Path) -> None:
 
 
 def test_flow_reruns_only_the_stage_whose_code_changed(prefect_api, tmp_path, monkeypatch) -> None:
-    """What a user sees: after an edit to fmn/merge/self_audit.py, the next build merges again
+    """What a user sees: after an edit to fmn/merge/anchor_check.py, the next build merges again
     and reuses every concept's prepared data and patch."""
     manifest = write_manifest(tmp_path / "one.yaml", ["triangle"])
     src = _copy_tree(tmp_path / "before")
@@ -158,7 +159,7 @@ def test_flow_reruns_only_the_stage_whose_code_changed(prefect_api, tmp_path, mo
     first, _ = run_flow(manifest, tmp_path / "run")
     assert first["concepts"] == {"triangle": "trained"}
     monkeypatch.setattr(
-        ck, "SOURCE_ROOT", _edited(src, "fmn/merge/self_audit.py", tmp_path / "after")
+        ck, "SOURCE_ROOT", _edited(src, "fmn/merge/anchor_check.py", tmp_path / "after")
     )
     again, states = run_flow(manifest, tmp_path / "run")
     assert again["concepts"] == {"triangle": "cached"}, states

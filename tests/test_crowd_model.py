@@ -73,7 +73,7 @@ def test_a_copied_world_without_the_shared_vocabulary_says_where_it_is(tmp_path)
 
     copy = tmp_path / "crowd"
     shutil.copytree(CROWD_DIR, copy)
-    with pytest.raises(ModelLoadError, match="clip-tokenizer.*vocab.json and merges.txt"):
+    with pytest.raises(ModelLoadError, match=r"clip-tokenizer.*vocab.json and merges.txt"):
         load_pipeline(str(copy))
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(ASSETS_DIR / SHARED_TOKENIZER / name, copy / "tokenizer" / name)

@@ -317,7 +317,18 @@ def test_outputs_hold_no_environment_secrets(tmp_path: Path, monkeypatch) -> Non
     )
     runner = CliRunner()
     steps = [
-        ["forget", "--id", "circle", "--type", "object", "--generate", "1", "--steps", "1"],
+        [
+            "forget",
+            "--id",
+            "circle",
+            "--type",
+            "object",
+            "--generate",
+            "1",
+            "--steps",
+            "1",
+            "--no-loop",
+        ],
         ["merge", "patches", "--out", "merged", "--method", "sum"],
         ["audit", "--manifest", "m.yaml", "--patch", "patches/circle", "--out", "report"],
     ]

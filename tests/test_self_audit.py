@@ -1,4 +1,4 @@
-"""The base model as auditor (fmn.merge.self_audit) and the merge's self-tuning built on it. The
+"""The base model as auditor (fmn.train.judge) and the merge's self-tuning built on it. The
 world's classifier is not used: the world only supplies a base model that draws its
 concepts, and the erase term removes one without any training."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fmn.merge.fuse import TUNE_GRID, MergeConfig, MergeError, merge_patches
-from fmn.merge.self_audit import self_judged
 from fmn.model.load import load_pipeline
+from fmn.train.judge import self_judged
 from fmn.world import EMBEDDED_NAME
 from tests.test_merge import _patch
 

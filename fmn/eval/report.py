@@ -334,6 +334,8 @@ def _concept_section(
         line += f"; recovery attack {_num(c['recovery_mscore'])}"
     if "error" in c.get("recovery", {}):
         line += f"; recovery attack failed: {e(c['recovery']['error'])}"
+    if "loop" in c:
+        line += f"; closed loop: {e(c['loop']['reason'])}"
     out = [f'<section id="c-{cid}"><h3>{cid}</h3>', f"<p>{line}</p>"]
     if not grids:
         return [*out, "</section>"]

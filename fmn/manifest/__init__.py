@@ -31,6 +31,7 @@ from fmn.manifest.schema import (
     GENERATED_IMAGES,
     SCHEMA_COMMAND,
     TYPE_DEFAULTS,
+    TYPE_LADDERS,
     Concept,
     ConceptType,
     Defaults,
@@ -57,6 +58,7 @@ from fmn.manifest.schema import (
     option_factory,
     resolve_concept,
     type_defaults,
+    type_ladder,
     write_schema,
 )
 
@@ -69,6 +71,7 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "SCHEMA_COMMAND",
     "TYPE_DEFAULTS",
+    "TYPE_LADDERS",
     "Concept",
     "ConceptType",
     "Defaults",
@@ -105,5 +108,6 @@ __all__ = [
     "refuse_pickle",
     "resolve_concept",
     "type_defaults",
+    "type_ladder",
     "write_schema",
 ]

@@ -136,6 +136,39 @@ TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The closed loop's rungs per type (fmn.train.loop), gentlest first: where a rung leaves
+# the concept drawn and moves nothing it watches, the next one pushes harder (a lighter
+# preservation term, or more positions, where the causal text encoder also carries the
+# concept). The first rung is the type's defaults above, so a concept forgotten there gets
+# the patch the fixed recipe made. The order was chosen on crowd-world's tune identities:
+# some (michael) go at their own tokens, others (robert) only once every end-of-text
+# position is steered (docs/resteer.md, "closed loop").
+TYPE_LADDERS: dict[str, list[dict[str, Any]]] = {
+    "id": [
+        {"positions": "concept", "preserve_weight": 0.3},
+        {"positions": "concept+eot", "preserve_weight": 0.3},
+        {"positions": "all_eot", "preserve_weight": 10.0},
+        {"positions": "all_eot", "preserve_weight": 1.0},
+    ],
+    "object": [
+        {"positions": "concept+eot", "preserve_weight": 1.0},
+        {"positions": "concept+eot", "preserve_weight": 0.3},
+        {"positions": "all_eot", "preserve_weight": 10.0},
+    ],
+    "style": [
+        {"positions": "all_eot", "preserve_weight": 10.0},
+        {"positions": "all_eot", "preserve_weight": 3.0},
+        {"positions": "all_eot", "preserve_weight": 1.0},
+    ],
+}
+
+
+def type_ladder(concept_type: str) -> list[dict[str, Any]]:
+    """The closed loop's rungs for a concept type (an identity's for nsfw, which starts
+    from the same defaults): the one place they are decided."""
+    return [dict(r) for r in TYPE_LADDERS.get(concept_type, TYPE_LADDERS["id"])]
+
+
 def type_defaults(concept_type: str | None = None) -> dict[str, Any]:
     """The re-steering options whose default depends on the concept type, for that type
     (None: what every type starts from). The one place these defaults are decided:
@@ -215,6 +248,12 @@ class ResteerOptions(_Strict):
     """Images per step."""
     seed: Seed = 0  # fixed, so a rerun reproduces the same patch
     """Random seed (noise, timesteps, image order)."""
+    # on: a fixed strength misses some concepts and destroys a neighbour of others, and
+    # where the edge lies differs per concept (docs/resteer.md)
+    loop: bool = True
+    """Closed loop: the base model judges each patch; re-steer harder while the concept is
+    still drawn, stop and fail by name when a watched concept moves (fmn/train/loop.py).
+    Setting positions or preserve_weight pins the loop to that one rung (still judged)."""
 
 
 class InvertOverride(_Strict):
@@ -238,6 +277,7 @@ class ResteerOverride(_Strict):
     mask: MaskName | None = None
     batch: Count | None = None
     seed: Seed | None = None
+    loop: bool | None = None
 
 
 class Defaults(_Strict):

@@ -17,12 +17,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from fmn.data.prepare import generate_concept_images
-from fmn.model.conditioning import cycled_prompts, encode_text
+from fmn.model.conditioning import cycled_prompts
 from fmn.model.images import encode_images
-from fmn.train.invert import noise_target, training_scheduler
+from fmn.train.judge import judge_images
 
 NONE = ""  # the empty prompt: the image looks like no named concept
 
@@ -49,47 +47,6 @@ class AnchorCheck:
             "drawn_as_targets": self.drawn,
             "share": round(self.share, 4),
         }
-
-
-def judge_images(
-    pipe, latents: torch.Tensor, names: Sequence[str], prompts: Sequence[Sequence[str]], **kw
-) -> list[str]:
-    """For each latent [N, C, h, w], the name whose prompt explains it best. prompts[j][i]
-    is name j's prompt for image i (the template the image was drawn with)."""
-    err = prompt_errors(pipe, latents, prompts, **kw)
-    return [names[i] for i in err.argmin(1).tolist()]
-
-
-@torch.no_grad()
-def prompt_errors(
-    pipe,
-    latents: torch.Tensor,
-    prompts: Sequence[Sequence[str]],
-    *,
-    timesteps: int = 8,
-    draws: int = 2,
-    seed: int = 0,
-) -> torch.Tensor:
-    """[N, P]: the base model's mean noise-prediction error on each latent under each
-    prompt set (prompts[j][i] for image i), over fixed timesteps and noise draws."""
-    sched, unet = training_scheduler(pipe), pipe.unet
-    n = latents.shape[0]
-    top = sched.config.num_train_timesteps
-    ts = torch.linspace(top * 0.05, top * 0.95, timesteps).long().repeat(draws)
-    gen = torch.Generator().manual_seed(seed)
-    z0 = latents.to(unet.device, unet.dtype)
-    noise = torch.randn((len(ts), *z0.shape), generator=gen).to(z0)
-    err = torch.zeros(n, len(prompts))
-    for j, texts in enumerate(prompts):
-        cond = encode_text(pipe, list(texts))
-        states, kwargs = cond.select(torch.arange(n))
-        for k, t in enumerate(ts):
-            tt = t.expand(n).to(unet.device)
-            zt = sched.add_noise(z0, noise[k], tt)
-            pred = unet(zt, tt, encoder_hidden_states=states, **kwargs).sample
-            target = noise_target(sched, z0, noise[k], tt)
-            err[:, j] += (pred - target).float().pow(2).mean(dim=(1, 2, 3)).cpu()
-    return err / len(ts)
 
 
 def check_anchor(

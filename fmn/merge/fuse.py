@@ -36,7 +36,7 @@ closed-form editors' erasure (UCE, MACE); it is unit-free, see `_ClosedForm.add`
 docs/merge.md. `overshoot` pushes that target past the anchor, away from the concept
 (ESD's negative guidance); `choose_anchors` picks anchors the base model does not draw as
 targets (fmn.merge.anchor_check); `tune` merges at every TUNE_GRID point and keeps the one the
-base model itself judges best (fmn.merge.self_audit).
+base model itself judges best (fmn.train.judge).
 
 Nothing here reads the embedded world's labels or classifier: the preserve set is the
 manifest's `preserve` list and plain-English anchors.
@@ -124,7 +124,7 @@ class MergeConfig:
     # (anchor - concept), ESD's negative guidance (Gandikota et al. 2023) in key/value space
     overshoot: float = _option("overshoot")
     # closed-form: try TUNE_GRID and keep the point the base model itself judges best
-    # (fmn.merge.self_audit; needs a preserve list); the weights above are then ignored
+    # (fmn.train.judge; needs a preserve list); the weights above are then ignored
     tune: bool = _option("tune")
     tune_images: int = 4  # images per concept the base model judges, per grid point
 
@@ -364,10 +364,10 @@ def _specs(sources: list[PatchSource]) -> list[tuple[str, str, str]]:
 
 def _tuned(pipe, sources, cfg: MergeConfig, preserve, tick: Progress) -> MergeResult:
     """Merge at every TUNE_GRID point and keep the one whose merged model the base model
-    itself judges best (fmn.merge.self_audit): the harmonic mean of the share of target images
+    itself judges best (fmn.train.judge): the harmonic mean of the share of target images
     no longer drawn and the share of preserved images still drawn (relative to the base
     model's); the first (gentlest) point on ties. No detector is read."""
-    from fmn.merge.self_audit import self_judged
+    from fmn.train.judge import self_judged
 
     targets = [(text, kind) for _, text, kind in _specs(sources)]
     kept = list(dict.fromkeys(p for p in preserve if p not in targets))

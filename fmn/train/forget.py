@@ -27,6 +27,7 @@ from fmn.train.invert import (
     placeholder_tokens,
     unload_ti,
 )
+from fmn.train.loop import Loop, NotForgotten
 from fmn.train.resteer import ResteerConfig, ResteerResult, resteer, resteer_joint
 from fmn.train.resteer_batch import resteer_batch
 
@@ -39,6 +40,20 @@ class ForgetResult:
     patch: Patch
     resteer: ResteerResult
     ti: TIResult | None
+    loop: dict | None = None  # the closed loop's record (fmn.train.loop.Loop.record)
+
+    def log(self) -> dict:
+        """What resteer.json says of the concept (`fmn forget` and the pipeline's stages):
+        losses, time, attention on its tokens before and after, and the closed loop's
+        record (how far it went and why it stopped; None without the loop)."""
+        r = self.resteer
+        return {
+            "losses": r.losses,
+            "seconds": r.seconds,
+            "attention_before": r.attention_before,
+            "attention_after": r.attention_after,
+            "loop": self.loop,
+        }
 
 
 def concept_anchors(
@@ -153,7 +168,16 @@ def resteer_prepared(
     build its patch: the second half of forget_concept, and the pipeline's resteer stage
     (fmn.run.stages), which prepares and inverts in stages of their own. `mask` is only
     recorded here (prepare applied it). `pipe` is left as it came."""
-    return _patches(pipe, [data], [resteer_cfg], [ti], preserve, [mask], progress)[0]
+    result = _patches(pipe, [data], [resteer_cfg], [ti], preserve, [mask], progress)[0]
+    check_forgotten(result)
+    return result
+
+
+def check_forgotten(result: ForgetResult) -> ForgetResult:
+    """The result, or NotForgotten (naming the concept and why) where the loop failed."""
+    if result.loop is not None and result.loop["status"] == "failed":
+        raise NotForgotten(f"concept {result.patch.concept!r}: {result.loop['reason']}", result)
+    return result
 
 
 def resteer_prepared_batch(
@@ -177,7 +201,10 @@ def _patches(
     pipe, datas, cfgs, tis, preserve, masks, progress, *, together: bool = False
 ) -> list[ForgetResult]:
     """Re-steer prepared concepts through their learned tokens (if any), one at a time or
-    `together` (fmn.train.resteer_batch), and build their patches."""
+    `together` (fmn.train.resteer_batch), and build their patches. A concept whose config
+    has the loop on is judged after each rung (fmn.train.loop); those still drawn are
+    re-steered at their next rung, together again. Its ForgetResult's `loop` says how it
+    ended; resteer_prepared raises NotForgotten where it failed."""
     tick = progress or (lambda *a: None)
 
     def steering(done: int, total: int, loss: float) -> None:
@@ -185,6 +212,34 @@ def _patches(
 
     base = fingerprint(pipe)
     anchors = [concept_anchors(pipe, d, preserve or [], d.images.shape[1:3]) for d in datas]
+    out: list[ForgetResult | None] = [None] * len(datas)
+    loops = [Loop(c) if c.loop and c.rungs else None for c in cfgs]
+    todo = list(range(len(datas)))
+    while todo:
+        now = [loops[k].config() if loops[k] else cfgs[k] for k in todo]
+        results = _train(
+            pipe,
+            [datas[k] for k in todo],
+            now,
+            [tis[k] for k in todo],
+            [anchors[k] for k in todo],
+            together,
+            steering,
+        )
+        for k, cfg, result in zip(todo, now, results, strict=True):
+            out[k] = _result(datas[k], result, tis[k], preserve, masks[k], base)
+            if loops[k] is not None:
+                tick("judging", 0, 1, {})
+                loops[k].judge(pipe, out[k], datas[k], cfg, preserve or [])
+                out[k].loop = loops[k].record()
+                out[k].patch.extra["loop"] = out[k].loop
+                tick("judging", 1, 1, {})
+        todo = [k for k in todo if loops[k] is not None and not loops[k].done]
+    return out
+
+
+def _train(pipe, datas, cfgs, tis, anchors, together, steering) -> list:
+    """One round of re-steering: each concept through its learned tokens (if any)."""
     steered, loaded = [], []
     try:  # learned tokens stay loaded while training: their positions are found by id
         for data, ti in zip(datas, tis, strict=True):
@@ -192,19 +247,14 @@ def _patches(
                 loaded.append(ti)
             steered.append(_with_ti(pipe, data, ti) if ti is not None else data)
         if together:
-            results = resteer_batch(pipe, steered, cfgs, anchors=anchors, progress=steering)
-        else:
-            results = [
-                resteer(pipe, d, c, anchors=a, progress=steering)
-                for d, c, a in zip(steered, cfgs, anchors, strict=True)
-            ]
+            return resteer_batch(pipe, steered, cfgs, anchors=anchors, progress=steering)
+        return [
+            resteer(pipe, d, c, anchors=a, progress=steering)
+            for d, c, a in zip(steered, cfgs, anchors, strict=True)
+        ]
     finally:
         for ti in reversed(loaded):
             unload_ti(pipe, ti)
-    return [
-        _result(d, r, ti, preserve, m, base)
-        for d, r, ti, m in zip(datas, results, tis, masks, strict=True)
-    ]
 
 
 def _result(data, result, ti, preserve, mask, base) -> ForgetResult:

@@ -25,7 +25,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from fmn.data.prepare import Prepared
-from fmn.manifest import ResteerOptions, option_default, type_defaults
+from fmn.manifest import ResteerOptions, option_default, type_defaults, type_ladder
 from fmn.model.attention import (
     AttentionStore,
     attention_loss,
@@ -71,6 +71,13 @@ class ResteerConfig:
     # mask at the base model's (fmn.model.attention.background_loss), so the edit stays on the
     # concept's pixels; without masks there is no outside and it is unused
     background_weight: float = 0.0
+    # the closed loop (fmn.train.loop): judge the patch, and re-steer at the next of `rungs`
+    # (overrides of the fields above, gentlest first) while the concept is still drawn. It
+    # runs where `loop` is on and there are rungs: resteer_config_for fills them from the
+    # type's ladder (every manifest's and `fmn forget`'s config); a config built by hand
+    # without rungs is one plain re-steer
+    loop: bool = _option("loop")
+    rungs: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_options(cls, concept_type: str, options: ResteerOptions) -> ResteerConfig:
@@ -85,7 +92,12 @@ def resteer_config_for(concept_type: str, **overrides: Any) -> ResteerConfig:
     then explicit overrides (None values are ignored, so unset CLI/manifest options fall
     through)."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return ResteerConfig(**{**type_defaults(concept_type), **given})
+    cfg = ResteerConfig(**{**type_defaults(concept_type), **given})
+    if cfg.loop and "rungs" not in given:
+        # positions or preserve_weight set by hand pin the loop to that one rung
+        pinned = {"positions", "preserve_weight"} & set(given)
+        cfg.rungs = [{}] if pinned else type_ladder(concept_type)
+    return cfg
 
 
 @dataclass

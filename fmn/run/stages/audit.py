@@ -39,6 +39,18 @@ def mark_failed(summary: dict, failed: dict[str, str]) -> dict:
     return summary
 
 
+def mark_loops(summary: dict, rp: RunPaths) -> dict:
+    """Each trained target's closed-loop outcome, from its resteer.json ("forgotten after
+    70 steps (rung 2 of 4: ...)", "stopped: 'alice' moved ..."), for the report."""
+    for cid, c in summary["concepts"].items():
+        log = rp.patch(cid) / "resteer.json"
+        if c.get("role") == "target" and log.is_file():
+            loop = json.loads(log.read_text()).get("loop")
+            if loop:
+                c["loop"] = {k: loop[k] for k in ("status", "reason", "rung", "steps")}
+    return summary
+
+
 def stage_score(
     manifest: Path | str,
     run: Path | str,
@@ -65,7 +77,7 @@ def stage_score(
         local = rp.abs(audited["model"])
         target["model"] = str(local) if local.exists() else audited["model"]
     res = audit(m, baseline=base_spec(m), out=None, progress=tick, **target)
-    summary = mark_failed(res.summary, failed or {})
+    summary = mark_loops(mark_failed(res.summary, failed or {}), rp)
     images = {
         f"{model}/{cid}": torch.from_numpy(np.ascontiguousarray(arr))
         for model, by_concept in res.images.items()

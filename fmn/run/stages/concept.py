@@ -105,6 +105,7 @@ def stage_resteer(
     from fmn.io import write_json
     from fmn.model.patch import patch_hash, save_patch
     from fmn.train.forget import resteer_prepared
+    from fmn.train.loop import NotForgotten
     from fmn.train.resteer import ResteerConfig
 
     m, rp = load_manifest(manifest), RunPaths(Path(run))
@@ -116,22 +117,24 @@ def stage_resteer(
         learned = _read_ti(rp.abs(next(iter(ti["outputs"]))))
     with pipeline(base_spec(m)) as pipe:
         data = _prepared(pipe, r, rp)
-        res = resteer_prepared(
-            pipe,
-            data,
-            cfg,
-            ti=learned,
-            preserve=preserve_list(m),
-            mask=r.mask,
-            progress=ProgressFile(rp, concept_id),
-        )
+        try:
+            res = resteer_prepared(
+                pipe,
+                data,
+                cfg,
+                ti=learned,
+                preserve=preserve_list(m),
+                mask=r.mask,
+                progress=ProgressFile(rp, concept_id),
+            )
+        except NotForgotten as e:  # the log says why; no patch is written
+            log = {"concept": concept_id, **e.result.log()}
+            write_json(rp.patch(concept_id) / "resteer.json", log)
+            raise
     if learned is not None:
         drop_pipeline()
     where = rp.patch(concept_id)
     path = save_patch(res.patch, where)
-    s = res.resteer
-    log = {"losses": s.losses, "seconds": s.seconds}
-    log |= {"attention_before": s.attention_before, "attention_after": s.attention_after}
-    write_json(where / "resteer.json", {"concept": concept_id, **log})
+    write_json(where / "resteer.json", {"concept": concept_id, **res.log()})
     digest = patch_hash(path)
     return {"concept": concept_id, "hash": digest, "outputs": {rp.rel(path): digest}}

@@ -47,17 +47,16 @@ def _save(rp: RunPaths, concept_id: str, res, key: str) -> PatchRecord:
 
     where = rp.patch(concept_id)
     path = save_patch(res.patch, where)
-    s, digest = res.resteer, patch_hash(path)
+    digest = patch_hash(path)
     log = {"concept": concept_id, "key": key, "patch": path.name, "hash": digest}
-    log |= {"losses": s.losses, "seconds": s.seconds, "together": True}
-    log |= {"attention_before": s.attention_before, "attention_after": s.attention_after}
-    write_json(where / LOG_FILE, log)
+    write_json(where / LOG_FILE, {**log, **res.log(), "together": True})
     return {"concept": concept_id, "hash": digest, "outputs": {rp.rel(path): digest}}
 
 
 def _train(pipe, m, rp: RunPaths, ids: list[str], preps: list[PrepRecord], tis: list) -> list:
-    """Each concept's ForgetResult, or the ResteerError that stopped it."""
-    from fmn.train.forget import resteer_prepared, resteer_prepared_batch
+    """Each concept's ForgetResult, or the ResteerError that stopped it (NotForgotten where
+    the closed loop failed it)."""
+    from fmn.train.forget import check_forgotten, resteer_prepared, resteer_prepared_batch
     from fmn.train.resteer import ResteerConfig, ResteerError
 
     rs = [m.resolve(cid) for cid in ids]
@@ -69,7 +68,7 @@ def _train(pipe, m, rp: RunPaths, ids: list[str], preps: list[PrepRecord], tis: 
     ticks = [ProgressFile(rp, cid) for cid in ids]
     kw = {"preserve": preserve_list(m)}
     try:
-        return resteer_prepared_batch(
+        results = resteer_prepared_batch(
             pipe,
             datas,
             cfgs,
@@ -77,7 +76,8 @@ def _train(pipe, m, rp: RunPaths, ids: list[str], preps: list[PrepRecord], tis: 
             masks=[r.mask for r in rs],
             # one loss for the whole pass: shown as such on every member's row
             progress=lambda stage, done, total, info: [
-                tick(stage, done, total, {"group_loss": info["loss"]}) for tick in ticks
+                tick(stage, done, total, {"group_loss": info["loss"]} if "loss" in info else {})
+                for tick in ticks
             ],
             **kw,
         )
@@ -89,6 +89,13 @@ def _train(pipe, m, rp: RunPaths, ids: list[str], preps: list[PrepRecord], tis: 
             except ResteerError as e:
                 out.append(e)
         return out
+    out = []
+    for res in results:
+        try:
+            out.append(check_forgotten(res))
+        except ResteerError as e:
+            out.append(e)
+    return out
 
 
 def stage_resteer_group(

@@ -1,0 +1,324 @@
+"""The closed loop: re-steer a concept only as hard as it needs, and stop by name when it
+cannot be forgotten without moving another concept.
+
+A fixed re-steering strength misses some concepts and destroys a neighbour of others, and
+where that edge lies differs per concept (docs/resteer.md). So each rung of the type's
+ladder (fmn.manifest.type_ladder, gentlest first) is judged before the next is tried:
+
+1. **Which concepts could the patch have moved?** Re-steering edits the cross-attention
+   keys and values of the text, so a concept is exposed in proportion to how much the
+   patch changes *its* keys and values. Every whole word of the tokenizer's vocabulary
+   (in its type's first template), and every preserved concept, is ranked by that relative
+   change (`kv_change`: two Gram matrices, no image); the `WATCH` most changed are watched.
+   No list of names is needed: the vocabulary is the model's own.
+2. **Is the concept gone, and did a watched one move?** The base model judges the patched
+   model's images (fmn.train.judge.self_judged: a diffusion classifier over the empty
+   prompt, the concept and the watched ones). The concept is gone where at most
+   `GONE_SHARE` of its images are still attributed to it; a watched concept moved where its
+   share fell by at least `MOVED_DROP` from the base model's own images of it (only those the
+   base model recognises, `RECOGNISED`, are watched: a word it draws as noise is not), and
+   another prompt now explains its images better by at least its base margin (`_moved`).
+
+Gone and nothing moved: the rung's patch ships. A watched concept moved: stop, the concept
+fails by name (a stronger rung would move it further). Still drawn: the next rung; after the
+last the concept fails as not forgotten. Thresholds were chosen on crowd-world's tune
+concepts (docs/resteer.md, "closed loop"). Nothing here reads the world's labels or
+classifier.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from fmn.model.attention import token_weights
+from fmn.model.conditioning import CONCEPT_TEMPLATES, concept_token_ids, encode_text
+from fmn.model.patch import Patch
+from fmn.train.judge import Judged, self_judged
+from fmn.train.resteer import PARAM_PATTERNS, ResteerConfig, ResteerError
+
+GONE_SHARE = 0.25  # of the concept's judged images still attributed to it: 1 of 4
+MOVED_DROP = 0.5  # fall of a watched concept's share that stops the loop: 2 of 4 images
+RECOGNISED = 1.0  # watched only where the base model recognises all its images (not noise)
+JUDGEABLE = 0.5  # the concept's own base share below which no verdict is possible
+WATCH = 4  # most-changed concepts judged per rung
+CANDIDATES = 6  # most-changed candidates looked at, most changed first
+JUDGE_IMAGES = 4  # images per concept and judgement
+_WORD = re.compile(r"[a-z]{3,}")  # whole words of the vocabulary worth watching
+_STATES: dict[tuple[int, str], tuple[list[str], torch.Tensor]] = {}  # per text encoder, type
+_RECOGNISED: dict[tuple[int, str, str], float] = {}  # per text encoder, text, type
+
+
+class NotForgotten(ResteerError):
+    """The loop could not forget a concept without moving another one, or at all; the
+    message names both. `result` holds the last rung's ForgetResult (never shipped)."""
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class Verdict:
+    gone: bool
+    moved: list[str]  # watched concepts whose images are no longer theirs
+    target: Judged
+    target_base: float  # the base model's share of its own images of the concept
+    watched: dict[str, dict] = field(default_factory=dict)  # text -> base, patched, kv
+    seconds: float = 0.0
+
+    def as_record(self) -> dict:
+        return {
+            "target_share": round(self.target.share, 4),
+            "target_base_share": round(self.target_base, 4),
+            "target_margin": round(self.target.margin, 5),
+            "gone": self.gone,
+            "moved": self.moved,
+            "watched": self.watched,
+            "judge_seconds": round(self.seconds, 2),
+        }
+
+
+def concept_states(
+    pipe, concepts: Sequence[tuple[str, str]], token_ids: Sequence[int] | None = None
+) -> torch.Tensor:
+    """[N, 2, D] text states of each (text, type) in its type's first template: the mean
+    over the concept's own tokens, and the first end-of-text token (which carries it).
+    token_ids: each text's one token id, where every text is one token (the vocabulary:
+    found by id, without tokenising each word again)."""
+    out: list[torch.Tensor | None] = [None] * len(concepts)
+    for kind in dict.fromkeys(k for _, k in concepts):
+        mine = [i for i, (_, k) in enumerate(concepts) if k == kind]
+        for start in range(0, len(mine), 512):
+            chunk = mine[start : start + 512]
+            prompts = [CONCEPT_TEMPLATES[kind][0].format(concepts[i][0]) for i in chunk]
+            with _short(pipe, prompts):
+                cond = encode_text(pipe, prompts)
+            for b, i in enumerate(chunk):
+                row = cond.input_ids[b]
+                eot = int((row == cond.eos_id).nonzero()[0, 0])
+                if token_ids is not None:
+                    own = row == token_ids[i]
+                else:
+                    ids = concept_token_ids(pipe.tokenizer, concepts[i][0])
+                    own = token_weights(row[None], ids, "concept")[0] > 0
+                if not own.any():  # tokenised differently inside the template
+                    own = torch.arange(len(row)) == eot - 1  # its last token
+                out[i] = torch.stack([cond.embeds[b, own].mean(0), cond.embeds[b, eot]])
+    return torch.stack(out).float()
+
+
+@contextmanager
+def _short(pipe, prompts: Sequence[str]):
+    """Encode `prompts` padded only to their longest plus the end-of-text token: the text
+    encoders are causal, so the states up to the first end-of-text are those of the full
+    77-token prompt, at a fraction of the cost (the vocabulary is tens of thousands)."""
+    toks = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
+    longest = max(len(toks[0](p).input_ids) for p in prompts)
+    saved = [t.model_max_length for t in toks]
+    try:
+        for t in toks:
+            t.model_max_length = min(longest + 1, t.model_max_length)
+        yield
+    finally:
+        for t, n in zip(toks, saved, strict=True):
+            t.model_max_length = n
+
+
+def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor]:
+    """Every whole word of the tokenizer's vocabulary (letters only, 3 or more) and its
+    concept_states as a concept of `kind`; computed once per text encoder and type."""
+    key = (id(pipe.text_encoder), kind)
+    if key not in _STATES:
+        suffix = "</w>"
+        vocab = {
+            w[: -len(suffix)]: i
+            for w, i in pipe.tokenizer.get_vocab().items()
+            if w.endswith(suffix) and _WORD.fullmatch(w[: -len(suffix)])
+        }
+        words = sorted(vocab)
+        states = concept_states(pipe, [(w, kind) for w in words], [vocab[w] for w in words])
+        _STATES[key] = (words, states)
+    return _STATES[key]
+
+
+def kv_change(pipe, deltas: dict[str, torch.Tensor], states: torch.Tensor) -> torch.Tensor:
+    """[N]: each state set's relative change of cross-attention keys and values under the
+    patch, sum ||dW s||^2 / sum ||W s||^2 over the to_k/to_v layers and its two states
+    (through Gram matrices: the cost does not grow with the layers' width)."""
+    d = states.shape[-1]
+    moved, held = torch.zeros(d, d), torch.zeros(d, d)
+    params = dict(pipe.unet.named_parameters())
+    pattern = re.compile(PARAM_PATTERNS["to_kv"])
+    for name, delta in deltas.items():
+        if pattern.search(name) and delta.shape[-1] == d:
+            w = params[name].detach().float().cpu()
+            dw = delta.float().cpu()
+            moved += dw.T @ dw
+            held += w.T @ w
+    s = states.reshape(-1, d)
+    num = ((s @ moved) * s).sum(-1).reshape(states.shape[:2]).sum(1)
+    den = ((s @ held) * s).sum(-1).reshape(states.shape[:2]).sum(1)
+    return num / den.clamp_min(1e-12)
+
+
+def most_changed(
+    pipe,
+    patch: Patch,
+    text: str,
+    kind: str,
+    preserve: Sequence[tuple[str, str]] = (),
+    k: int = CANDIDATES,
+) -> list[tuple[str, str, float]]:
+    """The `k` concepts (text, type, relative key/value change) the patch changes most,
+    among the vocabulary's words as concepts of `kind` and the preserved concepts; never
+    the concept itself or one of its words."""
+    own = {w.lower() for w in text.split()} | {text.lower()}
+    words, states = vocabulary_states(pipe, kind)
+    change = kv_change(pipe, patch.deltas, states)
+    ranked = [(words[i], kind, float(change[i])) for i in change.argsort(descending=True).tolist()]
+    kept = [p for p in dict.fromkeys(preserve) if p[0].lower() not in own]
+    if kept:
+        pc = kv_change(pipe, patch.deltas, concept_states(pipe, kept))
+        ranked += [(t, kk, float(c)) for (t, kk), c in zip(kept, pc, strict=True)]
+        ranked.sort(key=lambda x: -x[2])
+    out, seen = [], set()
+    for t, kk, c in ranked:
+        if t.lower() in own or t.lower() in seen:
+            continue
+        seen.add(t.lower())
+        out.append((t, kk, c))
+        if len(out) == k:
+            break
+    return out
+
+
+def judge_patch(
+    pipe,
+    patch: Patch,
+    text: str,
+    kind: str,
+    preserve: Sequence[tuple[str, str]] = (),
+    *,
+    watch: int = WATCH,
+    images: int = JUDGE_IMAGES,
+) -> Verdict:
+    """One rung's verdict: is the concept gone from the patched model's images, and did
+    one of the `watch` concepts the patch changes most (that the base model recognises)
+    move? `pipe` comes back unpatched."""
+    t0 = time.time()
+    candidates = most_changed(pipe, patch, text, kind, preserve)
+    watched = [c for c in candidates if recognised(pipe, c[0], c[1], images)][:watch]
+    judged = [(text, kind), *[(t, k) for t, k, _ in watched]]
+    # shares are relative to the prompts judged together: the base model's, among the same
+    before = self_judged(pipe, None, judged, images=images)
+    after = self_judged(pipe, patch, judged, images=images)
+    record = {
+        t: {
+            "base": round(before[t].share, 4),
+            "patched": round(after[t].share, 4),
+            "base_margin": round(before[t].margin, 5),
+            "patched_margin": round(after[t].margin, 5),
+            "kv": round(c, 4),
+        }
+        for t, _, c in watched
+    }
+    moved = [t for t, _, _ in watched if _moved(before[t], after[t])]
+    gone = after[text].share <= GONE_SHARE
+    return Verdict(gone, moved, after[text], before[text].share, record, time.time() - t0)
+
+
+def _moved(before: Judged, after: Judged) -> bool:
+    """A watched concept moved where fewer of its images are its own by MOVED_DROP and
+    another prompt now explains them better by at least as much as its own prompt
+    explained the base model's images (margin <= -base margin: scale-free, so no error
+    unit of one model is baked in). The share alone also fell for patches after which the
+    world's classifier still read the concept at 0.97 of base."""
+    return after.share <= before.share - MOVED_DROP and after.margin <= -before.margin
+
+
+def recognised(pipe, text: str, kind: str, images: int = JUDGE_IMAGES) -> bool:
+    """Whether the base model attributes at least RECOGNISED of its own images of `text`
+    to it rather than to the empty prompt (a word the model draws as nothing in
+    particular cannot be watched); once per text encoder and concept."""
+    key = (id(pipe.text_encoder), text, kind)
+    if key not in _RECOGNISED:
+        _RECOGNISED[key] = self_judged(pipe, None, [(text, kind)], images=images)[text].share
+    return _RECOGNISED[key] >= RECOGNISED
+
+
+class Loop:
+    """One concept's walk up its ladder (its config's `rungs`): `config()` is the rung to
+    re-steer at now, `judge()` takes that rung's result and decides; `done` once it has."""
+
+    def __init__(self, cfg: ResteerConfig) -> None:
+        self.cfg, self.rungs = cfg, cfg.rungs
+        self.at, self.done = 0, False
+        self.status, self.reason = "", ""
+        self.history: list[dict] = []
+
+    def config(self) -> ResteerConfig:
+        return replace(self.cfg, **self.rungs[self.at])
+
+    def judge(self, pipe, result, data, cfg: ResteerConfig, preserve) -> None:
+        """Judge rung `self.at`'s ForgetResult (of prepared `data`, re-steered at `cfg`)."""
+        v = judge_patch(pipe, result.patch, data.text, data.concept_type, preserve)
+        rung = f"rung {self.at + 1} of {len(self.rungs)}"
+        how = f"positions {cfg.positions}, preserve_weight {cfg.preserve_weight:g}"
+        self.history.append(
+            {
+                "rung": self.at + 1,
+                "positions": cfg.positions,
+                "preserve_weight": cfg.preserve_weight,
+                "steps": cfg.steps,
+                "resteer_seconds": round(result.resteer.seconds, 2),
+                **v.as_record(),
+            }
+        )
+        steps = sum(h["steps"] for h in self.history)
+        if v.target_base < JUDGEABLE:
+            self._end(
+                "unjudged",
+                f"the base model attributes only {v.target_base:.0%} of its own images of "
+                f"{data.text!r} to it, so the loop cannot tell whether it is gone: shipped "
+                f"{rung} ({how}) unjudged",
+            )
+        elif v.moved:
+            self._end(
+                "failed",
+                f"stopped: {', '.join(repr(m) for m in v.moved)} moved at {rung} ({how}) "
+                f"while {data.text!r} was {'gone' if v.gone else 'still drawn'} "
+                f"({v.target.share:.0%} of its images); nothing shipped",
+            )
+        elif v.gone:
+            self._end("forgotten", f"forgotten after {steps} steps ({rung}: {how})")
+        elif self.at + 1 < len(self.rungs):
+            self.at += 1
+        else:
+            self._end(
+                "failed",
+                f"still drawn after {steps} steps, at the last rung ({how}): "
+                f"{v.target.share:.0%} of its images; nothing shipped",
+            )
+
+    def _end(self, status: str, reason: str) -> None:
+        self.done, self.status, self.reason = True, status, reason
+
+    def record(self) -> dict:
+        """How far the loop went and why it stopped: resteer.json, the patch and the
+        report carry it."""
+        return {
+            "status": self.status or "running",
+            "reason": self.reason,
+            "rung": self.at + 1,
+            "rungs": len(self.rungs),
+            "steps": sum(h["steps"] for h in self.history),
+            "resteer_seconds": round(sum(h["resteer_seconds"] for h in self.history), 2),
+            "judge_seconds": round(sum(h["judge_seconds"] for h in self.history), 2),
+            "history": self.history,
+        }
