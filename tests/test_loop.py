@@ -29,7 +29,9 @@ def test_the_first_rung_is_the_fixed_recipe_and_hand_set_options_pin_the_loop() 
 def _verdict(share: float, moved=(), base: float = 1.0) -> L.Verdict:
     watched = {m: {"base": 1.0, "patched": 0.0, "kv": 0.3} for m in moved}
     margin = -0.01 if share <= L.GONE_SHARE else 0.01
-    return L.Verdict(share <= L.GONE_SHARE, list(moved), Judged(share, margin), base, watched)
+    return L.Verdict(
+        share <= L.GONE_SHARE, list(moved), Judged(share, margin), Judged(base, 0.01), watched
+    )
 
 
 def _climb(monkeypatch, verdicts: list[L.Verdict]) -> L.Loop:

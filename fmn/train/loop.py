@@ -14,7 +14,8 @@ ladder (fmn.manifest.type_ladder, gentlest first) is judged before the next is t
 2. **Is the concept gone, and did a watched one move?** The base model judges the patched
    model's images (fmn.train.judge.self_judged: a diffusion classifier over the empty
    prompt, the concept and the watched ones). The concept is gone where at most
-   `GONE_SHARE` of its images are still attributed to it; a watched concept moved where its
+   `GONE_SHARE` of its images are still attributed to it and another prompt explains them
+   better by at least its base margin (`_gone`); a watched concept moved where its
    share fell by at least `MOVED_DROP` from the base model's own images of it (only those the
    base model recognises, `RECOGNISED`, are watched: a word it draws as noise is not), and
    another prompt now explains its images better by at least its base margin (`_moved`).
@@ -68,14 +69,15 @@ class Verdict:
     gone: bool
     moved: list[str]  # watched concepts whose images are no longer theirs
     target: Judged
-    target_base: float  # the base model's share of its own images of the concept
+    target_base: Judged  # the base model's judgement of its own images of the concept
     watched: dict[str, dict] = field(default_factory=dict)  # text -> base, patched, kv
     seconds: float = 0.0
 
     def as_record(self) -> dict:
         return {
             "target_share": round(self.target.share, 4),
-            "target_base_share": round(self.target_base, 4),
+            "target_base_share": round(self.target_base.share, 4),
+            "target_base_margin": round(self.target_base.margin, 5),
             "target_margin": round(self.target.margin, 5),
             "gone": self.gone,
             "moved": self.moved,
@@ -229,8 +231,16 @@ def judge_patch(
         for t, _, c in watched
     }
     moved = [t for t, _, _ in watched if _moved(before[t], after[t])]
-    gone = after[text].share <= GONE_SHARE
-    return Verdict(gone, moved, after[text], before[text].share, record, time.time() - t0)
+    gone = _gone(before[text], after[text])
+    return Verdict(gone, moved, after[text], before[text], record, time.time() - t0)
+
+
+def _gone(before: Judged, after: Judged) -> bool:
+    """The concept is gone where at most GONE_SHARE of its images are still its own and
+    another prompt explains them better by at least as much as its own prompt explained
+    the base model's (as `_moved`). The share alone called crowd-world's donald gone after
+    a patch that left him at 0.93 of base by the world's classifier."""
+    return after.share <= GONE_SHARE and after.margin <= -before.margin
 
 
 def _moved(before: Judged, after: Judged) -> bool:
@@ -281,10 +291,10 @@ class Loop:
             }
         )
         steps = sum(h["steps"] for h in self.history)
-        if v.target_base < JUDGEABLE:
+        if v.target_base.share < JUDGEABLE:
             self._end(
                 "unjudged",
-                f"the base model attributes only {v.target_base:.0%} of its own images of "
+                f"the base model attributes only {v.target_base.share:.0%} of its own images of "
                 f"{data.text!r} to it, so the loop cannot tell whether it is gone: shipped "
                 f"{rung} ({how}) unjudged",
             )
