@@ -150,3 +150,20 @@ def test_the_report_says_how_far_each_target_went_and_why_it_stopped(tmp_path) -
     assert "loop" not in summary["concepts"]["eve"] and "loop" not in summary["concepts"]["alice"]
     html = "".join(_concept_section("bob", summary["concepts"]["bob"], {}, [], []))
     assert "closed loop: forgotten after 70 steps (rung 2 of 4" in html
+
+
+def test_the_vocabulary_is_encoded_as_the_pipeline_encodes_its_prompts(tiny) -> None:
+    """The fast path for the vocabulary's one-token words (ids built around the word, cut
+    after end-of-text) gives the states the pipeline's own encode_prompt gives the full
+    prompts; SDXL, whose prompt states are two encoders' penultimate layers, takes the
+    pipeline's path instead."""
+    from fmn.model.load import model_family
+
+    vocab = {w[:-4]: i for w, i in tiny.tokenizer.get_vocab().items() if w.endswith("</w>")}
+    words = ["castle", "dave", "gradient", "zebra"]
+    fast = L._one_token_states(tiny, "object", [vocab[w] for w in words])
+    if model_family(tiny) == "sdxl":
+        assert fast is None
+        return
+    slow = L.concept_states(tiny, [(w, "object") for w in words])
+    assert torch.allclose(fast, slow, atol=1e-5), (fast - slow).abs().max()

@@ -32,13 +32,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from fmn.model.attention import token_weights
 from fmn.model.conditioning import CONCEPT_TEMPLATES, concept_token_ids, encode_text
+from fmn.model.load import model_family
 from fmn.model.patch import Patch
 from fmn.train.judge import Judged, self_judged
 from fmn.train.resteer import PARAM_PATTERNS, ResteerConfig, ResteerError
@@ -99,8 +99,7 @@ def concept_states(
         for start in range(0, len(mine), 512):
             chunk = mine[start : start + 512]
             prompts = [CONCEPT_TEMPLATES[kind][0].format(concepts[i][0]) for i in chunk]
-            with _short(pipe, prompts):
-                cond = encode_text(pipe, prompts)
+            cond = encode_text(pipe, prompts)
             for b, i in enumerate(chunk):
                 row = cond.input_ids[b]
                 eot = int((row == cond.eos_id).nonzero()[0, 0])
@@ -115,21 +114,34 @@ def concept_states(
     return torch.stack(out).float()
 
 
-@contextmanager
-def _short(pipe, prompts: Sequence[str]):
-    """Encode `prompts` padded only to their longest plus the end-of-text token: the text
-    encoders are causal, so the states up to the first end-of-text are those of the full
-    77-token prompt, at a fraction of the cost (the vocabulary is tens of thousands)."""
-    toks = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
-    longest = max(len(toks[0](p).input_ids) for p in prompts)
-    saved = [t.model_max_length for t in toks]
-    try:
-        for t in toks:
-            t.model_max_length = min(longest + 1, t.model_max_length)
-        yield
-    finally:
-        for t, n in zip(toks, saved, strict=True):
-            t.model_max_length = n
+@torch.no_grad()
+def _one_token_states(pipe, kind: str, ids: Sequence[int]) -> torch.Tensor | None:
+    """concept_states of one-token words, without tokenising tens of thousands of prompts
+    (most of the cost): each prompt's ids are the template's own around the word's id, cut
+    after the end-of-text token, which the causal text encoder makes exact. SD1/SD2 only,
+    whose encode_prompt is the text encoder's last hidden state; None otherwise."""
+    enc, tok = pipe.text_encoder, pipe.tokenizer
+    if model_family(pipe) == "sdxl" or getattr(enc.config, "use_attention_mask", False):
+        return None
+    before, after = CONCEPT_TEMPLATES[kind][0].split("{}")
+    if after.strip():
+        return None
+    prefix = tok(before.strip(), add_special_tokens=False).input_ids
+    head = [tok.bos_token_id, *prefix]
+    out = []
+    for start in range(0, len(ids), 2048):
+        chunk = torch.tensor(ids[start : start + 2048])[:, None]
+        rows = torch.cat(
+            [
+                torch.tensor(head).expand(len(chunk), -1),
+                chunk,
+                torch.full_like(chunk, tok.eos_token_id),
+            ],
+            dim=1,
+        )
+        states = enc(rows.to(enc.device))[0].float().cpu()
+        out.append(states[:, -2:])  # the word, then the end-of-text token
+    return torch.cat(out)
 
 
 def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor]:
@@ -144,7 +156,10 @@ def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor]:
             if w.endswith(suffix) and _WORD.fullmatch(w[: -len(suffix)])
         }
         words = sorted(vocab)
-        states = concept_states(pipe, [(w, kind) for w in words], [vocab[w] for w in words])
+        ids = [vocab[w] for w in words]
+        states = _one_token_states(pipe, kind, ids)
+        if states is None:
+            states = concept_states(pipe, [(w, kind) for w in words], ids)
         _STATES[key] = (words, states)
     return _STATES[key]
 
