@@ -16,15 +16,17 @@ ladder (fmn.manifest.type_ladder, gentlest first) is judged before the next is t
    prompt, the concept and the watched ones). The concept is gone where at most
    `GONE_SHARE` of its images are still attributed to it and another prompt explains them
    better by at least its base margin (`_gone`); a watched concept moved where its
-   share fell by at least `MOVED_DROP` from the base model's own images of it (only those the
-   base model recognises, `RECOGNISED`, are watched: a word it draws as noise is not), and
-   another prompt now explains its images better by at least its base margin (`_moved`).
+   share fell by at least `MOVED_DROP` from the base model's own images of it and another
+   prompt now explains its images better by at least its base margin (`_moved`). Only
+   words whose own images the base model attributes to them rather than to the empty
+   prompt (`RECOGNISED`) are watched.
 
 Gone and nothing moved: the rung's patch ships. A watched concept moved: stop, the concept
 fails by name (a stronger rung would move it further). Still drawn: the next rung; after the
-last the concept fails as not forgotten. Thresholds were chosen on crowd-world's tune
-concepts (docs/resteer.md, "closed loop"). Nothing here reads the world's labels or
-classifier.
+last the concept fails as not forgotten. The rules and thresholds were chosen on
+crowd-world's tune identities and tiny-world's carol and outline (docs/resteer.md, "The
+closed loop", which also has their held-out effect). Nothing here reads the world's labels
+or classifier.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from fmn.train.resteer import PARAM_PATTERNS, ResteerConfig, ResteerError
 
 GONE_SHARE = 0.25  # of the concept's judged images still attributed to it: 1 of 4
 MOVED_DROP = 0.5  # fall of a watched concept's share that stops the loop: 2 of 4 images
-RECOGNISED = 1.0  # watched only where the base model recognises all its images (not noise)
+RECOGNISED = 1.0  # a candidate is watched where all its own images are judged its own
 JUDGEABLE = 0.5  # the concept's own base share below which no verdict is possible
 WATCH = 4  # most-changed concepts judged per rung
 CANDIDATES = 6  # most-changed candidates looked at, most changed first
