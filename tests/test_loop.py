@@ -41,9 +41,8 @@ def _climb(monkeypatch, verdicts: list[L.Verdict]) -> L.Loop:
     walk = L.Loop(resteer_config_for("id"))
     data = SimpleNamespace(text="bob", concept_type="id")
     while not walk.done:
-        cfg = walk.config()
         result = SimpleNamespace(patch=None, resteer=SimpleNamespace(seconds=2.0))
-        walk.judge(None, result, data, cfg, [])
+        walk.judge(None, result, data, [])
     return walk
 
 

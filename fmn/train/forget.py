@@ -226,11 +226,11 @@ def _patches(
             together,
             steering,
         )
-        for k, cfg, result in zip(todo, now, results, strict=True):
+        for k, result in zip(todo, results, strict=True):
             out[k] = _result(datas[k], result, tis[k], preserve, masks[k], base)
             if loops[k] is not None:
                 tick("judging", 0, 1, {})
-                loops[k].judge(pipe, out[k], datas[k], cfg, preserve or [])
+                loops[k].judge(pipe, out[k], datas[k], preserve or [])
                 out[k].loop = loops[k].record()
                 out[k].patch.extra["loop"] = out[k].loop
                 tick("judging", 1, 1, {})

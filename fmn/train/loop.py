@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -53,8 +54,9 @@ WATCH = 4  # most-changed concepts judged per rung
 CANDIDATES = 6  # most-changed candidates looked at, most changed first
 JUDGE_IMAGES = 4  # images per concept and judgement
 _WORD = re.compile(r"[a-z]{3,}")  # whole words of the vocabulary worth watching
-_STATES: dict[tuple[int, str], tuple[list[str], torch.Tensor]] = {}  # per text encoder, type
-_RECOGNISED: dict[tuple[int, str, str], float] = {}  # per text encoder, text, type
+# per text encoder (weakly: an id() could be reused by the next pipeline's encoder)
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> {type: (words, states)}
+_RECOGNISED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> {(text, type): share}
 
 
 class NotForgotten(ResteerError):
@@ -149,8 +151,8 @@ def _one_token_states(pipe, kind: str, ids: Sequence[int]) -> torch.Tensor | Non
 def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor]:
     """Every whole word of the tokenizer's vocabulary (letters only, 3 or more) and its
     concept_states as a concept of `kind`; computed once per text encoder and type."""
-    key = (id(pipe.text_encoder), kind)
-    if key not in _STATES:
+    mine = _STATES.setdefault(pipe.text_encoder, {})
+    if kind not in mine:
         suffix = "</w>"
         vocab = {
             w[: -len(suffix)]: i
@@ -162,8 +164,8 @@ def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor]:
         states = _one_token_states(pipe, kind, ids)
         if states is None:
             states = concept_states(pipe, [(w, kind) for w in words], ids)
-        _STATES[key] = (words, states)
-    return _STATES[key]
+        mine[kind] = (words, states)
+    return mine[kind]
 
 
 def kv_change(pipe, deltas: dict[str, torch.Tensor], states: torch.Tensor) -> torch.Tensor:
@@ -257,7 +259,7 @@ def _gone(before: Judged, after: Judged) -> bool:
     another prompt explains them better by at least as much as its own prompt explained
     the base model's (as `_moved`). The share alone called crowd-world's donald gone after
     a patch that left him at 0.93 of base by the world's classifier."""
-    return after.share <= GONE_SHARE and after.margin <= -before.margin
+    return after.share <= GONE_SHARE and _flipped(before, after)
 
 
 def _moved(before: Judged, after: Judged) -> bool:
@@ -266,17 +268,23 @@ def _moved(before: Judged, after: Judged) -> bool:
     explained the base model's images (margin <= -base margin: scale-free, so no error
     unit of one model is baked in). The share alone also fell for patches after which the
     world's classifier still read the concept at 0.97 of base."""
-    return after.share <= before.share - MOVED_DROP and after.margin <= -before.margin
+    return after.share <= before.share - MOVED_DROP and _flipped(before, after)
+
+
+def _flipped(before: Judged, after: Judged) -> bool:
+    """Another prompt now explains the images better by at least as much as the concept's
+    own prompt explained the base model's (margin <= -base margin)."""
+    return after.margin <= -before.margin
 
 
 def recognised(pipe, text: str, kind: str, images: int = JUDGE_IMAGES) -> bool:
     """Whether the base model attributes at least RECOGNISED of its own images of `text`
     to it rather than to the empty prompt (a word the model draws as nothing in
     particular cannot be watched); once per text encoder and concept."""
-    key = (id(pipe.text_encoder), text, kind)
-    if key not in _RECOGNISED:
-        _RECOGNISED[key] = self_judged(pipe, None, [(text, kind)], images=images)[text].share
-    return _RECOGNISED[key] >= RECOGNISED
+    mine = _RECOGNISED.setdefault(pipe.text_encoder, {})
+    if (text, kind) not in mine:
+        mine[(text, kind)] = self_judged(pipe, None, [(text, kind)], images=images)[text].share
+    return mine[(text, kind)] >= RECOGNISED
 
 
 class Loop:
@@ -285,15 +293,20 @@ class Loop:
 
     def __init__(self, cfg: ResteerConfig) -> None:
         self.cfg, self.rungs = cfg, cfg.rungs
-        self.at, self.done = 0, False
-        self.status, self.reason = "", ""
+        self.at = 0
+        self.status, self.reason = "", ""  # status set once it has decided
         self.history: list[dict] = []
+
+    @property
+    def done(self) -> bool:
+        return bool(self.status)
 
     def config(self) -> ResteerConfig:
         return replace(self.cfg, **self.rungs[self.at])
 
-    def judge(self, pipe, result, data, cfg: ResteerConfig, preserve) -> None:
-        """Judge rung `self.at`'s ForgetResult (of prepared `data`, re-steered at `cfg`)."""
+    def judge(self, pipe, result, data, preserve) -> None:
+        """Judge the ForgetResult of prepared `data` re-steered at the current rung."""
+        cfg = self.config()
         v = judge_patch(pipe, result.patch, data.text, data.concept_type, preserve)
         rung = f"rung {self.at + 1} of {len(self.rungs)}"
         how = f"positions {cfg.positions}, preserve_weight {cfg.preserve_weight:g}"
@@ -334,7 +347,7 @@ class Loop:
             )
 
     def _end(self, status: str, reason: str) -> None:
-        self.done, self.status, self.reason = True, status, reason
+        self.status, self.reason = status, reason
 
     def record(self) -> dict:
         """How far the loop went and why it stopped: resteer.json, the patch and the
