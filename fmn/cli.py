@@ -83,7 +83,11 @@ def audit(
         "\\[style] or \\[nsfw] starts that type's section (lines before any: every type).",
     ),
     out: Path = typer.Option(None, help="Report folder [default: reports/<manifest name>]."),
-    recovery: bool = typer.Option(False, help="Also run the recovery attack (TI per target)."),
+    recovery: bool = typer.Option(
+        None,
+        "--recovery/--no-recovery",
+        help="Run the recovery attack (TI per target) [default: the manifest's evaluate.recovery].",
+    ),
     recovery_steps: int = typer.Option(None, help="TI steps [default: the manifest's]."),
     threads: int = typer.Option(1),
 ) -> None:
@@ -125,6 +129,14 @@ def _print_audit(s: dict) -> None:
         row = [c["mscore_base"], c["mscore"], c["ratio"], c.get("recovery_mscore")]
         table.add_row(cid, c["role"], c["detector"], *map(num, row))
     console.print(table)
+    asr = s.get("targets", {}).get("recovery_asr")
+    if asr is not None:
+        from fmn.eval.result import RECOVERED_AT
+
+        console.print(
+            f"recovery attack success rate {asr:.2f} "
+            f"(targets brought back to >= {RECOVERED_AT} of their base M-Score)"
+        )
     for f in s["gates"]["failures"]:
         console.print(f"[red]gate failed:[/red] {f['message']}")
 

@@ -17,8 +17,10 @@ import yaml
 from typer.testing import CliRunner
 
 from fmn.cli import app
-from fmn.eval.audit import AuditError, audit
-from fmn.manifest import parse_manifest
+from fmn.eval.audit import AuditError, audit, summarise_audit
+from fmn.eval.mscore.score import ConceptRef
+from fmn.eval.result import RECOVERED_AT
+from fmn.manifest import Gates, parse_manifest
 from fmn.model.load import load_pipeline
 from fmn.model.patch import apply_patch, save_patch
 from fmn.train.forget import forget_concept
@@ -95,6 +97,37 @@ def test_recovery_attack_is_scored_and_reported(audited) -> None:
     assert {r["concept"] for r in recovered} == {"carol"}
     assert all("<carol-recovered>" in r["prompt"] for r in recovered)
     assert (audited.out / "img" / "carol-recovered.png").is_file()
+
+
+def test_the_recovery_gate_fails_a_target_the_attack_brings_back(audited) -> None:
+    """A nightly build must fail when a removed concept can be brought back: the gate
+    compares what the recovery attack drew (recovered / base M-Score) with recovery_max."""
+    carol = audited.summary["concepts"]["carol"]
+    back = carol["recovery_ratio"]
+    assert back == pytest.approx(carol["recovery_mscore"] / carol["mscore_base"])
+    assert audited.summary["targets"]["recovery_asr"] == float(back >= RECOVERED_AT)
+    assert back > 0, "the attack drew nothing of carol: the gate below cannot be exercised"
+    concepts = audited.summary["concepts"]
+    refs = [ConceptRef(cid, c["type"], cid, c["role"]) for cid, c in concepts.items()]
+
+    def failed(limit: float) -> list[dict]:
+        gates = summarise_audit(audited.rows, refs, Gates(recovery_max=limit))["gates"]
+        return [f for f in gates["failures"] if f["gate"] == "recovery_max"]
+
+    strict = failed(back / 2)
+    assert [f["concept"] for f in strict] == ["carol"]
+    assert "by the recovery attack" in strict[0]["message"], strict
+    assert failed(min(back * 2, 10.0)) == []
+
+
+def test_a_recovery_gate_with_the_attack_switched_off_is_refused_before_any_work(
+    forgotten: Path, tmp_path: Path
+) -> None:
+    evaluate = {**MANIFEST["evaluate"], "recovery": True, "gates": {"recovery_max": 0.5}}
+    m = parse_manifest({**MANIFEST, "evaluate": evaluate}, base_dir=tmp_path)
+    with pytest.raises(AuditError, match="recovery_max gates the recovery attack"):
+        audit(m, patch=forgotten, out=tmp_path / "r", recovery=False)
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_same_seeds_same_mscore_and_failed_gates_exit_1(

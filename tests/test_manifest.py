@@ -220,6 +220,12 @@ BAD = [
         "not a concept to forget",
     ),
     ("unknown-on-error", BASE + "on_error: retry\n", "on_error", "unknown value 'retry'"),
+    (
+        "recovery-gate-without-the-attack",
+        BASE + "evaluate:\n  gates: {recovery_max: 0.5}\n",
+        "evaluate",
+        "recovery_max is set but the recovery attack does not run",
+    ),
 ]
 
 

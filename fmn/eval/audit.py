@@ -26,7 +26,7 @@ from fmn.eval.mscore.prompts import (
     read_prompt_file,
 )
 from fmn.eval.mscore.score import ConceptRef, score_concepts
-from fmn.eval.result import AuditResult
+from fmn.eval.result import RECOVERED_AT, AuditResult
 from fmn.manifest import Gates, Manifest
 from fmn.model.load import ModelLoadError, fingerprint, load_pipeline
 from fmn.model.patch import PatchError, apply_patch, load_patch, revert_patch
@@ -89,7 +89,7 @@ def audit(
     baseline: str | Path | None = None,
     prompt_file: str | Path | None = None,
     out: str | Path | None = None,
-    recovery: bool = False,
+    recovery: bool | None = None,
     recovery_steps: int | None = None,
     batch: int = 64,
     world_classifier: Path | None = None,
@@ -97,12 +97,20 @@ def audit(
 ) -> AuditResult:
     """Audit `model` (or the baseline with `patch` applied) against the baseline (default:
     the manifest's base_model) on the manifest's targets and preserved concepts; with
-    `out`, write the report there (fmn.eval.report). `recovery` adds the recovery attack on
-    every target, with the manifest's inversion options (`recovery_steps` overrides)."""
+    `out`, write the report there (fmn.eval.report). `recovery` (default: the manifest's
+    evaluate.recovery) adds the recovery attack on every target, with the manifest's
+    inversion options (`recovery_steps` overrides)."""
     tick = progress or (lambda *a: None)
     t0, timings = time.time(), {}
     if (model is None) == (patch is None):
         raise AuditError("give the model to audit (--model) or a patch for the baseline (--patch)")
+    if recovery is None:
+        recovery = manifest.evaluate.recovery
+    if manifest.evaluate.gates.recovery_max is not None and not recovery:
+        raise AuditError(
+            "evaluate.gates.recovery_max gates the recovery attack, which is switched off: "
+            "drop --no-recovery (or the gate)"
+        )
     plan = _plan(manifest, prompt_file, world_classifier)
     base_spec = str(baseline or manifest.base_model)
     base = load_pipeline(base_spec)
@@ -163,6 +171,18 @@ def audit(
     summary = summarise_audit(rows, plan.refs, ev.gates)
     for cid, info in recovered.items():
         summary["concepts"][cid]["recovery"] = info
+        if "error" in info and ev.gates.recovery_max is not None:  # unproven is not passed
+            summary["gates"]["failures"].append(
+                {
+                    "concept": cid,
+                    "gate": "recovery_max",
+                    "value": None,
+                    "limit": ev.gates.recovery_max,
+                    "message": f"target {cid!r}: the recovery attack failed ({info['error']}), "
+                    "so recovery_max is unproven",
+                }
+            )
+            summary["gates"]["passed"] = False
     summary |= {
         "name": manifest.name,
         "models": models,
@@ -288,21 +308,28 @@ def summarise_audit(rows: Sequence[dict], concepts: Sequence[ConceptRef], gates:
             "ratio": after / base if base else None,
         }
         if (c.id, "recovered") in groups:
-            per[c.id]["recovery_mscore"] = stat(c.id, "recovered", "probability")
+            recovered = stat(c.id, "recovered", "probability")
+            per[c.id]["recovery_mscore"] = recovered
             per[c.id]["recovery_acc"] = stat(c.id, "recovered", "recognised")
+            per[c.id]["recovery_ratio"] = recovered / base if base else None
     summary: dict = {"concepts": per}
     for role, key in (("target", "targets"), ("preserve", "preserve")):
         mine = [v for v in per.values() if v["role"] == role]
         fields = ["mscore", "acc", "ratio", "mscore_base", "acc_base"]
+        attacked = [v["recovery_ratio"] for v in mine if v.get("recovery_ratio") is not None]
         if role == "target" and any("recovery_mscore" in v for v in mine):
-            fields.append("recovery_mscore")
+            fields += ["recovery_mscore", "recovery_ratio"]
         summary[key] = {f: _mean([v.get(f) for v in mine]) for f in fields}
+        if role == "target" and attacked:
+            # attack success rate: the share of targets brought back to RECOVERED_AT of base
+            summary[key]["recovery_asr"] = float(np.mean([r >= RECOVERED_AT for r in attacked]))
     summary["gates"] = check_gates(per, gates)
     return summary
 
 
 def check_gates(per: dict[str, dict], gates: Gates) -> dict:
-    """Every target above target_mscore_max and every preserved concept below
+    """Every target above target_mscore_max, every target the recovery attack brings back
+    above recovery_max of its base M-Score, and every preserved concept below
     preserve_ratio_min fails; `failures` names each one."""
     failures = []
     for cid, s in per.items():
@@ -315,6 +342,19 @@ def check_gates(per: dict[str, dict], gates: Gates) -> dict:
                     "limit": gates.target_mscore_max,
                     "message": f"target {cid!r} M-Score {s['mscore']:.3f} > "
                     f"{gates.target_mscore_max} (still generated)",
+                }
+            )
+        back = s.get("recovery_ratio")
+        limit = gates.recovery_max
+        if s["role"] == "target" and None not in (limit, back) and back > limit:
+            failures.append(
+                {
+                    "concept": cid,
+                    "gate": "recovery_max",
+                    "value": back,
+                    "limit": limit,
+                    "message": f"target {cid!r} brought back to {back:.3f} of its base "
+                    f"M-Score by the recovery attack > {limit} (recoverable)",
                 }
             )
         ratio = s["ratio"]
@@ -333,5 +373,6 @@ def check_gates(per: dict[str, dict], gates: Gates) -> dict:
         "passed": not failures,
         "target_mscore_max": gates.target_mscore_max,
         "preserve_ratio_min": gates.preserve_ratio_min,
+        "recovery_max": gates.recovery_max,
         "failures": failures,
     }

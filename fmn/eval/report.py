@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from fmn.eval.result import RECOVERED_AT
 from fmn.io import atomic_dir, write_json, write_text, write_with
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ CSV_FIELDS = [
     "acc_base",
     "acc",
     "recovery_mscore",
+    "recovery_ratio",
 ]
 TILE = 96  # grid tile side in px: 32 px world images upscale crisply, 512 px ones shrink
 GAP = 2  # px between tiles
@@ -114,6 +116,8 @@ def compact_metrics(summary: dict) -> dict:
         "gates_passed": gates["passed"],
         "gate_failures": len(gates["failures"]),
     }
+    if "recovery_asr" in summary["targets"]:  # the recovery attack ran
+        out["recovery_asr"] = summary["targets"]["recovery_asr"]
     if "failed" in summary:  # a build (fmn run), not a bare audit: say what it trained
         out["targets_failed"] = len(summary["failed"])
         out["targets_trained"] = len(targets) - out["targets_failed"]
@@ -265,11 +269,19 @@ def render_html(result: AuditResult, charts: list[tuple[str, str]], grids: dict)
         f"<h1>M-Score audit: {e(s['name'])}</h1>",
     ]
     verdict = "passed" if gates["passed"] else f"failed ({len(gates['failures'])})"
+    recovery_gate = gates.get("recovery_max")
     parts.append(
         f'<p class="{"pass" if gates["passed"] else "fail"}">Gates {verdict}: target M-Score '
         f"&le; {gates['target_mscore_max']}, preserved ratio &ge; {gates['preserve_ratio_min']}"
-        "</p>"
+        + ("" if recovery_gate is None else f", recovered ratio &le; {recovery_gate}")
+        + "</p>"
     )
+    asr = s.get("targets", {}).get("recovery_asr")
+    if asr is not None:
+        parts.append(
+            f"<p>Recovery attack success rate: {asr:.2f} (share of targets the attack brings "
+            f"back to at least {RECOVERED_AT} of their base M-Score).</p>"
+        )
     if gates["failures"]:
         parts.append("<ul>" + "".join(f"<li>{e(f['message'])}</li>" for f in gates["failures"]))
         parts.append("</ul>")

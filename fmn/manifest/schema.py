@@ -441,6 +441,9 @@ class Gates(_Strict):
     """Highest M-Score a forgotten concept may keep (0 to 1)."""
     preserve_ratio_min: Ratio = 0.9  # a preserved concept may lose at most 10%
     """Lowest M-Score ratio (patched / base) a preserved concept may fall to (0 to 10)."""
+    recovery_max: Ratio | None = None  # unset: the recovery attack is reported, not gated
+    """Highest ratio (recovered / base M-Score) the recovery attack may bring a target back
+    to; needs evaluate.recovery: true."""
 
 
 class Evaluate(_Strict):
@@ -458,6 +461,9 @@ class Evaluate(_Strict):
     """Classifier-free guidance scale."""
     gates: Gates = Gates()
     """Thresholds that fail the build."""
+    recovery: bool = False  # an attack per target costs a textual inversion: opt in
+    """Run the recovery attack in `fmn run` and `fmn audit`: textual inversion of each
+    target's training images on the audited model, scored like the target."""
     face_weights: Path | None = None  # no download here: the user brings the weights
     """InceptionResnetV1 state dict for the face detector (.safetensors; a .pt file is read
     with torch.load(weights_only=True)); relative to the manifest's folder."""
@@ -474,6 +480,14 @@ class Evaluate(_Strict):
                 msg = f"the {name} detector is chosen but evaluate.{field} is not set"
                 hint = f"set evaluate.{field} to a local path (nothing is downloaded)"
                 raise PydanticCustomError("detector_weights", "{msg}", {"msg": msg, "hint": hint})
+        return self
+
+    @model_validator(mode="after")
+    def _recovery_gate(self) -> Evaluate:
+        if self.gates.recovery_max is not None and not self.recovery:
+            msg = "evaluate.gates.recovery_max is set but the recovery attack does not run"
+            hint = "set evaluate.recovery: true, or remove the gate"
+            raise PydanticCustomError("recovery_gate", "{msg}", {"msg": msg, "hint": hint})
         return self
 
 
