@@ -89,6 +89,12 @@ def audit(
         help="Run the recovery attack (TI per target) [default: the manifest's evaluate.recovery].",
     ),
     recovery_steps: int = typer.Option(None, help="TI steps [default: the manifest's]."),
+    phrasing: bool = typer.Option(
+        None,
+        "--phrasing/--no-phrasing",
+        help="Run the phrasing attack (each target's other words) [default: the manifest's "
+        "evaluate.phrasing].",
+    ),
     threads: int = typer.Option(1),
 ) -> None:
     """M-Score report of a model vs its baseline; exit 1 if a gate fails, 2 on bad input."""
@@ -109,6 +115,7 @@ def audit(
                 out=out or Path("reports") / m.name,
                 recovery=recovery,
                 recovery_steps=recovery_steps,
+                phrasing=phrasing,
                 progress=update,
             )
     except (ManifestError, *BAD_INPUT) as e:
@@ -124,19 +131,16 @@ def _print_audit(s: dict) -> None:
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    table = Table("concept", "role", "detector", "base", "audited", "ratio", "recovery")
+    table = Table("concept", "role", "detector", "base", "audited", "ratio", "recovery", "phrasing")
     for cid, c in s["concepts"].items():
-        row = [c["mscore_base"], c["mscore"], c["ratio"], c.get("recovery_mscore")]
+        row = [c["mscore_base"], c["mscore"], c["ratio"]]
+        row += [c.get("recovery_mscore"), c.get("phrasing_mscore")]
         table.add_row(cid, c["role"], c["detector"], *map(num, row))
     console.print(table)
-    asr = s.get("targets", {}).get("recovery_asr")
-    if asr is not None:
-        from fmn.eval.result import RECOVERED_AT
+    from fmn.eval.result import attack_lines
 
-        console.print(
-            f"recovery attack success rate {asr:.2f} "
-            f"(targets brought back to >= {RECOVERED_AT} of their base M-Score)"
-        )
+    for line in attack_lines(s):
+        console.print(line)
     for f in s["gates"]["failures"]:
         console.print(f"[red]gate failed:[/red] {f['message']}")
 

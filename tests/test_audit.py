@@ -35,7 +35,13 @@ MANIFEST = {
     "concepts": [{"id": "carol", "type": "id"}],
     "preserve": [{"id": i, "type": t} for i, t in PRESERVE],
     # few images (8 per concept and model) keep this under ~30 s on one CPU thread
-    "evaluate": {"prompts_per_concept": 4, "seeds": [0, 1], "steps": 15},
+    "evaluate": {
+        "prompts_per_concept": 4,
+        "seeds": [0, 1],
+        "steps": 15,
+        # the phrasing attack's words: carol's own name as the tokenizer reads it, and dave
+        "phrasings": {"carol": ["Carol", "dave"]},
+    },
 }
 
 
@@ -52,7 +58,7 @@ def forgotten(tmp_path_factory) -> Path:
 def audited(forgotten: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports") / "audit-test"
     m = parse_manifest(MANIFEST, base_dir=out.parent)
-    return audit(m, patch=forgotten, out=out, recovery=True, recovery_steps=20)
+    return audit(m, patch=forgotten, out=out, recovery=True, recovery_steps=20, phrasing=True)
 
 
 def test_target_drops_and_the_others_hold(audited) -> None:
@@ -72,7 +78,8 @@ def test_summary_matches_the_parquet(audited) -> None:
     summary = json.loads((audited.out / "summary.json").read_text())
     concepts = 1 + len(PRESERVE)
     per_model = concepts * 4 * 2  # prompts x seeds
-    assert len(rows) == 2 * per_model + 4 * 2  # base, patched, carol's recovery
+    # base, patched, carol's recovery, her two phrasings
+    assert len(rows) == 2 * per_model + 4 * 2 + 2 * 4 * 2
 
     def mean(cid: str, model: str, key: str) -> float:
         return float(np.mean([r[key] for r in rows if r["concept"] == cid and r["model"] == model]))
@@ -120,12 +127,47 @@ def test_the_recovery_gate_fails_a_target_the_attack_brings_back(audited) -> Non
     assert failed(min(back * 2, 10.0)) == []
 
 
+def test_the_phrasing_attack_keeps_the_words_that_bring_the_target_back_most(audited) -> None:
+    """Each phrasing is drawn in the target's prompts and scored as the target; the best
+    counts. "Carol" tokenises as "carol", so its images are the audited model's own."""
+    carol = audited.summary["concepts"]["carol"]
+
+    def mean(model: str) -> float:
+        found = [r["probability"] for r in audited.rows if r["model"] == model]
+        assert found, model
+        return float(np.mean(found))
+
+    tried = {w: mean(f"phrasing:{w}") for w in ("Carol", "dave")}
+    assert tried["Carol"] == pytest.approx(carol["mscore"], abs=1e-12)
+    assert carol["phrasing"] == max(tried, key=tried.get)
+    assert carol["phrasing_mscore"] == pytest.approx(max(tried.values()), abs=1e-12)
+    assert carol["phrasing_ratio"] == pytest.approx(carol["phrasing_mscore"] / carol["mscore_base"])
+    asr = audited.summary["targets"]["phrasing_asr"]
+    assert asr == float(carol["phrasing_ratio"] >= RECOVERED_AT)
+    assert json.loads((audited.out / "metrics.json").read_text())["phrasing_asr"] == asr
+    assert (audited.out / "img" / "carol-phrasing.png").is_file()
+    page = (audited.out / "index.html").read_text()
+    assert "phrasing attack (best)" in page and "Phrasing attack success rate" in page
+    if carol["phrasing_ratio"] > 0:  # the gate covers every attack that ran
+        refs = [ConceptRef("carol", "id", "carol", "target")]
+        gates = summarise_audit(
+            [r for r in audited.rows if r["concept"] == "carol"],
+            refs,
+            Gates(recovery_max=carol["phrasing_ratio"] / 2),
+        )["gates"]
+        assert any(
+            f["attack"] == "phrasing" and f["concept"] == "carol"
+            for f in gates["failures"]
+            if f["gate"] == "recovery_max"
+        ), gates
+
+
 def test_a_recovery_gate_with_the_attack_switched_off_is_refused_before_any_work(
     forgotten: Path, tmp_path: Path
 ) -> None:
     evaluate = {**MANIFEST["evaluate"], "recovery": True, "gates": {"recovery_max": 0.5}}
     m = parse_manifest({**MANIFEST, "evaluate": evaluate}, base_dir=tmp_path)
-    with pytest.raises(AuditError, match="recovery_max gates the recovery attack"):
+    with pytest.raises(AuditError, match="recovery_max gates the attacks, and none is switched"):
         audit(m, patch=forgotten, out=tmp_path / "r", recovery=False)
     assert not (tmp_path / "r").exists()
 

@@ -224,7 +224,13 @@ BAD = [
         "recovery-gate-without-the-attack",
         BASE + "evaluate:\n  gates: {recovery_max: 0.5}\n",
         "evaluate",
-        "recovery_max is set but the recovery attack does not run",
+        "recovery_max is set but no attack runs",
+    ),
+    (
+        "phrasings-for-unknown-concept",
+        BASE + "evaluate:\n  phrasings: {circel: [a ring]}\n",
+        "evaluate.phrasings.circel",
+        "not a concept to forget",
     ),
 ]
 

@@ -129,6 +129,7 @@ def test_metrics_file_is_flat_and_names_the_worst_concepts(tmp_path: Path) -> No
         "worst_preserve_ratio": s["concepts"]["dots"]["ratio"],
         "gates_passed": False,
         "gate_failures": 1,
+        "recovery_asr": s["targets"]["recovery_asr"],  # carol's recovery attack ran
     }
     # a build's summary names the concepts whose training failed: counted, not listed
     built = report.compact_metrics({**s, "failed": {"carol": "loss is NaN"}})

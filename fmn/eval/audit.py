@@ -26,14 +26,16 @@ from fmn.eval.mscore.prompts import (
     read_prompt_file,
 )
 from fmn.eval.mscore.score import ConceptRef, score_concepts
-from fmn.eval.result import RECOVERED_AT, AuditResult
+from fmn.eval.result import ATTACKS, RECOVERED_AT, AuditResult
 from fmn.manifest import Gates, Manifest
 from fmn.model.load import ModelLoadError, fingerprint, load_pipeline
 from fmn.model.patch import PatchError, apply_patch, load_patch, revert_patch
 from fmn.progress import Progress
 from fmn.train.invert import InversionError, InvertConfig, add_ti_to_pipeline, invert, unload_ti
 
-MODELS = ("base", "patched", "recovered")  # the `model` column of the rows
+# the `model` column of the rows; the phrasing attack's rows are "phrasing:<its words>"
+MODELS = ("base", "patched", "recovered")
+PHRASING = "phrasing:"
 
 
 class AuditError(ValueError):
@@ -91,6 +93,7 @@ def audit(
     out: str | Path | None = None,
     recovery: bool | None = None,
     recovery_steps: int | None = None,
+    phrasing: bool | None = None,
     batch: int = 64,
     world_classifier: Path | None = None,
     progress: Progress | None = None,
@@ -99,17 +102,18 @@ def audit(
     the manifest's base_model) on the manifest's targets and preserved concepts; with
     `out`, write the report there (fmn.eval.report). `recovery` (default: the manifest's
     evaluate.recovery) adds the recovery attack on every target, with the manifest's
-    inversion options (`recovery_steps` overrides)."""
+    inversion options (`recovery_steps` overrides); `phrasing` (default: evaluate.phrasing)
+    the phrasing attack."""
     tick = progress or (lambda *a: None)
     t0, timings = time.time(), {}
     if (model is None) == (patch is None):
         raise AuditError("give the model to audit (--model) or a patch for the baseline (--patch)")
-    if recovery is None:
-        recovery = manifest.evaluate.recovery
-    if manifest.evaluate.gates.recovery_max is not None and not recovery:
+    recovery = manifest.evaluate.recovery if recovery is None else recovery
+    phrasing = manifest.evaluate.phrasing if phrasing is None else phrasing
+    if manifest.evaluate.gates.recovery_max is not None and not (recovery or phrasing):
         raise AuditError(
-            "evaluate.gates.recovery_max gates the recovery attack, which is switched off: "
-            "drop --no-recovery (or the gate)"
+            "evaluate.gates.recovery_max gates the attacks, and none is switched on: "
+            "drop --no-recovery/--no-phrasing (or the gate)"
         )
     plan = _plan(manifest, prompt_file, world_classifier)
     base_spec = str(baseline or manifest.base_model)
@@ -164,6 +168,13 @@ def audit(
             if r_images is not None:
                 images.setdefault("recovered", {})[c.id] = r_images
         timings["recovery"] = time.time() - t
+        t = time.time()
+        for c in targets if phrasing else []:
+            p_rows, best = _phrasing_attack(audited, c, plan, manifest, score)
+            rows += p_rows
+            if best is not None:
+                images.setdefault("phrasing", {})[c.id] = best
+        timings["phrasing"] = time.time() - t
     finally:
         if the_patch is not None:
             revert_patch(base, the_patch)
@@ -195,6 +206,7 @@ def audit(
             "images": len(rows),
             "detectors": {kind: d.name for kind, d in plan.detectors.items()},
             "recovery": recovery,
+            "phrasing": phrasing,
         },
     }
     timings["total"] = time.time() - t0  # before the report: its own time cannot be in it
@@ -274,6 +286,39 @@ def _recover(pipe, c: ConceptRef, latents, cfg: InvertConfig, tick, score, promp
 
 
 # ---------------------------------------------------------------------------------------
+# Phrasing attack
+
+
+def phrasings_for(manifest: Manifest, c: ConceptRef, world: bool) -> list[str]:
+    """The other words the attacker tries for a target: the manifest's, then (where the
+    world detector measures, so the model is an embedded world) the world's own phrasings
+    of it, listed and unlisted; never the target's own text."""
+    words = list(manifest.evaluate.phrasings.get(c.id, []))
+    if world:
+        from fmn.world.concepts import get_world
+
+        known = get_world(manifest.base_model)
+        if c.id in {k.id for k in known.concepts()}:
+            words += [w for w, _ in known.get(c.id).words]
+    return [w for w in dict.fromkeys(words) if w != c.text]
+
+
+def _phrasing_attack(pipe, c: ConceptRef, plan: _Plan, manifest: Manifest, score):
+    """Rows of the target drawn under each of its other words (model "phrasing:<words>"),
+    and the images of the one the detector scores highest (None: nothing to try)."""
+    world = plan.detectors[c.type].name == "world"
+    best, best_score, rows = None, -1.0, []
+    for words in phrasings_for(manifest, c, world):
+        prompts = {c.id: plan.prompts_for(c, words)}
+        found, images = score(pipe, f"phrasing {c.id}: {words}", [c], prompts)
+        rows += _rows(found, PHRASING + words)
+        mean = float(np.mean([r.probability for r in found]))
+        if mean > best_score:
+            best, best_score = images[c.id], mean
+    return rows, best
+
+
+# ---------------------------------------------------------------------------------------
 # Summary and gates
 
 
@@ -312,17 +357,25 @@ def summarise_audit(rows: Sequence[dict], concepts: Sequence[ConceptRef], gates:
             per[c.id]["recovery_mscore"] = recovered
             per[c.id]["recovery_acc"] = stat(c.id, "recovered", "recognised")
             per[c.id]["recovery_ratio"] = recovered / base if base else None
+        tried = [m[len(PHRASING) :] for cid, m in groups if cid == c.id and m.startswith(PHRASING)]
+        if tried:
+            best = max(tried, key=lambda m: stat(c.id, PHRASING + m, "probability"))
+            attacked = stat(c.id, PHRASING + best, "probability")
+            per[c.id]["phrasing"] = best
+            per[c.id]["phrasing_mscore"] = attacked
+            per[c.id]["phrasing_ratio"] = attacked / base if base else None
     summary: dict = {"concepts": per}
     for role, key in (("target", "targets"), ("preserve", "preserve")):
         mine = [v for v in per.values() if v["role"] == role]
         fields = ["mscore", "acc", "ratio", "mscore_base", "acc_base"]
-        attacked = [v["recovery_ratio"] for v in mine if v.get("recovery_ratio") is not None]
-        if role == "target" and any("recovery_mscore" in v for v in mine):
-            fields += ["recovery_mscore", "recovery_ratio"]
+        for attack in ATTACKS if role == "target" else ():
+            if any(f"{attack}_mscore" in v for v in mine):
+                fields += [f"{attack}_mscore", f"{attack}_ratio"]
         summary[key] = {f: _mean([v.get(f) for v in mine]) for f in fields}
-        if role == "target" and attacked:
-            # attack success rate: the share of targets brought back to RECOVERED_AT of base
-            summary[key]["recovery_asr"] = float(np.mean([r >= RECOVERED_AT for r in attacked]))
+        for attack in ATTACKS if role == "target" else ():
+            back = [v[f"{attack}_ratio"] for v in mine if v.get(f"{attack}_ratio") is not None]
+            if back:  # attack success rate: the share brought back to RECOVERED_AT of base
+                summary[key][f"{attack}_asr"] = float(np.mean([r >= RECOVERED_AT for r in back]))
     summary["gates"] = check_gates(per, gates)
     return summary
 
@@ -344,19 +397,22 @@ def check_gates(per: dict[str, dict], gates: Gates) -> dict:
                     f"{gates.target_mscore_max} (still generated)",
                 }
             )
-        back = s.get("recovery_ratio")
         limit = gates.recovery_max
-        if s["role"] == "target" and None not in (limit, back) and back > limit:
-            failures.append(
-                {
-                    "concept": cid,
-                    "gate": "recovery_max",
-                    "value": back,
-                    "limit": limit,
-                    "message": f"target {cid!r} brought back to {back:.3f} of its base "
-                    f"M-Score by the recovery attack > {limit} (recoverable)",
-                }
-            )
+        for attack, title in ATTACKS.items():
+            back = s.get(f"{attack}_ratio")
+            if s["role"] == "target" and None not in (limit, back) and back > limit:
+                how = f" ({s['phrasing']!r})" if attack == "phrasing" else ""
+                failures.append(
+                    {
+                        "concept": cid,
+                        "gate": "recovery_max",
+                        "attack": attack,
+                        "value": back,
+                        "limit": limit,
+                        "message": f"target {cid!r} brought back to {back:.3f} of its base "
+                        f"M-Score by the {title}{how} > {limit} (recoverable)",
+                    }
+                )
         ratio = s["ratio"]
         if s["role"] == "preserve" and ratio is not None and ratio < gates.preserve_ratio_min:
             failures.append(

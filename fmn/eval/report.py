@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from fmn.eval.result import RECOVERED_AT
+from fmn.eval.result import ATTACKS, attack_lines
 from fmn.io import atomic_dir, write_json, write_text, write_with
 
 if TYPE_CHECKING:
@@ -56,15 +56,23 @@ CSV_FIELDS = [
     "acc",
     "recovery_mscore",
     "recovery_ratio",
+    "phrasing_mscore",
+    "phrasing_ratio",
 ]
 TILE = 96  # grid tile side in px: 32 px world images upscale crisply, 512 px ones shrink
 GAP = 2  # px between tiles
-MODEL_TITLES = {"base": "baseline", "patched": "audited model", "recovered": "recovery attack"}
+MODEL_TITLES = {
+    "base": "baseline",
+    "patched": "audited model",
+    "recovered": "recovery attack",
+    "phrasing": "phrasing attack",
+}
 # the image grids' column headers: which side is the baseline must be readable at a glance
 GRID_TITLES = {
     "base": "baseline (before)",
     "patched": "audited model (after)",
     "recovered": "recovery attack",
+    "phrasing": "phrasing attack (best)",
 }
 PROMPT_CHARS = 60  # longer prompts are shortened in the grids; the full text is the tooltip
 
@@ -116,8 +124,9 @@ def compact_metrics(summary: dict) -> dict:
         "gates_passed": gates["passed"],
         "gate_failures": len(gates["failures"]),
     }
-    if "recovery_asr" in summary["targets"]:  # the recovery attack ran
-        out["recovery_asr"] = summary["targets"]["recovery_asr"]
+    for attack in ATTACKS:  # where that attack ran
+        if f"{attack}_asr" in summary["targets"]:
+            out[f"{attack}_asr"] = summary["targets"][f"{attack}_asr"]
     if "failed" in summary:  # a build (fmn run), not a bare audit: say what it trained
         out["targets_failed"] = len(summary["failed"])
         out["targets_trained"] = len(targets) - out["targets_failed"]
@@ -276,12 +285,7 @@ def render_html(result: AuditResult, charts: list[tuple[str, str]], grids: dict)
         + ("" if recovery_gate is None else f", recovered ratio &le; {recovery_gate}")
         + "</p>"
     )
-    asr = s.get("targets", {}).get("recovery_asr")
-    if asr is not None:
-        parts.append(
-            f"<p>Recovery attack success rate: {asr:.2f} (share of targets the attack brings "
-            f"back to at least {RECOVERED_AT} of their base M-Score).</p>"
-        )
+    parts += [f"<p>{e(line)}.</p>" for line in attack_lines(s)]
     if gates["failures"]:
         parts.append("<ul>" + "".join(f"<li>{e(f['message'])}</li>" for f in gates["failures"]))
         parts.append("</ul>")
@@ -346,6 +350,8 @@ def _concept_section(
         line += f"; recovery attack {_num(c['recovery_mscore'])}"
     if "error" in c.get("recovery", {}):
         line += f"; recovery attack failed: {e(c['recovery']['error'])}"
+    if "phrasing_mscore" in c:
+        line += f"; phrasing attack {_num(c['phrasing_mscore'])} ({e(repr(c['phrasing']))})"
     if "loop" in c:
         line += f"; closed loop: {e(c['loop']['reason'])}"
     out = [f'<section id="c-{cid}"><h3>{cid}</h3>', f"<p>{line}</p>"]
@@ -355,6 +361,11 @@ def _concept_section(
     token = c.get("recovery", {}).get("token")
     if token and "recovered" in grids:
         note += f" The recovery attack draws these prompts with {e(token)} in place of {cid}."
+    if "phrasing" in grids and "phrasing" in c:
+        note += (
+            f" The phrasing attack's best words, {e(repr(c['phrasing']))}, are drawn in these"
+            " prompts in place of the concept's own."
+        )
     head = "".join(f"<th>{GRID_TITLES[model]}</th>" for model in grids)
     out.append(f'<p>{note}</p><div class="scroll"><table class="grid">')
     out.append(f"<tr><th>prompt</th>{head}</tr>")

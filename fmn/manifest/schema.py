@@ -441,9 +441,9 @@ class Gates(_Strict):
     """Highest M-Score a forgotten concept may keep (0 to 1)."""
     preserve_ratio_min: Ratio = 0.9  # a preserved concept may lose at most 10%
     """Lowest M-Score ratio (patched / base) a preserved concept may fall to (0 to 10)."""
-    recovery_max: Ratio | None = None  # unset: the recovery attack is reported, not gated
-    """Highest ratio (recovered / base M-Score) the recovery attack may bring a target back
-    to; needs evaluate.recovery: true."""
+    recovery_max: Ratio | None = None  # unset: attacks are reported, not gated
+    """Highest ratio (attacked / base M-Score) any attack that runs (evaluate.recovery,
+    evaluate.phrasing) may bring a target back to."""
 
 
 class Evaluate(_Strict):
@@ -464,6 +464,13 @@ class Evaluate(_Strict):
     recovery: bool = False  # an attack per target costs a textual inversion: opt in
     """Run the recovery attack in `fmn run` and `fmn audit`: textual inversion of each
     target's training images on the audited model, scored like the target."""
+    phrasing: bool = False  # a scoring pass per phrasing: opt in
+    """Run the phrasing attack in `fmn run` and `fmn audit`: each target drawn under its
+    other words (evaluate.phrasings, and an embedded world's own phrasings), scored like
+    the target; the best one counts."""
+    phrasings: dict[Slug, list[Text]] = {}  # none: only an embedded world's own phrasings
+    """Other words for a target that the phrasing attack tries, by target id (synonyms,
+    paraphrases, misspellings)."""
     face_weights: Path | None = None  # no download here: the user brings the weights
     """InceptionResnetV1 state dict for the face detector (.safetensors; a .pt file is read
     with torch.load(weights_only=True)); relative to the manifest's folder."""
@@ -484,9 +491,9 @@ class Evaluate(_Strict):
 
     @model_validator(mode="after")
     def _recovery_gate(self) -> Evaluate:
-        if self.gates.recovery_max is not None and not self.recovery:
-            msg = "evaluate.gates.recovery_max is set but the recovery attack does not run"
-            hint = "set evaluate.recovery: true, or remove the gate"
+        if self.gates.recovery_max is not None and not (self.recovery or self.phrasing):
+            msg = "evaluate.gates.recovery_max is set but no attack runs"
+            hint = "set evaluate.recovery and/or evaluate.phrasing to true, or remove the gate"
             raise PydanticCustomError("recovery_gate", "{msg}", {"msg": msg, "hint": hint})
         return self
 
@@ -547,12 +554,17 @@ class Manifest(_Strict):
                 else:
                     first[c.id] = here
         targets = list(dict.fromkeys(c.id for c in self.concepts))
-        for field, named in (("weights", self.merge.weights), ("anchors", self.merge.anchors)):
+        named_by = {
+            ("merge", "weights"): self.merge.weights,
+            ("merge", "anchors"): self.merge.anchors,
+            ("evaluate", "phrasings"): self.evaluate.phrasings,
+        }
+        for (section, field), named in named_by.items():
             for key in named:
                 if key not in targets:
                     msg = f"{key!r} is not a concept to forget"
                     hint = _did_you_mean(key, targets, "concepts to forget")
-                    out.append(("unknown_id", ("merge", field, key), msg, hint))
+                    out.append(("unknown_id", (section, field, key), msg, hint))
         for i, c in enumerate(self.concepts):
             if c.mask is not None and c.resteer.mask is not None:
                 msg = "the mask is set twice (here and in resteer.mask)"
