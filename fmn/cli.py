@@ -88,12 +88,20 @@ def audit(
         "--recovery/--no-recovery",
         help="Run the recovery attack (TI per target) [default: the manifest's evaluate.recovery].",
     ),
-    recovery_steps: int = typer.Option(None, help="TI steps [default: the manifest's]."),
+    recovery_steps: int = typer.Option(
+        None, help="Steps of the recovery and prompt attacks [default: the manifest's TI steps]."
+    ),
     phrasing: bool = typer.Option(
         None,
         "--phrasing/--no-phrasing",
         help="Run the phrasing attack (each target's other words) [default: the manifest's "
         "evaluate.phrasing].",
+    ),
+    prompt_attack: bool = typer.Option(
+        None,
+        "--prompt-attack/--no-prompt-attack",
+        help="Run the prompt attack (a search over real words) [default: the manifest's "
+        "evaluate.prompt_attack].",
     ),
     threads: int = typer.Option(1),
 ) -> None:
@@ -116,6 +124,7 @@ def audit(
                 recovery=recovery,
                 recovery_steps=recovery_steps,
                 phrasing=phrasing,
+                prompt_attack=prompt_attack,
                 progress=update,
             )
     except (ManifestError, *BAD_INPUT) as e:
@@ -128,16 +137,17 @@ def audit(
 
 
 def _print_audit(s: dict) -> None:
+    from fmn.eval.result import ATTACKS, attack_lines
+
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    table = Table("concept", "role", "detector", "base", "audited", "ratio", "recovery", "phrasing")
+    table = Table("concept", "role", "detector", "base", "audited", "ratio", *ATTACKS)
     for cid, c in s["concepts"].items():
         row = [c["mscore_base"], c["mscore"], c["ratio"]]
-        row += [c.get("recovery_mscore"), c.get("phrasing_mscore")]
+        row += [c.get(f"{attack}_mscore") for attack in ATTACKS]
         table.add_row(cid, c["role"], c["detector"], *map(num, row))
     console.print(table)
-    from fmn.eval.result import attack_lines
 
     for line in attack_lines(s):
         console.print(line)

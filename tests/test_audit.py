@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from transformers import CLIPTokenizer
 from typer.testing import CliRunner
 
 from fmn.cli import app
@@ -58,7 +59,8 @@ def forgotten(tmp_path_factory) -> Path:
 def audited(forgotten: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports") / "audit-test"
     m = parse_manifest(MANIFEST, base_dir=out.parent)
-    return audit(m, patch=forgotten, out=out, recovery=True, recovery_steps=20, phrasing=True)
+    attacks = {"recovery": True, "phrasing": True, "prompt_attack": True}
+    return audit(m, patch=forgotten, out=out, recovery_steps=20, **attacks)
 
 
 def test_target_drops_and_the_others_hold(audited) -> None:
@@ -78,8 +80,8 @@ def test_summary_matches_the_parquet(audited) -> None:
     summary = json.loads((audited.out / "summary.json").read_text())
     concepts = 1 + len(PRESERVE)
     per_model = concepts * 4 * 2  # prompts x seeds
-    # base, patched, carol's recovery, her two phrasings
-    assert len(rows) == 2 * per_model + 4 * 2 + 2 * 4 * 2
+    # base, patched, carol's recovery, her two phrasings, the prompt attack's words
+    assert len(rows) == 2 * per_model + 4 * 2 + 2 * 4 * 2 + 4 * 2
 
     def mean(cid: str, model: str, key: str) -> float:
         return float(np.mean([r[key] for r in rows if r["concept"] == cid and r["model"] == model]))
@@ -119,7 +121,7 @@ def test_the_recovery_gate_fails_a_target_the_attack_brings_back(audited) -> Non
 
     def failed(limit: float) -> list[dict]:
         gates = summarise_audit(audited.rows, refs, Gates(recovery_max=limit))["gates"]
-        return [f for f in gates["failures"] if f["gate"] == "recovery_max"]
+        return [f for f in gates["failures"] if f.get("attack") == "recovery"]
 
     strict = failed(back / 2)
     assert [f["concept"] for f in strict] == ["carol"]
@@ -160,6 +162,25 @@ def test_the_phrasing_attack_keeps_the_words_that_bring_the_target_back_most(aud
             for f in gates["failures"]
             if f["gate"] == "recovery_max"
         ), gates
+
+
+def test_the_prompt_attack_finds_real_words_and_scores_them_as_the_target(audited) -> None:
+    """The search's result is plain text of the tokenizer's own whole words, drawn in
+    carol's prompts on the audited model and scored as carol."""
+    from fmn.model.conditioning import whole_words
+    from fmn.world import ASSETS_DIR, SHARED_TOKENIZER
+
+    carol = audited.summary["concepts"]["carol"]
+    words = carol["prompt_attack"]["words"].split()
+    print(f"prompt attack on carol: {words} -> {carol['prompt_mscore']:.3f}")
+    vocab = whole_words(CLIPTokenizer.from_pretrained(ASSETS_DIR / SHARED_TOKENIZER))
+    assert len(words) == 3 and all(w in vocab for w in words), words
+    drawn = [r for r in audited.rows if r["model"] == "prompt"]
+    assert drawn and all(carol["prompt_attack"]["words"] in r["prompt"] for r in drawn)
+    assert carol["prompt_mscore"] == pytest.approx(np.mean([r["probability"] for r in drawn]))
+    assert carol["prompt_ratio"] == pytest.approx(carol["prompt_mscore"] / carol["mscore_base"])
+    assert audited.summary["targets"]["prompt_asr"] == float(carol["prompt_ratio"] >= RECOVERED_AT)
+    assert (audited.out / "img" / "carol-prompt.png").is_file()
 
 
 def test_a_recovery_gate_with_the_attack_switched_off_is_refused_before_any_work(

@@ -26,15 +26,16 @@ from fmn.eval.mscore.prompts import (
     read_prompt_file,
 )
 from fmn.eval.mscore.score import ConceptRef, score_concepts
+from fmn.eval.prompt_attack import search_prompt
 from fmn.eval.result import ATTACKS, RECOVERED_AT, AuditResult
 from fmn.manifest import Gates, Manifest
-from fmn.model.load import ModelLoadError, fingerprint, load_pipeline
+from fmn.model.load import ModelLoadError, fingerprint, load_pipeline, model_family
 from fmn.model.patch import PatchError, apply_patch, load_patch, revert_patch
 from fmn.progress import Progress
 from fmn.train.invert import InversionError, InvertConfig, add_ti_to_pipeline, invert, unload_ti
 
 # the `model` column of the rows; the phrasing attack's rows are "phrasing:<its words>"
-MODELS = ("base", "patched", "recovered")
+MODELS = ("base", "patched", "recovered", "prompt")
 PHRASING = "phrasing:"
 
 
@@ -94,6 +95,7 @@ def audit(
     recovery: bool | None = None,
     recovery_steps: int | None = None,
     phrasing: bool | None = None,
+    prompt_attack: bool | None = None,
     batch: int = 64,
     world_classifier: Path | None = None,
     progress: Progress | None = None,
@@ -102,18 +104,22 @@ def audit(
     the manifest's base_model) on the manifest's targets and preserved concepts; with
     `out`, write the report there (fmn.eval.report). `recovery` (default: the manifest's
     evaluate.recovery) adds the recovery attack on every target, with the manifest's
-    inversion options (`recovery_steps` overrides); `phrasing` (default: evaluate.phrasing)
-    the phrasing attack."""
+    inversion options (`recovery_steps` overrides); `phrasing` and `prompt_attack` (default:
+    evaluate.phrasing, evaluate.prompt_attack) the phrasing and prompt attacks."""
     tick = progress or (lambda *a: None)
     t0, timings = time.time(), {}
     if (model is None) == (patch is None):
         raise AuditError("give the model to audit (--model) or a patch for the baseline (--patch)")
     recovery = manifest.evaluate.recovery if recovery is None else recovery
     phrasing = manifest.evaluate.phrasing if phrasing is None else phrasing
-    if manifest.evaluate.gates.recovery_max is not None and not (recovery or phrasing):
+    if prompt_attack is None:
+        prompt_attack = manifest.evaluate.prompt_attack
+    if manifest.evaluate.gates.recovery_max is not None and not (
+        recovery or phrasing or prompt_attack
+    ):
         raise AuditError(
             "evaluate.gates.recovery_max gates the attacks, and none is switched on: "
-            "drop --no-recovery/--no-phrasing (or the gate)"
+            "drop --no-recovery/--no-phrasing/--no-prompt-attack (or the gate)"
         )
     plan = _plan(manifest, prompt_file, world_classifier)
     base_spec = str(baseline or manifest.base_model)
@@ -123,6 +129,8 @@ def audit(
         apply_patch(base, the_patch)
         revert_patch(base, the_patch)
     audited = load_pipeline(str(model)) if model is not None else base
+    if prompt_attack and model_family(audited) == "sdxl":
+        raise AuditError("the prompt attack searches one text encoder's words: SD1/SD2 only")
     models = {"base": {"spec": base_spec, "fingerprint": fingerprint(base)}}
     timings["load"] = time.time() - t0
     ev = manifest.evaluate
@@ -144,13 +152,13 @@ def audit(
     base_rows, base_images = score(base, "baseline")
     rows, images = _rows(base_rows, "base"), {"base": base_images}
     targets = [c for c in plan.refs if c.role == "target"]
-    anchors = _anchor_latents(base, manifest, targets) if recovery else {}
+    anchors = _anchor_latents(base, manifest, targets) if recovery or prompt_attack else {}
     timings["base"] = time.time() - t
 
     t = time.time()
     if the_patch is not None:
         apply_patch(base, the_patch)
-    recovered = {}
+    recovered, attacks = {}, {}
     try:
         audited_rows, images["patched"] = score(audited, "audited model")
         rows += _rows(audited_rows, "patched")
@@ -175,11 +183,20 @@ def audit(
             if best is not None:
                 images.setdefault("phrasing", {})[c.id] = best
         timings["phrasing"] = time.time() - t
+        t = time.time()
+        for c in targets if prompt_attack else []:
+            steps = _recovery_config(manifest, c.id, recovery_steps).steps
+            found = _prompt_attack(audited, c, anchors[c.id], steps, tick, score, plan.prompts_for)
+            a_rows, images.setdefault("prompt", {})[c.id], attacks[c.id] = found
+            rows += _rows(a_rows, "prompt")
+        timings["prompt_attack"] = time.time() - t
     finally:
         if the_patch is not None:
             revert_patch(base, the_patch)
 
     summary = summarise_audit(rows, plan.refs, ev.gates)
+    for cid, info in attacks.items():
+        summary["concepts"][cid]["prompt_attack"] = info
     for cid, info in recovered.items():
         summary["concepts"][cid]["recovery"] = info
         if "error" in info and ev.gates.recovery_max is not None:  # unproven is not passed
@@ -207,6 +224,7 @@ def audit(
             "detectors": {kind: d.name for kind, d in plan.detectors.items()},
             "recovery": recovery,
             "phrasing": phrasing,
+            "prompt_attack": prompt_attack,
         },
     }
     timings["total"] = time.time() - t0  # before the report: its own time cannot be in it
@@ -318,6 +336,23 @@ def _phrasing_attack(pipe, c: ConceptRef, plan: _Plan, manifest: Manifest, score
     return rows, best
 
 
+def _prompt_attack(pipe, c: ConceptRef, latents, steps: int, tick, score, prompts_for):
+    """Search the vocabulary for words that draw `c` on `pipe`; score them like `c`."""
+    t = time.time()
+    found = search_prompt(
+        pipe,
+        latents,
+        c.type,
+        steps=steps,
+        progress=lambda d, n, loss: tick(f"prompt attack {c.id}: search", d, n, {"loss": loss}),
+    )
+    rows, images = score(
+        pipe, f"prompt attack {c.id}: scoring", [c], {c.id: prompts_for(c, found.words)}
+    )
+    info = {"words": found.words, "steps": steps, "seconds": round(time.time() - t, 2)}
+    return rows, images[c.id], info
+
+
 # ---------------------------------------------------------------------------------------
 # Summary and gates
 
@@ -357,6 +392,10 @@ def summarise_audit(rows: Sequence[dict], concepts: Sequence[ConceptRef], gates:
             per[c.id]["recovery_mscore"] = recovered
             per[c.id]["recovery_acc"] = stat(c.id, "recovered", "recognised")
             per[c.id]["recovery_ratio"] = recovered / base if base else None
+        if (c.id, "prompt") in groups:
+            found = stat(c.id, "prompt", "probability")
+            per[c.id]["prompt_mscore"] = found
+            per[c.id]["prompt_ratio"] = found / base if base else None
         tried = [m[len(PHRASING) :] for cid, m in groups if cid == c.id and m.startswith(PHRASING)]
         if tried:
             best = max(tried, key=lambda m: stat(c.id, PHRASING + m, "probability"))

@@ -58,6 +58,8 @@ CSV_FIELDS = [
     "recovery_ratio",
     "phrasing_mscore",
     "phrasing_ratio",
+    "prompt_mscore",
+    "prompt_ratio",
 ]
 TILE = 96  # grid tile side in px: 32 px world images upscale crisply, 512 px ones shrink
 GAP = 2  # px between tiles
@@ -66,6 +68,7 @@ MODEL_TITLES = {
     "patched": "audited model",
     "recovered": "recovery attack",
     "phrasing": "phrasing attack",
+    "prompt": "prompt attack",
 }
 # the image grids' column headers: which side is the baseline must be readable at a glance
 GRID_TITLES = {
@@ -73,6 +76,7 @@ GRID_TITLES = {
     "patched": "audited model (after)",
     "recovered": "recovery attack",
     "phrasing": "phrasing attack (best)",
+    "prompt": "prompt attack",
 }
 PROMPT_CHARS = 60  # longer prompts are shortened in the grids; the full text is the tooltip
 
@@ -352,6 +356,9 @@ def _concept_section(
         line += f"; recovery attack failed: {e(c['recovery']['error'])}"
     if "phrasing_mscore" in c:
         line += f"; phrasing attack {_num(c['phrasing_mscore'])} ({e(repr(c['phrasing']))})"
+    if "prompt_mscore" in c:
+        words = c.get("prompt_attack", {}).get("words", "")
+        line += f"; prompt attack {_num(c['prompt_mscore'])} ({e(repr(words))})"
     if "loop" in c:
         line += f"; closed loop: {e(c['loop']['reason'])}"
     out = [f'<section id="c-{cid}"><h3>{cid}</h3>', f"<p>{line}</p>"]
@@ -361,6 +368,11 @@ def _concept_section(
     token = c.get("recovery", {}).get("token")
     if token and "recovered" in grids:
         note += f" The recovery attack draws these prompts with {e(token)} in place of {cid}."
+    if "prompt" in grids and "prompt_attack" in c:
+        note += (
+            f" The prompt attack draws the words it found, {e(repr(c['prompt_attack']['words']))},"
+            " in these prompts in place of the concept's own."
+        )
     if "phrasing" in grids and "phrasing" in c:
         note += (
             f" The phrasing attack's best words, {e(repr(c['phrasing']))}, are drawn in these"

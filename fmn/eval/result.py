@@ -14,7 +14,7 @@ import numpy as np
 RECOVERED_AT = 0.5
 # the attacks an audit can run, by the prefix of their summary keys (`<key>_mscore`,
 # `<key>_ratio`, `<key>_asr`), with the name reports give them
-ATTACKS = {"recovery": "recovery attack", "phrasing": "phrasing attack"}
+ATTACKS = {"recovery": "recovery attack", "phrasing": "phrasing attack", "prompt": "prompt attack"}
 
 
 @dataclass

@@ -443,7 +443,7 @@ class Gates(_Strict):
     """Lowest M-Score ratio (patched / base) a preserved concept may fall to (0 to 10)."""
     recovery_max: Ratio | None = None  # unset: attacks are reported, not gated
     """Highest ratio (attacked / base M-Score) any attack that runs (evaluate.recovery,
-    evaluate.phrasing) may bring a target back to."""
+    evaluate.phrasing, evaluate.prompt_attack) may bring a target back to."""
 
 
 class Evaluate(_Strict):
@@ -468,6 +468,10 @@ class Evaluate(_Strict):
     """Run the phrasing attack in `fmn run` and `fmn audit`: each target drawn under its
     other words (evaluate.phrasings, and an embedded world's own phrasings), scored like
     the target; the best one counts."""
+    prompt_attack: bool = False  # a vocabulary search per target, as long as an inversion
+    """Run the prompt attack in `fmn run` and `fmn audit`: a white-box search over the
+    tokenizer's real words for a prompt that makes the audited model draw each target
+    (SD1/SD2), scored like the target."""
     phrasings: dict[Slug, list[Text]] = {}  # none: only an embedded world's own phrasings
     """Other words for a target that the phrasing attack tries, by target id (synonyms,
     paraphrases, misspellings)."""
@@ -491,9 +495,11 @@ class Evaluate(_Strict):
 
     @model_validator(mode="after")
     def _recovery_gate(self) -> Evaluate:
-        if self.gates.recovery_max is not None and not (self.recovery or self.phrasing):
+        if self.gates.recovery_max is not None and not (
+            self.recovery or self.phrasing or self.prompt_attack
+        ):
             msg = "evaluate.gates.recovery_max is set but no attack runs"
-            hint = "set evaluate.recovery and/or evaluate.phrasing to true, or remove the gate"
+            hint = "set evaluate.recovery, phrasing or prompt_attack to true, or remove the gate"
             raise PydanticCustomError("recovery_gate", "{msg}", {"msg": msg, "hint": hint})
         return self
 

@@ -7,6 +7,7 @@ that difference from the training loops.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -105,3 +106,19 @@ def cycled_prompts(text: str, concept_type: str, n: int) -> list[str]:
 
 def concept_token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+_WORD = re.compile(r"[a-z]{3,}")  # a whole word: letters only, 3 or more
+
+
+def whole_words(tokenizer) -> dict[str, int]:
+    """Every whole word of a CLIP tokenizer's vocabulary (one token, letters only, 3 or
+    more) and its token id, sorted by word: the words the closed loop watches and the
+    prompt attack searches."""
+    suffix = "</w>"
+    vocab = {
+        w[: -len(suffix)]: i
+        for w, i in tokenizer.get_vocab().items()
+        if w.endswith(suffix) and _WORD.fullmatch(w[: -len(suffix)])
+    }
+    return dict(sorted(vocab.items()))

@@ -167,6 +167,7 @@ def invert(
     concept_type: str = "object",
     progress: Callable[[int, int, float], None] | None = None,
     masks: torch.Tensor | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TIResult:
     """Learn `cfg.tokens` embeddings for `token` from a concept's images.
 
@@ -176,8 +177,15 @@ def invert(
     surrounds it in these images. The pipeline is not changed: nothing is added to its
     tokenizers or text encoders; load the result with `add_ti_to_pipeline` or save it with
     `save_ti`. `progress(step, steps, loss)` is called after every step.
+
+    `project` (SD1/SD2: one text encoder) maps the vectors onto allowed ones, e.g. the
+    nearest real token embeddings: every forward pass then uses the projected vectors and
+    the gradient updates the unprojected ones (PEZ's straight-through step, Wen et al.
+    2023), and the result holds the projected vectors.
     """
     family = model_family(pipe)
+    if project is not None and family == "sdxl":
+        raise InversionError("a projected inversion needs one text encoder (SD1/SD2), not SDXL")
     templates = _templates(cfg, concept_type)
     names = placeholder_tokens(_check_token(token), cfg.tokens)
     unet = pipe.unet
@@ -211,6 +219,10 @@ def invert(
             x0 = latents[pick]
             noisy = noise_scheduler.add_noise(x0, noise, t)
             target = noise_target(noise_scheduler, x0, noise, t)
+            if project is not None:  # forward with the projection, gradient to the vectors
+                for name, encoder in encoders.items():
+                    v = vectors[name]
+                    encoder.get_input_embeddings().vectors = v + (project(v) - v).detach()
             embeds, pooled = _encode(encoders, {n: i[which] for n, i in ids.items()})
             extra = {}
             if time_ids is not None:
@@ -236,6 +248,8 @@ def invert(
         raise InversionError(
             f"textual inversion of {token} gave non-finite vectors at step {cfg.steps}"
         )
+    if project is not None:
+        vectors = {n: project(v.detach()) for n, v in vectors.items()}
     return TIResult(
         token=token,
         vectors={n: v.detach().to("cpu", torch.float32).clone() for n, v in vectors.items()},

@@ -40,7 +40,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fmn.model.attention import token_weights
-from fmn.model.conditioning import CONCEPT_TEMPLATES, concept_token_ids, encode_text
+from fmn.model.conditioning import (
+    CONCEPT_TEMPLATES,
+    concept_token_ids,
+    encode_text,
+    whole_words,
+)
 from fmn.model.load import model_family
 from fmn.model.patch import Patch
 from fmn.train.judge import Judged, self_judged
@@ -53,7 +58,6 @@ JUDGEABLE = 0.5  # the concept's own base share below which no verdict is possib
 WATCH = 4  # most-changed concepts judged per rung
 CANDIDATES = 6  # most-changed candidates looked at, most changed first
 JUDGE_IMAGES = 4  # images per concept and judgement
-_WORD = re.compile(r"[a-z]{3,}")  # whole words of the vocabulary worth watching
 # per text encoder (weakly: an id() could be reused by the next pipeline's encoder)
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> {type: (words, states)}
 _RECOGNISED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> {(text, type): share}
@@ -153,14 +157,8 @@ def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor]:
     concept_states as a concept of `kind`; computed once per text encoder and type."""
     mine = _STATES.setdefault(pipe.text_encoder, {})
     if kind not in mine:
-        suffix = "</w>"
-        vocab = {
-            w[: -len(suffix)]: i
-            for w, i in pipe.tokenizer.get_vocab().items()
-            if w.endswith(suffix) and _WORD.fullmatch(w[: -len(suffix)])
-        }
-        words = sorted(vocab)
-        ids = [vocab[w] for w in words]
+        vocab = whole_words(pipe.tokenizer)
+        words, ids = list(vocab), list(vocab.values())
         states = _one_token_states(pipe, kind, ids)
         if states is None:
             states = concept_states(pipe, [(w, kind) for w in words], ids)
