@@ -42,6 +42,7 @@ MANIFEST = {
         "steps": 15,
         # the phrasing attack's words: carol's own name as the tokenizer reads it, and dave
         "phrasings": {"carol": ["Carol", "dave"]},
+        "recovery_seeds": 2,  # the attacker's best of two inversions counts
     },
 }
 
@@ -101,6 +102,9 @@ def test_recovery_attack_is_scored_and_reported(audited) -> None:
     print(f"carol recovery_mscore {carol['recovery_mscore']:.3f} after 20 TI steps")
     assert 0 <= carol["recovery_mscore"] <= 1
     assert carol["recovery"]["token"] == "<carol-recovered>"
+    tried = carol["recovery"]["seeds"]
+    assert len(tried) == 2 and str(carol["recovery"]["seed"]) in tried
+    assert carol["recovery_mscore"] == pytest.approx(max(tried.values()), abs=1e-12)
     assert audited.summary["targets"]["recovery_mscore"] == carol["recovery_mscore"]
     recovered = [r for r in audited.rows if r["model"] == "recovered"]
     assert {r["concept"] for r in recovered} == {"carol"}

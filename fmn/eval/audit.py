@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +170,8 @@ def audit(
         t = time.time()
         for c in targets if recovery else []:
             cfg = _recovery_config(manifest, c.id, recovery_steps)
-            found = _recover(audited, c, anchors[c.id], cfg, tick, score, plan.prompts_for)
+            found = _best_recovery(audited, c, anchors[c.id], cfg, ev.recovery_seeds, tick,
+                                   score, plan.prompts_for)  # fmt: skip
             r_rows, r_images, recovered[c.id] = found
             rows += _rows(r_rows, "recovered")
             if r_images is not None:
@@ -268,6 +269,21 @@ def _anchor_latents(base, manifest: Manifest, targets: Sequence[ConceptRef]) -> 
     return out
 
 
+def _best_recovery(pipe, c: ConceptRef, latents, cfg: InvertConfig, seeds: int, *args):
+    """The recovery attack with `seeds` inversion seeds (cfg.seed, cfg.seed + 1, ...): the
+    one whose token the detector scores highest counts; every seed's M-Score is recorded."""
+    runs = []
+    for i in range(seeds):
+        found = _recover(pipe, c, latents, replace(cfg, seed=cfg.seed + i), *args)
+        if "error" in found[2]:
+            return found  # reported, and a set recovery_max fails on it
+        runs.append(found)
+    scores = [float(np.mean([r.probability for r in rows])) for rows, _, _ in runs]
+    rows, images, info = runs[int(np.argmax(scores))]
+    # keys as text, so summary.json reads back equal
+    return rows, images, {**info, "seeds": {str(cfg.seed + i): s for i, s in enumerate(scores)}}
+
+
 def _recover(pipe, c: ConceptRef, latents, cfg: InvertConfig, tick, score, prompts_for):
     """Invert the anchors on `pipe`, score what the learned token draws, unload it."""
     token = f"<{c.id}-recovered>"
@@ -297,6 +313,7 @@ def _recover(pipe, c: ConceptRef, latents, cfg: InvertConfig, tick, score, promp
             "token": token,
             "steps": cfg.steps,
             "tokens": cfg.tokens,
+            "seed": cfg.seed,
             "final_loss": ti.losses[-1],
             "seconds": round(time.time() - t, 2),
         },

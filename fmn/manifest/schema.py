@@ -464,6 +464,9 @@ class Evaluate(_Strict):
     recovery: bool = False  # an attack per target costs a textual inversion: opt in
     """Run the recovery attack in `fmn run` and `fmn audit`: textual inversion of each
     target's training images on the audited model, scored like the target."""
+    recovery_seeds: Count = 1  # each seed costs a textual inversion
+    """Inversion seeds the recovery attack tries per target; the one that brings it back
+    most counts."""
     phrasing: bool = False  # a scoring pass per phrasing: opt in
     """Run the phrasing attack in `fmn run` and `fmn audit`: each target drawn under its
     other words (evaluate.phrasings, and an embedded world's own phrasings), scored like
