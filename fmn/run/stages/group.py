@@ -108,7 +108,9 @@ def stage_resteer_group(
     """Re-steer `concept_ids` together -> patches/<id>/delta.safetensors each. Returns
     {"concepts": [one stage_resteer record per concept, or {"concept", "error"}],
     "outputs": every patch}; "reused": true marks a patch kept from an earlier run."""
+    from fmn.io import write_json
     from fmn.manifest import load_manifest
+    from fmn.train.loop import NotForgotten
 
     m, rp = load_manifest(manifest), RunPaths(Path(run))
     keys = {
@@ -130,6 +132,9 @@ def stage_resteer_group(
         if any(tis[i] for i in todo):
             drop_pipeline()  # as stage_resteer: the learned tokens touched the text encoder
         for cid, res in zip(ids, results, strict=True):
+            if isinstance(res, NotForgotten):  # as stage_resteer: the log says why, no patch
+                log = {"concept": cid, **res.result.log(), "together": True}
+                write_json(rp.patch(cid) / LOG_FILE, log)
             if isinstance(res, Exception):
                 records[cid] = {"concept": cid, "error": f"{type(res).__name__}: {res}"}
             else:
