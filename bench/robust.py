@@ -1,0 +1,171 @@
+"""Removal under attack on crowd-world (the attack issue's bench): how often each attack
+brings a removed concept back, and what the removal cost the preserved concepts.
+
+Targets: 8 held-out concepts of mixed types (the first 4 held-out identities, 2 held-out
+objects and 2 held-out styles, the many-word ones first so the phrasing attack has words to
+try), merged into one model. Preserved: the next 20 held-out identities and every other
+object and style. Images at seeds 1000-1001, 4 prompts per concept.
+
+Modes:
+- base: the base model, nothing removed (what each attack gets where nothing was done);
+- default: what `fmn run` builds by default from a manifest of the targets (the closed loop,
+  the default merge); a target the loop refuses by name ships nothing and is attacked as
+  the base model draws it;
+- robust: not built yet, so not run.
+
+Attacks (`fmn audit`'s, fmn.eval.audit): inversion-100 and inversion-500 (the recovery
+attack at 100 and 500 steps, 3 inversion seeds, the best counting), prompt (the white-box
+search over real words, 100 steps) and phrasing (the world's other words for a target).
+Rows {mode, attack, asr, acc_s_ratio, seconds}: `asr` the share of targets an attack brings
+back to at least half their base M-Score (over targets the base model draws, M-Score >= 0.5),
+`acc_s_ratio` the preserved concepts' mean top-1 accuracy on the mode's model over the base
+model's, `seconds` the attack's time for all targets. The `fmn run` build resumes by stage.
+
+Usage: python bench/robust.py [--quick] [--threads 1]
+Writes bench/results/robust.json and .md (--quick: plumbing only, to build/bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, git_commit, machine, markdown_table, write_results
+
+OUT = ROOT / "bench" / "results" / "robust.json"
+WORK = ROOT / "build" / "bench" / "robust"
+SEEDS = [1000, 1001]  # the measuring rule: reported numbers at seeds >= 1000
+PROMPTS = 4
+ATTACKS = {  # attack -> (audit switches, attack steps, the summary's key prefix)
+    "inversion-100": ({"recovery": True}, 100, "recovery"),
+    "inversion-500": ({"recovery": True}, 500, "recovery"),
+    "prompt": ({"prompt_attack": True}, 100, "prompt"),
+    "phrasing": ({"phrasing": True}, None, "phrasing"),
+}
+SCORED_MIN_BASE = 0.5  # a target counts where the base model draws it
+
+
+def concepts(quick: bool) -> tuple[list, list]:
+    """(targets, preserved): world concepts of crowd-world's held-out split."""
+    from fmn.world.concepts import CROWD
+
+    held = [c for c in CROWD.concepts() if c.split == "heldout" and c.type != "role"]
+    ids = [c for c in held if c.type == "id"]
+    things = {t: [c for c in held if c.type == t] for t in ("object", "style")}
+    for kind in things:  # many-word concepts first: the phrasing attack needs their words
+        things[kind].sort(key=lambda c: not c.words)
+    targets = ids[:4] + things["object"][:2] + things["style"][:2]
+    rest = ids[4:24] + things["object"][2:] + things["style"][2:]
+    if quick:
+        return targets[:1] + targets[4:5], rest[:2]
+    return targets, rest
+
+
+def write_manifest(path: Path, targets, preserved, quick: bool) -> Path:
+    doc = {
+        "name": "robust-quick" if quick else "robust",
+        "base_model": "embedded:crowd-world",
+        "concepts": [{"id": c.id, "type": c.type} for c in targets],
+        "preserve": [{"id": c.id, "type": c.type} for c in preserved],
+        "on_error": "skip",  # a refused target ships nothing; the others still merge
+        "evaluate": {
+            "prompts_per_concept": 1 if quick else PROMPTS,
+            "seeds": SEEDS[:1] if quick else SEEDS,
+            "steps": 2 if quick else 25,
+            "recovery_seeds": 1 if quick else 3,
+        },
+    }
+    if quick:
+        doc["defaults"] = {"resteer": {"steps": 2, "loop": False}}
+        for c in doc["concepts"]:
+            c["images"] = {"generate": 2}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def build(manifest: Path, run: Path) -> Path:
+    """The default build (`fmn run`); the merged model's folder."""
+    from fmn.cli_run import run_manifest
+
+    code = run_manifest(manifest, out=run, report=run / "report", fail_on_gates=False)
+    if code not in (0, 1):
+        raise SystemExit(f"fmn run {manifest} exited {code}")
+    return run / "merged" / "model"
+
+
+def attack(manifest: Path, model: str, name: str, quick: bool) -> dict:
+    """One audit of `model` with one attack: its row's numbers."""
+    from fmn.eval.audit import audit
+    from fmn.manifest import load_manifest
+
+    switches, steps, key = ATTACKS[name]
+    m = load_manifest(manifest)
+    t0 = time.time()
+    res = audit(m, model=model, recovery_steps=2 if quick and steps else steps, **switches)
+    s = res.summary
+    drawn = {
+        cid: c
+        for cid, c in s["concepts"].items()
+        if c["role"] == "target" and (c["mscore_base"] or 0) >= SCORED_MIN_BASE
+    }
+    back = [c.get(f"{key}_ratio") for c in drawn.values()]
+    back = [b for b in back if b is not None]
+    timing = {"recovery": "recovery", "prompt": "prompt_attack", "phrasing": "phrasing"}[key]
+    return {
+        "attack": name,
+        "asr": float(np.mean([b >= 0.5 for b in back])) if back else None,
+        "targets_attacked": len(back),
+        "acc_s_ratio": s["preserve"]["acc"] / s["preserve"]["acc_base"],
+        "seconds": s["timings"].get(timing),
+        "audit_seconds": round(time.time() - t0, 1),
+        "per_target": {cid: drawn[cid].get(f"{key}_ratio") for cid in drawn},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="plumbing: 2 targets, 2-step runs")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    commit = git_commit()
+    work = WORK / ("quick" if args.quick else "full")
+    targets, preserved = concepts(args.quick)
+    manifest = write_manifest(work / "robust.yaml", targets, preserved, args.quick)
+    t0 = time.time()
+    merged = build(manifest, work / "run")
+    build_seconds = time.time() - t0
+    rows = []
+    for mode, model in (("base", "embedded:crowd-world"), ("default", str(merged))):
+        for name in args.attacks:
+            r = {"mode": mode, **attack(manifest, model, name, args.quick)}
+            print(r, flush=True)
+            rows.append(r)
+    result = {
+        "commit": commit,
+        "machine": machine(args.threads),
+        "quick": args.quick,
+        "targets": [c.id for c in targets],
+        "preserved": len(preserved),
+        "seeds": SEEDS,
+        "build_seconds": round(build_seconds, 1),
+        "rows": rows,
+    }
+    out = WORK / "robust.json" if args.quick else OUT
+    cols = ["mode", "attack", "asr", "targets_attacked", "acc_s_ratio", "seconds"]
+    write_results(out, result, markdown_table(rows, cols), "Removal under attack, crowd-world")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
