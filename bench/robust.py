@@ -124,7 +124,10 @@ def attack(manifest: Path, model: str, name: str, quick: bool) -> dict:
         "attack": name,
         "asr": float(np.mean([b >= 0.5 for b in back])) if back else None,
         "targets_attacked": len(back),
-        "acc_s_ratio": s["preserve"]["acc"] / s["preserve"]["acc_base"],
+        # (None only in --quick, whose 2-step images the classifier does not recognise)
+        "acc_s_ratio": s["preserve"]["acc"] / acc_base
+        if (acc_base := s["preserve"]["acc_base"])
+        else None,
         "seconds": s["timings"].get(timing),
         "audit_seconds": round(time.time() - t0, 1),
         "per_target": {cid: drawn[cid].get(f"{key}_ratio") for cid in drawn},
