@@ -437,9 +437,9 @@ def summarise_audit(rows: Sequence[dict], concepts: Sequence[ConceptRef], gates:
 
 
 def check_gates(per: dict[str, dict], gates: Gates) -> dict:
-    """Every target above target_mscore_max, every target the recovery attack brings back
+    """Every target above target_mscore_max, every target an attack that ran brings back
     above recovery_max of its base M-Score, and every preserved concept below
-    preserve_ratio_min fails; `failures` names each one."""
+    preserve_ratio_min fails; `failures` names each one (and the attack)."""
     failures = []
     for cid, s in per.items():
         if s["role"] == "target" and s["mscore"] > gates.target_mscore_max:
