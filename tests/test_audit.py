@@ -144,7 +144,8 @@ def test_the_phrasing_attack_keeps_the_words_that_bring_the_target_back_most(aud
         return float(np.mean(found))
 
     tried = {w: mean(f"phrasing:{w}") for w in ("Carol", "dave")}
-    assert tried["Carol"] == pytest.approx(carol["mscore"], abs=1e-12)
+    # the audited model's own images, drawn in another batch: equal up to float noise
+    assert tried["Carol"] == pytest.approx(carol["mscore"], abs=1e-5)
     assert carol["phrasing"] == max(tried, key=tried.get)
     assert carol["phrasing_mscore"] == pytest.approx(max(tried.values()), abs=1e-12)
     assert carol["phrasing_ratio"] == pytest.approx(carol["phrasing_mscore"] / carol["mscore_base"])

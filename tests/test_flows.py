@@ -224,6 +224,35 @@ def test_prefect_yaml_deploys_the_nightly_flow() -> None:
         CronSchedule(cron=s["cron"], timezone=s["timezone"])
 
 
+def test_the_manifests_attacks_run_in_the_audit_flow_and_gate_it(first_run, tmp_path) -> None:
+    """evaluate.phrasing / prompt_attack switch the attacks on in a flow (as in `fmn run`),
+    and recovery_max gates what they bring back."""
+    import yaml
+
+    from flows.audit import audit
+
+    doc = yaml.safe_load(first_run.manifest.read_text())
+    doc["defaults"]["invert"] = {"steps": 2}  # the prompt attack's budget: plumbing here
+    doc["evaluate"] |= {
+        "phrasing": True,
+        "phrasings": {"carol": ["Carol"]},  # tokenised as carol: draws what the model draws
+        "prompt_attack": True,
+        "gates": {"recovery_max": 10.0},
+    }
+    manifest = tmp_path / "attacked.yaml"
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "report"
+    audit(str(manifest), patch=str(first_run.out / "merged"), out=str(out), run=str(tmp_path / "r"))
+    summary = json.loads((out / "summary.json").read_text())
+    carol = summary["concepts"]["carol"]
+    assert carol["phrasing"] == "Carol"
+    # the same images, drawn in another batch: equal up to float noise
+    assert carol["phrasing_mscore"] == pytest.approx(carol["mscore"], abs=1e-5)
+    assert len(carol["prompt_attack"]["words"].split()) == 3
+    assert summary["evaluate"]["prompt_attack"] and "prompt_asr" in summary["targets"]
+    assert summary["gates"]["recovery_max"] == 10.0
+
+
 def test_audit_flow_reports_on_a_patch(first_run, tmp_path) -> None:
     from flows.audit import audit
 
