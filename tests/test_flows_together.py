@@ -77,13 +77,14 @@ def test_rerun_is_cached_and_regrouped_concepts_reuse_their_patches(built, tmp_p
 
 
 def test_a_concept_the_loop_refuses_in_a_group_fails_by_name_and_logs_why(
-    prefect_api, tmp_path, monkeypatch
+    tmp_path, monkeypatch
 ) -> None:
-    """A group's concept that the closed loop refuses ships no patch, fails by name, and its
-    resteer.json says why, as when it trains alone; the group's other concept ships. The
-    judge's verdicts are given (the real judge costs a minute here; tests/test_loop.py runs
-    it): carol gone but dave moved with her, triangle gone alone."""
+    """The group stage: a concept the closed loop refuses ships no patch, fails by name,
+    and its resteer.json says why, as when it trains alone; the group's other concept
+    ships. The judge's verdicts are given (the real judge costs a minute here;
+    tests/test_loop.py runs it): carol gone but dave moved with her, triangle gone alone."""
     import fmn.train.loop as L
+    from fmn.run.stages import stage_prepare, stage_resteer_group
     from fmn.train.judge import Judged
 
     def judged(pipe, patch, text, kind, preserve=(), **kw) -> L.Verdict:
@@ -93,13 +94,15 @@ def test_a_concept_the_loop_refuses_in_a_group_fails_by_name_and_logs_why(
 
     monkeypatch.setattr(L, "judge_patch", judged)
     together = {"resteer": {"steps": 2, "mask": "none"}, "train_together": 2}
-    manifest = write_manifest(tmp_path / "m.yaml", ["carol", "triangle"], defaults=together)
-    result, _ = run_flow(manifest, tmp_path / "run")
-    assert result["concepts"] == {"carol": "failed", "triangle": "trained"}, result
-    assert "'dave' moved" in result["failed"]["carol"], result["failed"]
-    carol = tmp_path / "run" / "patches" / "carol"
-    log = json.loads((carol / "resteer.json").read_text())
+    ids = ["carol", "triangle"]
+    manifest = write_manifest(tmp_path / "m.yaml", ids, defaults=together)
+    run = tmp_path / "run"
+    preps = [stage_prepare(manifest, cid, run) for cid in ids]
+    got = stage_resteer_group(manifest, ids, run, preps, [None, None])
+    carol, triangle = got["concepts"]
+    assert "'dave' moved" in carol["error"] and "error" not in triangle, got
+    log = json.loads((run / "patches" / "carol" / "resteer.json").read_text())
     assert log["together"] and log["loop"]["status"] == "failed", log
     assert "'dave' moved" in log["loop"]["reason"]
-    assert not (carol / "delta.safetensors").exists()
-    assert load_patch(tmp_path / "run" / "patches" / "triangle").deltas
+    assert not (run / "patches" / "carol" / "delta.safetensors").exists()
+    assert load_patch(run / "patches" / "triangle").deltas
