@@ -119,7 +119,6 @@ def attack(manifest: Path, model: str, name: str, quick: bool) -> dict:
     }
     back = [c.get(f"{key}_ratio") for c in drawn.values()]
     back = [b for b in back if b is not None]
-    timing = {"recovery": "recovery", "prompt": "prompt_attack", "phrasing": "phrasing"}[key]
     return {
         "attack": name,
         "asr": float(np.mean([b >= 0.5 for b in back])) if back else None,
@@ -128,7 +127,7 @@ def attack(manifest: Path, model: str, name: str, quick: bool) -> dict:
         "acc_s_ratio": s["preserve"]["acc"] / acc_base
         if (acc_base := s["preserve"]["acc_base"])
         else None,
-        "seconds": s["timings"].get(timing),
+        "seconds": s["timings"].get(key),  # the audit times each attack under its key
         "audit_seconds": round(time.time() - t0, 1),
         "per_target": {cid: drawn[cid].get(f"{key}_ratio") for cid in drawn},
     }

@@ -156,9 +156,10 @@ def test_the_vocabulary_is_encoded_as_the_pipeline_encodes_its_prompts(tiny) -> 
     after end-of-text) gives the states the pipeline's own encode_prompt gives the full
     prompts; SDXL, whose prompt states are two encoders' penultimate layers, takes the
     pipeline's path instead."""
+    from fmn.model.conditioning import whole_words
     from fmn.model.load import model_family
 
-    vocab = {w[:-4]: i for w, i in tiny.tokenizer.get_vocab().items() if w.endswith("</w>")}
+    vocab = whole_words(tiny.tokenizer)
     words = ["castle", "dave", "gradient", "zebra"]
     fast = L._one_token_states(tiny, "object", [vocab[w] for w in words])
     if model_family(tiny) == "sdxl":

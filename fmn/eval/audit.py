@@ -190,7 +190,7 @@ def audit(
             found = _prompt_attack(audited, c, anchors[c.id], steps, tick, score, plan.prompts_for)
             a_rows, images.setdefault("prompt", {})[c.id], attacks[c.id] = found
             rows += _rows(a_rows, "prompt")
-        timings["prompt_attack"] = time.time() - t
+        timings["prompt"] = time.time() - t
     finally:
         if the_patch is not None:
             revert_patch(base, the_patch)
@@ -332,9 +332,7 @@ def phrasings_for(manifest: Manifest, c: ConceptRef, world: bool) -> list[str]:
     if world:
         from fmn.world.concepts import get_world
 
-        known = get_world(manifest.base_model)
-        if c.id in {k.id for k in known.concepts()}:
-            words += [w for w, _ in known.get(c.id).words]
+        words += [w for w, _ in get_world(manifest.base_model).words.get(c.id, ())]
     return [w for w in dict.fromkeys(words) if w != c.text]
 
 
