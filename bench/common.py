@@ -127,3 +127,31 @@ def write_results(out: Path, result: dict, table: str, title: str) -> None:
         f"torch {m.get('torch', '?')}, commit {result.get('commit', '?')}, {m.get('date', '')}\n\n"
     )
     out.with_suffix(".md").write_text(head + table)
+
+
+def crowd_world(threads: int):
+    """(commit, pipeline, world detector, world) of a crowd-world bench, with every fmn
+    module imported first, so the code measured is the commit recorded even if HEAD moves
+    while the bench runs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import fmn.train.forget  # noqa: F401
+    from fmn.eval.mscore.detectors import WorldDetector
+    from fmn.model.load import embedded_path, load_pipeline
+    from fmn.world.concepts import CROWD
+
+    commit = git_commit()
+    pipe = load_pipeline(f"embedded:{CROWD.name}")
+    return commit, pipe, WorldDetector(embedded_path(CROWD.name) / "classifier"), CROWD
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a bench's resumable partial file (none if it is not there yet)."""
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One more finished record of a resumable bench."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -37,11 +37,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, git_commit, machine, markdown_table, write_results
+from bench.common import (
+    ROOT,
+    append_jsonl,
+    crowd_world,
+    machine,
+    markdown_table,
+    read_jsonl,
+    write_results,
+)
 
 SEEDS = (1000, 1001, 1002, 1003)  # the measuring rule: reported numbers at seeds >= 1000
 PROMPTS = 6  # 6 templates x 4 seeds = 24 images per concept
@@ -161,18 +168,9 @@ def main() -> None:
     ap.add_argument("--partial", type=Path, default=PARTIAL)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    # every fmn module is imported now, so the code measured is the commit recorded here
-    # even if HEAD moves while the bench runs
-    import fmn.train.forget  # noqa: F401
-    from fmn.eval.mscore.detectors import WorldDetector
-    from fmn.model.load import embedded_path, load_pipeline
+    commit, pipe, detector, CROWD = crowd_world(args.threads)
     from fmn.model.patch import apply_patch, revert_patch
-    from fmn.world.concepts import CROWD
 
-    commit = git_commit()
-    pipe = load_pipeline(f"embedded:{CROWD.name}")
-    detector = WorldDetector(embedded_path(CROWD.name) / "classifier")
     everyone = [c for c in CROWD.concepts() if c.type != "role"]
     chosen = (
         [CROWD.get(t) for t in args.targets]
@@ -185,16 +183,12 @@ def main() -> None:
         everyone = chosen + [c for c in everyone if c not in chosen][:3]
 
     args.partial.parent.mkdir(parents=True, exist_ok=True)
-    done = (
-        [json.loads(x) for x in args.partial.read_text().splitlines()]
-        if (args.partial.exists())
-        else []
-    )
+    done = read_jsonl(args.partial)
     base = next((d["base"] for d in done if "base" in d), None)
     if base is None or set(base) != {c.id for c in everyone}:
         t0 = time.time()
         base = score_all(pipe, detector, everyone, **size)
-        _append(args.partial, {"base": base, "commit": commit})
+        append_jsonl(args.partial, {"base": base, "commit": commit})
         print(f"base M-Scores of {len(base)} concepts: {time.time() - t0:.0f} s", flush=True)
     rows = [d for d in done if "method" in d]
     have = {(r["method"], r["concept"]) for r in rows}
@@ -215,7 +209,7 @@ def main() -> None:
                     revert_patch(pipe, result.patch)
                 steps = loop["steps"] if loop else len(result.resteer.losses)
             r = row(method, c, base, patched, steps, seconds, commit, loop)
-            _append(args.partial, r)
+            append_jsonl(args.partial, r)
             rows.append(r)
             print(json.dumps(r), flush=True)
     want = {(m, c.id) for m in args.methods for c in chosen}
@@ -233,11 +227,6 @@ def main() -> None:
     table = markdown_table(result["summary"]) + "\n" + markdown_table(rows, COLUMNS)
     write_results(args.out, result, table, "Single-concept forgetting on crowd-world")
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -365,6 +365,11 @@ def forget(
     out: Path = typer.Option(..., help="Folder for delta.safetensors and resteer.json."),
     model: str = typer.Option(BASE_MODEL, help="Base model (see README)."),
     text: str = typer.Option(None, help="Concept text; default: id with '-' as space."),
+    word: list[str] = typer.Option(
+        [],
+        help="A word or phrase that reaches the concept (repeatable: --word night --word "
+        "midnight); prompts and images cycle over them, the first is its text unless --text.",
+    ),
     images: Path = typer.Option(None, help="Folder of the concept's images."),
     # None: not given, so the manifest's default applies (resolved as a manifest concept);
     # help shows that default, read from the manifest's models
@@ -435,7 +440,7 @@ def forget(
         "loop": loop,
     }
     # every option is checked before the model loads, with the manifest's rules and hints
-    concept = {"id": concept_id, "type": concept_type, "text": text}
+    concept = {"id": concept_id, "type": concept_type, "text": text, "words": word or None}
     _exit_on_problems(_forget_problems(concept, given, generate, images, mask, ti_steps, ti_tokens))
     spec = {**concept, "resteer": given}
     spec["invert"] = {"enabled": invert, "steps": ti_steps, "tokens": ti_tokens}
@@ -471,11 +476,11 @@ def _forget_problems(concept, resteer, generate, images, mask, ti_steps, ti_toke
     from typing import get_args
 
     from fmn.manifest import (
+        Concept,
         Generate,
         ImageFolderError,
         InvertOverride,
         MaskName,
-        PreservedConcept,
         ResteerOverride,
         check_image_folder,
         option_problems,
@@ -483,7 +488,7 @@ def _forget_problems(concept, resteer, generate, images, mask, ti_steps, ti_toke
 
     ti = {"steps": ti_steps, "tokens": ti_tokens}
     checks = [
-        (PreservedConcept, concept, {}),
+        (Concept, concept, {"words": "word"}),
         (ResteerOverride, resteer, {}),
         (InvertOverride, ti, {"steps": "ti-steps", "tokens": "ti-tokens"}),
     ]

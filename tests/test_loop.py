@@ -39,7 +39,7 @@ def _climb(monkeypatch, verdicts: list[L.Verdict]) -> L.Loop:
     given = iter(verdicts)
     monkeypatch.setattr(L, "judge_patch", lambda *a, **k: next(given))
     walk = L.Loop(resteer_config_for("id"))
-    data = SimpleNamespace(text="bob", concept_type="id")
+    data = SimpleNamespace(text="bob", words=("bob",), concept_type="id")
     while not walk.done:
         result = SimpleNamespace(patch=None, resteer=SimpleNamespace(seconds=2.0))
         walk.judge(None, result, data, [])
@@ -69,6 +69,29 @@ def test_the_last_rung_still_drawing_it_fails_and_an_unrecognised_concept_is_unj
     assert walk.record()["reason"].startswith("still drawn after 140 steps")
     walk = _climb(monkeypatch, [_verdict(1.0, base=0.25)])
     assert walk.record()["status"] == "unjudged" and walk.record()["rung"] == 1
+
+
+def test_a_word_the_model_draws_as_the_concept_goes_with_it_instead_of_stopping_it(
+    monkeypatch,
+) -> None:
+    """ "dark" draws the night the concept's words draw: its images moving is the point, so
+    it is listed as a phrasing, not watched; "dots" keeps its own look and is watched."""
+    changed = [("dark", "style", 0.9), ("dots", "style", 0.5)]
+    monkeypatch.setattr(L, "most_changed", lambda *a, **k: changed)
+    monkeypatch.setattr(L, "recognised", lambda *a, **k: True)
+    own = {"dark": 0.25, "dots": 1.0}  # share of each word's images the base model gives it
+
+    def judged(pipe, patch, concepts, **k):
+        if len(concepts) == 2 and concepts[1][0] == ("night", "midnight"):  # phrasing_of
+            return {concepts[0][0]: Judged(own[concepts[0][0]], 0.0)}
+        gone = patch is not None
+        return {t: Judged(0.0 if gone else 1.0, -0.02 if gone else 0.01) for t, _ in concepts}
+
+    monkeypatch.setattr(L, "self_judged", judged)
+    v = L.judge_patch(SimpleNamespace(text_encoder=torch.nn.Linear(1, 1)), SimpleNamespace(),
+                      ("night", "midnight"), "style")  # fmt: skip
+    assert v.phrasings == ["dark"] and list(v.watched) == ["dots"]
+    assert v.gone and v.moved == ["dots"]
 
 
 def test_a_bare_config_is_one_plain_resteer(tiny) -> None:
@@ -103,7 +126,7 @@ def test_fmn_forget_fails_by_name_a_concept_that_destroys_a_neighbour(tmp_path) 
     assert not (tmp_path / "loop" / "delta.safetensors").exists()
     log = json.loads((tmp_path / "loop" / "resteer.json").read_text())["loop"]
     assert log["status"] == "failed" and "dave" in log["history"][0]["watched"]
-    assert log["history"][0]["target_share"] == 0.0  # carol herself was gone
+    assert log["history"][0]["gone"]  # carol herself was gone
 
     fixed = runner.invoke(app, [*args, "--no-loop", "--out", str(tmp_path / "fixed")])
     assert fixed.exit_code == 0, fixed.output

@@ -158,7 +158,7 @@ def _word_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 def attention_share_maps(
     pipe,
     latents: torch.Tensor,
-    text: str,
+    text: str | Sequence[str],  # a concept's words: every phrasing counts
     concept_type: str,
     *,
     timesteps: Sequence[int] = ATTENTION_TIMESTEPS,
@@ -168,15 +168,13 @@ def attention_share_maps(
     """[N, len(timesteps), h, w] at latent resolution: the concept's share of word attention,
     averaged over heads, the concept's prompts and layers (each layer upsampled and weighted
     by its number of pixels, so the finer layers, which localise best, count most)."""
-    from fmn.model.conditioning import encode_text
-    from fmn.model.conditioning import concept_prompts
-    from fmn.model.conditioning import concept_token_ids
+    from fmn.model.conditioning import concept_prompts, encode_text, words_token_ids
 
     n, _, h, w = latents.shape
     vae_f = pipe.vae_scale_factor
     cond = encode_text(pipe, concept_prompts(text, concept_type), image_hw=(h * vae_f, w * vae_f))
     concept = token_weights(
-        cond.input_ids, concept_token_ids(pipe.tokenizer, text), eos_id=cond.eos_id
+        cond.input_ids, words_token_ids(pipe.tokenizer, text), eos_id=cond.eos_id
     )
     words = _word_positions(cond.input_ids, cond.eos_id)
     n_prompts = len(cond.prompts)
@@ -302,7 +300,7 @@ def _as_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
 def attention_masks(
     pipe,
     images: np.ndarray,
-    text: str,
+    text: str | Sequence[str],  # a concept's words: every phrasing counts
     concept_type: str = "object",
     *,
     latents: torch.Tensor | None = None,
@@ -442,7 +440,7 @@ def load_user_masks(
 def concept_masks(
     pipe,
     images: np.ndarray,
-    text: str,
+    text: str | Sequence[str],  # a concept's words: every phrasing counts
     concept_type: str,
     mode: str | Path,
     *,

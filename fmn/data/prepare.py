@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from fmn.code_key import code_key
+from fmn.manifest import GENERATED_IMAGES, concept_words
 from fmn.model.conditioning import (
     CONCEPT_TEMPLATES,
     TextConditioning,
@@ -31,7 +33,6 @@ from fmn.model.conditioning import (
     encode_text,
 )
 from fmn.model.images import encode_images, generate
-from fmn.manifest import GENERATED_IMAGES
 
 if TYPE_CHECKING:
     from fmn.manifest import ResolvedConcept
@@ -51,12 +52,17 @@ class Prepared:
     cond: TextConditioning  # the concept prompts, encoded once
     images: np.ndarray | None = None  # uint8 [N, H, W, 3], kept for masks and reports
     record: dict = field(default_factory=dict)  # how it was made: source, masks, cache
+    words: tuple[str, ...] = ()  # every phrasing of the concept, text first; () is (text,)
+
+    def __post_init__(self) -> None:
+        self.words = concept_words(self.text, self.words)
 
 
 def generate_concept_images(
-    pipe, text: str, concept_type: str, n: int, seed: int = 0
+    pipe, text: str | Sequence[str], concept_type: str, n: int, seed: int = 0
 ) -> np.ndarray:
-    """n images of the concept from the base model itself, templates in turn, fixed seeds."""
+    """n images of the concept (or of each of its words in turn) from the base model
+    itself, templates in turn, fixed seeds."""
     return generate(pipe, cycled_prompts(text, concept_type, n), [seed + i for i in range(n)])
 
 
@@ -216,8 +222,8 @@ def _cache_dir(cache_dir: Path, concept_id: str, key: str) -> Path:
 def _save_cache(where: Path, data: Prepared, key: str, mask_images: np.ndarray | None) -> None:
     from safetensors.torch import save_file
 
-    from fmn.io import atomic_path, write_json
     from fmn.data.masks import save_mask_pngs
+    from fmn.io import atomic_path, write_json
 
     tensors = {"latents": data.latents, "cond.input_ids": data.cond.input_ids}
     tensors["cond.embeds"] = data.cond.embeds
@@ -253,7 +259,7 @@ def _load_cache(pipe, where: Path, key: str) -> tuple[dict, dict] | None:
     return record, tensors
 
 
-def _from_cache(pipe, concept_id, concept_type, text, record, tensors) -> Prepared:
+def _from_cache(pipe, concept_id, concept_type, words, record, tensors) -> Prepared:
     dev, dtype = pipe.unet.device, pipe.unet.dtype
     cond = TextConditioning(
         prompts=record["prompts"],
@@ -267,12 +273,13 @@ def _from_cache(pipe, concept_id, concept_type, text, record, tensors) -> Prepar
     return Prepared(
         concept_id,
         concept_type,
-        text,
+        words[0],
         tensors["latents"].to(pipe.vae.device, pipe.vae.dtype),
         tensors.get("masks"),
         cond,
         images,
         {**record, "cache": "hit"},
+        words,
     )
 
 
@@ -295,10 +302,13 @@ def prepare_concept(
     crop: str = "center",
     no_face: str = "attention",
     cache_dir: Path | None = None,
+    words: Sequence[str] | None = None,
 ) -> Prepared:
     """Images (an array, a folder, or `generate` from the base model), their latents, masks
     and the concept prompts' conditioning; with `cache_dir`, loaded from there when nothing
-    that shapes them changed (see the module docstring).
+    that shapes them changed (see the module docstring). words: every phrasing that
+    reaches the concept (`text` first if missing): prompts and generated images cycle
+    over them.
 
     mask: none | auto | face | attention | a Path to a folder of user masks (see
     fmn.data.masks.concept_masks); `masks` passes ready-made [N, H, W] masks instead. None by
@@ -351,11 +361,13 @@ def prepare_concept(
         mask_spec = {"mode": "given"}
     else:
         mask_spec = _mask_spec(mask, concept_type, no_face)
-    prompts = concept_prompts(text, concept_type)
+    phrasings = concept_words(text, words)
+    prompts = concept_prompts(phrasings, concept_type)
     spec = {
         "code": code_key(__name__),  # the source of prepare and every fmn module it imports
         "type": concept_type,
         "text": text,
+        "words": phrasings,
         "prompts": prompts,
         "source": {k: v for k, v in source.items() if k != "folder"},  # pixels, not paths
         "images": _array_hash(images) if images is not None else None,
@@ -366,10 +378,10 @@ def prepare_concept(
     key = _sha(json.dumps(spec, sort_keys=True, default=str).encode())
     where = _cache_dir(cache_dir, concept_id, key) if cache_dir is not None else None
     if where is not None and (hit := _load_cache(pipe, where, key)) is not None:
-        return _from_cache(pipe, concept_id, concept_type, text, *hit)
+        return _from_cache(pipe, concept_id, concept_type, phrasings, *hit)
 
     if images is None:
-        images = generate_concept_images(pipe, text, concept_type, generate, seed)
+        images = generate_concept_images(pipe, phrasings, concept_type, generate, seed)
     latents = encode_images(pipe, images)
     if masks is not None:
         mask_record = {
@@ -382,7 +394,7 @@ def prepare_concept(
         masks, mask_record = concept_masks(
             pipe,
             images,
-            text,
+            phrasings,
             concept_type,
             mask,
             image_names=image_names,
@@ -396,7 +408,7 @@ def prepare_concept(
     h, w = images.shape[1:3]
     cond = encode_text(pipe, prompts, image_hw=(h, w))
     record = {
-        "concept": {"id": concept_id, "type": concept_type, "text": text},
+        "concept": {"id": concept_id, "type": concept_type, "text": text, "words": phrasings},
         "source": source,
         "images": len(images),
         "names": image_names,
@@ -412,7 +424,9 @@ def prepare_concept(
     # prepared without the cache (`fmn forget`) trained apart from one read from it (`fmn
     # run`). After the masks, which keep the values they always had.
     latents = latents.contiguous()
-    data = Prepared(concept_id, concept_type, text, latents, lat_masks, cond, images, record)
+    data = Prepared(
+        concept_id, concept_type, text, latents, lat_masks, cond, images, record, phrasings
+    )
     if where is not None:
         _save_cache(where, data, key, masks)
     return data
@@ -433,4 +447,5 @@ def prepare_resolved(
         seed=r.resteer.seed,
         mask=mask,
         cache_dir=cache_dir,
+        words=r.words,
     )

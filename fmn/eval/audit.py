@@ -80,8 +80,15 @@ def _plan(manifest: Manifest, prompt_file, world_classifier: Path | None) -> _Pl
         kind = "world" if detectors[c.type].name == "world" else "general"
         return concept_prompts(text, c.type, manifest.evaluate.prompts_per_concept, 0, kind)
 
-    prompts = {c.id: prompts_for(c, c.text) for c in refs}
+    words = {c.id: c.phrasings for c in manifest.concepts}
+    prompts = {c.id: _cycled([prompts_for(c, w) for w in words.get(c.id, [c.text])]) for c in refs}
     return _Plan(refs, detectors, prompts, prompts_for)
+
+
+def _cycled(per_word: list[list[str]]) -> list[str]:
+    """Prompt i of a concept with several words names word i mod their number (each word's
+    own prompt i): as many prompts as one word gets, the words in turn."""
+    return [per_word[i % len(per_word)][i] for i in range(len(per_word[0]))]
 
 
 def audit(
@@ -327,13 +334,14 @@ def _recover(pipe, c: ConceptRef, latents, cfg: InvertConfig, tick, score, promp
 def phrasings_for(manifest: Manifest, c: ConceptRef, world: bool) -> list[str]:
     """The other words the attacker tries for a target: the manifest's, then (where the
     world detector measures, so the model is an embedded world) the world's own phrasings
-    of it, listed and unlisted; never the target's own text."""
+    of it, listed and unlisted; never a word the manifest lists for the target."""
     words = list(manifest.evaluate.phrasings.get(c.id, []))
     if world:
         from fmn.world.concepts import get_world
 
         words += [w for w, _ in get_world(manifest.base_model).words.get(c.id, ())]
-    return [w for w in dict.fromkeys(words) if w != c.text]
+    listed = {c.text} | {w for t in manifest.concepts if t.id == c.id for w in t.phrasings}
+    return [w for w in dict.fromkeys(words) if w not in listed]
 
 
 def _phrasing_attack(pipe, c: ConceptRef, plan: _Plan, manifest: Manifest, score):

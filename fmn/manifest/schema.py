@@ -33,6 +33,7 @@ from pydantic import (
     Tag,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -333,6 +334,11 @@ Mask = Annotated[
 ]
 
 
+def concept_words(text: str, words: list[str] | tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The phrasings that reach a concept: `text` first, then the other listed `words`."""
+    return (text, *[w for w in words or () if w != text])
+
+
 class PreservedConcept(_Strict):
     """A concept that must survive: it is measured, and it anchors the closed-form merge."""
 
@@ -353,6 +359,10 @@ class PreservedConcept(_Strict):
 class Concept(PreservedConcept):
     """A concept to forget."""
 
+    words: list[Text] | None = Field(None, min_length=1)  # None: the concept's text alone
+    """Every listed word or phrase that reaches the concept (e.g. [night, midnight]):
+    training prompts and images cycle over them, and the audit scores them all. `text`,
+    when also given, is one of them (added first if missing)."""
     images: Images = Generate(generate=GENERATED_IMAGES)
     """Training images: a folder (relative to the manifest) or {generate: N}."""
     mask: Mask | None = None  # None: use resteer.mask
@@ -361,6 +371,29 @@ class Concept(PreservedConcept):
     """Changes to defaults.invert for this concept."""
     resteer: ResteerOverride = Field(default_factory=ResteerOverride)
     """Changes to defaults.resteer for this concept."""
+
+    @field_validator("words")
+    @classmethod
+    def _distinct(cls, words: list[str] | None) -> list[str] | None:
+        twice = sorted({w for w in words or () if words.count(w) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(map(repr, twice))} more than once")
+        return words
+
+    @model_validator(mode="after")
+    def _words(self) -> Concept:
+        if self.words is None:
+            return self
+        if "text" not in self.model_fields_set:
+            self.text = self.words[0]
+        elif self.text not in self.words:
+            self.words = [self.text, *self.words]
+        return self
+
+    @property
+    def phrasings(self) -> tuple[str, ...]:
+        """The words that reach the concept, its text first."""
+        return concept_words(self.text, self.words)
 
 
 class ResolvedConcept(_Strict):
@@ -371,6 +404,8 @@ class ResolvedConcept(_Strict):
     id: str
     type: ConceptType
     text: str
+    words: tuple[str, ...]
+    """Every phrasing that reaches the concept, `text` first (just `text` for most)."""
     images: Path | None
     """Absolute image folder, or None when the images are generated."""
     generate: int | None
@@ -624,6 +659,7 @@ def resolve_concept(c: Concept, defaults: Defaults, base_dir: Path) -> ResolvedC
         id=c.id,
         type=c.type,
         text=c.text,
+        words=c.phrasings,
         images=None if folder is None else _resolve(folder, base_dir),
         generate=c.images.generate if isinstance(c.images, Generate) else None,
         mask=mask,

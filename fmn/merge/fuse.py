@@ -59,7 +59,12 @@ from fmn.io import atomic_dir, write_json
 from fmn.manifest import Merge, option_default, option_factory
 from fmn.merge.anchor_check import choose_anchor
 from fmn.model.attention import token_weights
-from fmn.model.conditioning import concept_prompts, concept_token_ids, encode_text
+from fmn.model.conditioning import (
+    concept_prompts,
+    concept_token_ids,
+    encode_text,
+    words_token_ids,
+)
 from fmn.model.load import fingerprint
 from fmn.model.patch import (
     Patch,
@@ -170,12 +175,15 @@ def _check_patch(patch: Patch, base_fp: str | None, seen: set[str]) -> None:
             raise MergeError(f"patch {cid!r}: {k} holds NaN/Inf; re-run that concept")
 
 
-def _concept_spec(patch: Patch) -> tuple[str, str, str]:
-    """(text, type, positions) the patch was trained on, from its recorded config."""
+Phrasing = str | tuple[str, ...]  # a concept's text, or its words where it has several
+
+
+def _concept_spec(patch: Patch) -> tuple[Phrasing, str, str]:
+    """(text or words, type, positions) the patch was trained on, from its recorded config."""
     return _spec(patch.concept, patch.config)
 
 
-def _spec(cid: str, config: dict) -> tuple[str, str, str]:
+def _spec(cid: str, config: dict) -> tuple[Phrasing, str, str]:
     c = config.get("concept") or {}
     if not c.get("text") or not c.get("type"):
         raise MergeError(
@@ -183,16 +191,19 @@ def _spec(cid: str, config: dict) -> tuple[str, str, str]:
             "merge needs them (re-create the patch with this version, or use method sum)"
         )
     positions = (config.get("resteer") or {}).get("positions", "concept")
-    return c["text"], c["type"], positions
+    words = c.get("words") or [c["text"]]
+    return (c["text"] if len(words) == 1 else tuple(words)), c["type"], positions
 
 
-def _row_weights(pipe, text: str, kind: str, positions: str):
+def _words(text: Phrasing) -> list[str]:
+    return [text] if isinstance(text, str) else list(text)
+
+
+def _row_weights(pipe, text: Phrasing, kind: str, positions: str):
     """Text states of the concept's prompts [R, D] and each row's weight: the trained
     positions share weight 1, the other positions of the same prompts share weight 1."""
     cond = encode_text(pipe, concept_prompts(text, kind))
-    w = token_weights(
-        cond.input_ids, concept_token_ids(pipe.tokenizer, text), positions, cond.eos_id
-    )
+    w = token_weights(cond.input_ids, words_token_ids(pipe.tokenizer, text), positions, cond.eos_id)
     on = w > 0
     a = torch.where(on, 1.0 / on.sum().clamp(min=1), 1.0 / (~on).sum().clamp(min=1))
     return cond.embeds.reshape(-1, cond.embeds.shape[-1]).double(), a.reshape(-1).double()
@@ -203,20 +214,30 @@ def _gram(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def erase_rows(
-    pipe, text: str, kind: str, anchor: str | None = None
+    pipe, text: Phrasing, kind: str, anchor: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each of the concept's prompts, the text states from the concept's first token
     on (the causal encoder carries the concept into all of them), each paired with the
     state at the same place of the prompt with the concept replaced by `anchor` ("a photo
     of bob" -> "a photo of a person"), or left out when `anchor` is None or empty ("a photo
     of"): (states [R, D], target states [R, D], weights [R], total 1). The concept's tokens
-    map to the anchor's last token; later positions keep their distance from it."""
+    map to the anchor's last token; later positions keep their distance from it. A concept
+    with several words: the prompts of each, all mapped to the same anchor."""
+    src, dst = [], []
+    for word in _words(text):
+        _erase_pairs(pipe, word, kind, anchor, src, dst)
+    if not src:
+        raise MergeError(f"concept {text!r}: its tokens are in none of its prompts")
+    c = torch.full((len(src),), 1.0 / len(src), dtype=torch.float64)
+    return torch.stack(src).double(), torch.stack(dst).double(), c
+
+
+def _erase_pairs(pipe, text: str, kind: str, anchor: str | None, src: list, dst: list) -> None:
     prompts = concept_prompts(text, kind)
     swapped = [" ".join(p.replace(text, f" {anchor or ''} ").split()) for p in prompts]
     cond, cond_r = encode_text(pipe, prompts), encode_text(pipe, swapped)
     cids = concept_token_ids(pipe.tokenizer, text)
     shift = len(concept_token_ids(pipe.tokenizer, anchor)) - 1 if anchor else -1
-    src, dst = [], []
     for b, ids in enumerate(cond.input_ids.tolist()):
         hits = [i for i in range(len(ids) - len(cids) + 1) if ids[i : i + len(cids)] == cids]
         if not hits:
@@ -227,10 +248,6 @@ def erase_rows(
             q = max(h + shift, h) if p < h + len(cids) else p - len(cids) + shift + 1
             src.append(cond.embeds[b, p])
             dst.append(cond_r.embeds[b, min(q, last)])
-    if not src:
-        raise MergeError(f"concept {text!r}: its tokens are in none of its prompts")
-    c = torch.full((len(src),), 1.0 / len(src), dtype=torch.float64)
-    return torch.stack(src).double(), torch.stack(dst).double(), c
 
 
 def preserve_rows(
@@ -302,7 +319,7 @@ def merge_patches(
             total[name] = total.get(name, 0) + w * d.double()
         if merger is not None:
             text, kind, positions = _concept_spec(patch)
-            texts.add(text)
+            texts.update(_words(text))
             merger.add(patch, w, text, kind, positions)
         records.append({"id": patch.concept, "weight": w, "hash": digest, "method": patch.method})
         tick("merging", k + 1, len(sources))
@@ -353,7 +370,7 @@ def merge_patches(
     return result
 
 
-def _specs(sources: list[PatchSource]) -> list[tuple[str, str, str]]:
+def _specs(sources: list[PatchSource]) -> list[tuple[str, Phrasing, str]]:
     """(concept id, text, type) of every patch, from metadata only (no tensor is read)."""
     specs = []
     for src in sources:
@@ -427,7 +444,7 @@ def _chosen_anchors(
     chosen, checks = {}, []
     kinds = sorted({k for _, _, k in specs})
     for i, kind in enumerate(kinds):
-        targets = [t for _, t, k in specs if k == kind]
+        targets = [w for _, t, k in specs if k == kind for w in _words(t)]
         others = [t for t, k in preserve if k == kind]
         words = [ERASE_ANCHORS[kind], *GENERIC_WORDS.get(kind, [])]
         best, found = choose_anchor(
@@ -451,7 +468,7 @@ class _ClosedForm:
         self.rhs: dict[str, torch.Tensor] = {}  # layer -> sum_i w_i dW_i C_i
         self.targets: list[tuple[str, torch.Tensor, torch.Tensor, dict]] = []
 
-    def add(self, patch: Patch, w: float, text: str, kind: str, positions: str) -> None:
+    def add(self, patch: Patch, w: float, text: Phrasing, kind: str, positions: str) -> None:
         rows, a = _row_weights(self.pipe, text, kind, positions)
         gram = _gram(rows, a)
         dim = gram.shape[0]

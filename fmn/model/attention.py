@@ -183,13 +183,15 @@ def capture_cross_attention(
 
 def token_weights(
     input_ids: torch.Tensor,
-    concept_ids: Sequence[int],
+    concept_ids: Sequence[int] | Sequence[Sequence[int]],
     mode: str = "concept",
     eos_id: int = 49407,
 ) -> torch.Tensor:
     """[B, T] weights, 1 at the positions that enter the loss.
 
-    concept: the concept's own tokens (every occurrence of its id sequence).
+    concept_ids: the concept's token ids, or one list per phrasing of a concept with
+    several words (each prompt holds at least one of them).
+    concept: the concept's own tokens (every occurrence of its id sequences).
     concept+eot: plus the first end-of-text token, which summarises the whole prompt.
     all_eot: plus every end-of-text position; with SD1.x tokenizers padding *is* end-of-text,
     so this puts padding shared by every prompt into the loss (the original's use_pooler).
@@ -199,16 +201,26 @@ def token_weights(
     if mode not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {mode!r}")
     ids = input_ids.tolist()
-    n = len(concept_ids)
+    alternatives = (
+        [list(concept_ids)]
+        if all(isinstance(t, int) for t in concept_ids)
+        else [list(a) for a in concept_ids]
+    )
     out = torch.zeros(input_ids.shape)
     for b, row in enumerate(ids):
-        hits = [i for i in range(len(row) - n + 1) if row[i : i + n] == list(concept_ids)]
+        hits = [
+            (i, len(a))
+            for a in alternatives
+            for i in range(len(row) - len(a) + 1)
+            if row[i : i + len(a)] == a
+        ]
         if not hits:
-            raise ValueError(f"concept tokens {list(concept_ids)} not found in prompt ids {row}")
-        for i in hits:
+            raise ValueError(f"concept tokens {alternatives} not found in prompt ids {row}")
+        hits.sort()
+        for i, n in hits:
             out[b, i : i + n] = 1
         if mode == "concept+after":
-            out[b, hits[0] :] = 1
+            out[b, hits[0][0] :] = 1
         eots = [i for i, t in enumerate(row) if t == eos_id]
         if mode == "concept+eot" and eots:
             out[b, eots[0]] = 1

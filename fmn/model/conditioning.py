@@ -8,6 +8,7 @@ that difference from the training loops.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -94,18 +95,26 @@ CONCEPT_TEMPLATES: dict[str, list[str]] = {
 }
 
 
-def concept_prompts(text: str, concept_type: str) -> list[str]:
-    return [t.format(text) for t in CONCEPT_TEMPLATES[concept_type]]
+def concept_prompts(text: str | Sequence[str], concept_type: str) -> list[str]:
+    """The concept's training prompts: its type's templates, each with every phrasing in
+    turn when `text` is a concept's words ("night", "midnight")."""
+    words = [text] if isinstance(text, str) else list(text)
+    return [t.format(w) for t in CONCEPT_TEMPLATES[concept_type] for w in words]
 
 
-def cycled_prompts(text: str, concept_type: str, n: int) -> list[str]:
-    """n prompts of the concept, its type's templates in turn (image i uses template i)."""
+def cycled_prompts(text: str | Sequence[str], concept_type: str, n: int) -> list[str]:
+    """n prompts of the concept, its prompts in turn (image i uses prompt i)."""
     prompts = concept_prompts(text, concept_type)
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
 def concept_token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def words_token_ids(tokenizer, words: str | Sequence[str]) -> list[list[int]]:
+    """Each phrasing's token ids: the alternatives fmn.model.attention.token_weights finds."""
+    return [concept_token_ids(tokenizer, w) for w in ([words] if isinstance(words, str) else words)]
 
 
 _WORD = re.compile(r"[a-z]{3,}")  # a whole word: letters only, 3 or more

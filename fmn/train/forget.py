@@ -6,6 +6,7 @@ one. Nothing here reads the embedded world's labels or classifier.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -62,10 +63,19 @@ def concept_anchors(
     """Anchor conditioning for a concept: the empty prompt, its own prompts without it,
     the manifest's preserved concepts and generic words (see fmn.data.anchors)."""
     context = [
-        p.replace(data.text, "").strip() for p in concept_prompts(data.text, data.concept_type)
+        p.replace(w, "").strip() for w in data.words for p in concept_prompts(w, data.concept_type)
     ]
-    prompts = anchor_prompts({data.text}, context=context, preserve=preserve)
+    prompts = anchor_prompts(
+        set(data.words), context=list(dict.fromkeys(context)), preserve=preserve
+    )
     return encode_text(pipe, prompts, image_hw=image_hw)
+
+
+def concept_record(data: Prepared) -> dict:
+    """The concept as a patch's config records it: id, type, text, and its words where it
+    has several (a one-word concept's record is as it always was)."""
+    out = {"id": data.concept_id, "type": data.concept_type, "text": data.text}
+    return {**out, "words": list(data.words)} if len(data.words) > 1 else out
 
 
 def _with_ti(pipe, data: Prepared, ti: TIResult) -> Prepared:
@@ -74,7 +84,7 @@ def _with_ti(pipe, data: Prepared, ti: TIResult) -> Prepared:
     tokens = " ".join(placeholder_tokens(ti.token, ti.config.tokens))
     hw = data.images.shape[1:3] if data.images is not None else None
     cond = encode_text(pipe, concept_prompts(ti.token, data.concept_type), image_hw=hw)
-    return replace(data, text=tokens, cond=cond)
+    return replace(data, text=tokens, words=(tokens,), cond=cond)
 
 
 def forget_concept(
@@ -91,9 +101,11 @@ def forget_concept(
     mask: str | Path = DEFAULT_MASK,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
+    words: list[str] | None = None,
 ) -> ForgetResult:
     """Forget one concept from `pipe`; returns its patch. `pipe` is left as it came.
     images: an array, a folder, or None to generate `generate` of them.
+    words: every phrasing that reaches the concept (fmn.data.prepare.prepare_concept).
     mask: auto (the manifest's default, as everywhere) | face | attention | none | a
     folder of user masks (fmn.data.masks)."""
     data = prepare_concept(
@@ -106,6 +118,7 @@ def forget_concept(
         seed=resteer_cfg.seed,
         mask=mask,
         cache_dir=cache_dir,
+        words=words,
     )
     return _forget_prepared(pipe, data, resteer_cfg, invert_cfg, preserve, mask, progress)
 
@@ -265,7 +278,7 @@ def _result(data, result, ti, preserve, mask, base) -> ForgetResult:
         method="resteer+ti" if ti else "resteer",
         deltas=result.deltas,
         config={
-            "concept": {"id": data.concept_id, "type": data.concept_type, "text": data.text},
+            "concept": concept_record(data),
             "resteer": result.config,
             "invert": asdict(ti.config) if ti else None,
             "preserve": [list(p) for p in preserve or []],
@@ -284,7 +297,7 @@ def _result(data, result, ti, preserve, mask, base) -> ForgetResult:
 
 def forget_joint(
     pipe,
-    concepts: list[tuple[str, str, str]],
+    concepts: list[tuple[str, str, str | Sequence[str]]],
     cfgs: list[ResteerConfig],
     *,
     generate: int = GENERATED_IMAGES,
@@ -294,14 +307,15 @@ def forget_joint(
 ) -> Patch:
     """Forget several concepts in one re-steering run (the original's multi_concept; the
     baseline of the merge benchmark, and `merge.method: joint` in a manifest).
-    concepts: (id, type, text). Returns one patch over all of them."""
+    concepts: (id, type, text or the concept's words). Returns one patch over all of them."""
     tick = progress or (lambda *a: None)
     base = fingerprint(pipe)
+    words = [[t] if isinstance(t, str) else list(t) for _, _, t in concepts]
     datas = [
         prepare_concept(
-            pipe, cid, kind, text, generate=generate, seed=cfg.seed, cache_dir=cache_dir
+            pipe, cid, kind, w[0], generate=generate, seed=cfg.seed, cache_dir=cache_dir, words=w
         )
-        for (cid, kind, text), cfg in zip(concepts, cfgs, strict=True)
+        for (cid, kind, _), w, cfg in zip(concepts, words, cfgs, strict=True)
     ]
     hw = datas[0].images.shape[1:3]
     # every concept's own anchors (its context words, the preserve list, generic words)
@@ -319,7 +333,7 @@ def forget_joint(
         method="resteer:joint",
         deltas=result.deltas,
         config={
-            "concepts": [{"id": i, "type": k, "text": t} for i, k, t in concepts],
+            "concepts": [concept_record(d) for d in datas],
             "resteer": result.config,
             "preserve": [list(p) for p in preserve or []],
         },

@@ -76,13 +76,14 @@ class Judged:
 def self_judged(
     pipe,
     patch: Patch | None,
-    concepts: Sequence[tuple[str, str]],
+    concepts: Sequence[tuple[str | tuple[str, ...], str]],
     *,
     images: int = 4,
     seed: int = 100,
-) -> dict[str, Judged]:
-    """concepts: (text, type). For each text, how far the base model still sees it in the
-    patched model's images of it (share 1: still drawn, 0: gone). `pipe` comes back
+) -> dict[str | tuple[str, ...], Judged]:
+    """concepts: (text, type); a text may be a tuple of a concept's phrasings, whose images
+    and prompts cycle over them. For each text, how far the base model still sees it in
+    the patched model's images of it (share 1: still drawn, 0: gone). `pipe` comes back
     unpatched."""
     prompts, seeds, owner = [], [], []
     for text, kind in concepts:

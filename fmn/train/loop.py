@@ -19,7 +19,8 @@ ladder (fmn.manifest.type_ladder, gentlest first) is judged before the next is t
    share fell by at least `MOVED_DROP` from the base model's own images of it and another
    prompt now explains its images better by at least its base margin (`_moved`). Only
    words whose own images the base model attributes to them rather than to the empty
-   prompt (`RECOGNISED`) are watched.
+   prompt (`RECOGNISED`) are watched, and not a word the base model draws as the concept
+   itself (`phrasing_of`: an unlisted synonym is meant to go with it; the verdict lists it).
 
 Gone and nothing moved: the rung's patch ships. A watched concept moved: stop, the concept
 fails by name (a stronger rung would move it further). Still drawn: the next rung; after the
@@ -55,12 +56,14 @@ GONE_SHARE = 0.25  # of the concept's judged images still attributed to it: 1 of
 MOVED_DROP = 0.5  # fall of a watched concept's share that stops the loop: 2 of 4 images
 RECOGNISED = 1.0  # a candidate is watched where all its own images are judged its own
 JUDGEABLE = 0.5  # the concept's own base share below which no verdict is possible
+SAME_SHARE = 0.5  # set a priori, not tuned: a majority of a word's images read as the concept
 WATCH = 4  # most-changed concepts judged per rung
 CANDIDATES = 6  # most-changed candidates looked at, most changed first
 JUDGE_IMAGES = 4  # images per concept and judgement
 # per text encoder (weakly: an id() could be reused by the next pipeline's encoder)
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> {type: (words, states)}
 _RECOGNISED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> {(text, type): share}
+_SAME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> {(text, type, words): bool}
 
 
 class NotForgotten(ResteerError):
@@ -80,6 +83,7 @@ class Verdict:
     target_base: Judged  # the base model's judgement of its own images of the concept
     watched: dict[str, dict] = field(default_factory=dict)  # text -> base, patched, kv
     seconds: float = 0.0
+    phrasings: list[str] = field(default_factory=list)  # changed words the model draws as it
 
     def as_record(self) -> dict:
         return {
@@ -90,6 +94,7 @@ class Verdict:
             "gone": self.gone,
             "moved": self.moved,
             "watched": self.watched,
+            "phrasings": self.phrasings,
             "judge_seconds": round(self.seconds, 2),
         }
 
@@ -189,15 +194,16 @@ def kv_change(pipe, deltas: dict[str, torch.Tensor], states: torch.Tensor) -> to
 def most_changed(
     pipe,
     patch: Patch,
-    text: str,
+    text: str | Sequence[str],
     kind: str,
     preserve: Sequence[tuple[str, str]] = (),
     k: int = CANDIDATES,
 ) -> list[tuple[str, str, float]]:
     """The `k` concepts (text, type, relative key/value change) the patch changes most,
     among the vocabulary's words as concepts of `kind` and the preserved concepts; never
-    the concept itself or one of its words."""
-    own = {w.lower() for w in text.split()} | {text.lower()}
+    the concept itself or one of its words (`text` may be the concept's phrasings)."""
+    phrasings = [text] if isinstance(text, str) else list(text)
+    own = {w.lower() for p in phrasings for w in [p, *p.split()]}
     words, states = vocabulary_states(pipe, kind)
     change = kv_change(pipe, patch.deltas, states)
     ranked = [(words[i], kind, float(change[i])) for i in change.argsort(descending=True).tolist()]
@@ -220,7 +226,7 @@ def most_changed(
 def judge_patch(
     pipe,
     patch: Patch,
-    text: str,
+    text: str | Sequence[str],
     kind: str,
     preserve: Sequence[tuple[str, str]] = (),
     *,
@@ -229,10 +235,17 @@ def judge_patch(
 ) -> Verdict:
     """One rung's verdict: is the concept gone from the patched model's images, and did
     one of the `watch` concepts the patch changes most (that the base model recognises)
-    move? `pipe` comes back unpatched."""
+    move? `text` may be a concept's phrasings: its images then cycle over them, and each
+    is judged against the prompt it was drawn with. `pipe` comes back unpatched."""
     t0 = time.time()
     candidates = most_changed(pipe, patch, text, kind, preserve)
-    watched = [c for c in candidates if recognised(pipe, c[0], c[1], images)][:watch]
+    if not isinstance(text, str):
+        text = text[0] if len(text) == 1 else tuple(text)  # one judged name for all words
+    seen = [c for c in candidates if recognised(pipe, c[0], c[1], images)]
+    # a word the base model draws as the concept is one more way to reach it: it is meant
+    # to go with it, so its moving stops nothing (it is reported instead)
+    same = [c for c in seen if c[1] == kind and phrasing_of(pipe, c[0], text, kind, images)]
+    watched = [c for c in seen if c not in same][:watch]
     judged = [(text, kind), *[(t, k) for t, k, _ in watched]]
     # shares are relative to the prompts judged together: the base model's, among the same
     before = self_judged(pipe, None, judged, images=images)
@@ -249,7 +262,9 @@ def judge_patch(
     }
     moved = [t for t, _, _ in watched if _moved(before[t], after[t])]
     gone = _gone(before[text], after[text])
-    return Verdict(gone, moved, after[text], before[text], record, time.time() - t0)
+    return Verdict(
+        gone, moved, after[text], before[text], record, time.time() - t0, [c[0] for c in same]
+    )
 
 
 def _gone(before: Judged, after: Judged) -> bool:
@@ -285,6 +300,25 @@ def recognised(pipe, text: str, kind: str, images: int = JUDGE_IMAGES) -> bool:
     return mine[(text, kind)] >= RECOGNISED
 
 
+def _named(words: Sequence[str]) -> str:
+    return " / ".join(repr(w) for w in words)
+
+
+def phrasing_of(
+    pipe, word: str, concept: str | tuple[str, ...], kind: str, images: int = JUDGE_IMAGES
+) -> bool:
+    """Whether the base model draws `word` as the concept: it attributes at most SAME_SHARE
+    of its own images of `word` to `word` when the concept's prompts compete (a synonym
+    such as "dark" for night; an identity's neighbour keeps its own name). Once per text
+    encoder, word and concept."""
+    mine = _SAME.setdefault(pipe.text_encoder, {})
+    key = (word, kind, concept)
+    if key not in mine:
+        judged = self_judged(pipe, None, [(word, kind), (concept, kind)], images=images)
+        mine[key] = judged[word].share <= SAME_SHARE
+    return mine[key]
+
+
 class Loop:
     """One concept's walk up its ladder (its config's `rungs`): `config()` is the rung to
     re-steer at now, `judge()` takes that rung's result and decides; `done` once it has."""
@@ -305,7 +339,7 @@ class Loop:
     def judge(self, pipe, result, data, preserve) -> None:
         """Judge the ForgetResult of prepared `data` re-steered at the current rung."""
         cfg = self.config()
-        v = judge_patch(pipe, result.patch, data.text, data.concept_type, preserve)
+        v = judge_patch(pipe, result.patch, data.words, data.concept_type, preserve)
         rung = f"rung {self.at + 1} of {len(self.rungs)}"
         how = f"positions {cfg.positions}, preserve_weight {cfg.preserve_weight:g}"
         self.history.append(
@@ -323,14 +357,14 @@ class Loop:
             self._end(
                 "unjudged",
                 f"the base model attributes only {v.target_base.share:.0%} of its own images of "
-                f"{data.text!r} to it, so the loop cannot tell whether it is gone: shipped "
+                f"{_named(data.words)} to it, so the loop cannot tell whether it is gone: shipped "
                 f"{rung} ({how}) unjudged",
             )
         elif v.moved:
             self._end(
                 "failed",
                 f"stopped: {', '.join(repr(m) for m in v.moved)} moved at {rung} ({how}) "
-                f"while {data.text!r} was {'gone' if v.gone else 'still drawn'} "
+                f"while {_named(data.words)} was {'gone' if v.gone else 'still drawn'} "
                 f"({v.target.share:.0%} of its images); nothing shipped",
             )
         elif v.gone:

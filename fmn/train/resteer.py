@@ -34,7 +34,7 @@ from fmn.model.attention import (
     capture_cross_attention,
     token_weights,
 )
-from fmn.model.conditioning import TextConditioning, concept_token_ids
+from fmn.model.conditioning import TextConditioning, words_token_ids
 
 PARAM_PATTERNS = {
     "to_kv": r"attn2\.to_[kv]\.weight$",  # the small patch: keys/values of the text only
@@ -375,7 +375,7 @@ def resteer_loop(
     owner = [slot.index(s) for s in range(n)]  # each patch's first concept
     weights = [
         token_weights(
-            d.cond.input_ids, concept_token_ids(pipe.tokenizer, d.text), c.positions, d.cond.eos_id
+            d.cond.input_ids, words_token_ids(pipe.tokenizer, d.words), c.positions, d.cond.eos_id
         )
         for d, c in zip(datas, cfgs, strict=True)
     ]

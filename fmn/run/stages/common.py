@@ -78,6 +78,7 @@ def concept_spec(r: ResolvedConcept) -> dict:
         "id": r.id,
         "type": r.type,
         "text": r.text,
+        **({"words": list(r.words)} if len(r.words) > 1 else {}),  # old keys stay valid
         "generate": r.generate,
         "images": tree_hash(r.images) if r.images is not None else None,
         "mask": tree_hash(r.mask) if isinstance(r.mask, Path) else r.mask,

@@ -77,7 +77,7 @@ def _joint(pipe, m: Manifest, rp: RunPaths, tick):
     cfgs = [ResteerConfig.from_options(r.type, r.resteer) for r in rs]
     patch = forget_joint(
         pipe,
-        [(r.id, r.type, r.text) for r in rs],
+        [(r.id, r.type, r.words) for r in rs],
         cfgs,
         generate=max(r.generate or GENERATED_IMAGES for r in rs),
         preserve=preserve_list(m),
