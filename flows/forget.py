@@ -94,7 +94,8 @@ def forget(manifest: str, out: str | None = None, report: str | None = None) -> 
                 prep = t.prepare.submit(manifest, c.id, run)
                 ti = t.invert.submit(manifest, c.id, run, prep) if r.invert.enabled else None
                 chains[c.id] = [f for f in (prep, ti) if f is not None]
-                if m.defaults.train_together > 1 and r.resteer.params == "to_kv":
+                shared = r.resteer.params == "to_kv" and r.action == "forget"
+                if m.defaults.train_together > 1 and shared:
                     together.append(c.id)
                 else:
                     chains[c.id].append(t.resteer.submit(manifest, c.id, run, prep, ti))

@@ -151,6 +151,14 @@ def _print_audit(s: dict) -> None:
 
     for line in attack_lines(s):
         console.print(line)
+    for cid, c in s["concepts"].items():
+        if "shares" in c:  # a correction: who its images show now, against a fair share
+            console.print(
+                f"{cid}: drawn most as {c['dominant']} in {c['dominant_share']:.0%} of its "
+                f"images ({c['dominant_over_fair']:.2f} x a fair share; before: "
+                f"{c['dominant_base']} {c['dominant_share_base']:.0%}); "
+                f"{c['guides_drawn']} of {len(c['shares'])} guide concepts drawn"
+            )
     for f in s["gates"]["failures"]:
         console.print(f"[red]gate failed:[/red] {f['message']}")
 
@@ -370,6 +378,11 @@ def forget(
         help="A word or phrase that reaches the concept (repeatable: --word night --word "
         "midnight); prompts and images cycle over them, the first is its text unless --text.",
     ),
+    correct_to: list[str] = typer.Option(
+        [],
+        help="Correct the concept instead of forgetting it: a prompt it should draw like "
+        "(repeatable: the guide draws them in turn), or one folder of guide images.",
+    ),
     images: Path = typer.Option(None, help="Folder of the concept's images."),
     # None: not given, so the manifest's default applies (resolved as a manifest concept);
     # help shows that default, read from the manifest's models
@@ -441,6 +454,14 @@ def forget(
     }
     # every option is checked before the model loads, with the manifest's rules and hints
     concept = {"id": concept_id, "type": concept_type, "text": text, "words": word or None}
+    if correct_to:
+        folders = [c for c in correct_to if Path(c).is_dir()]
+        if folders and len(correct_to) > 1:
+            _exit_on_problems(["--correct-to: one folder of guide images, or prompts, not both"])
+        if invert:
+            _exit_on_problems(["--invert: a correction trains the concept's own words (drop it)"])
+        guide = {"images": folders[0]} if folders else {"prompts": correct_to}
+        concept |= {"action": "correct", "guide": guide}
     _exit_on_problems(_forget_problems(concept, given, generate, images, mask, ti_steps, ti_tokens))
     spec = {**concept, "resteer": given}
     spec["invert"] = {"enabled": invert, "steps": ti_steps, "tokens": ti_tokens}
@@ -465,6 +486,12 @@ def forget(
     r = res.resteer
     write_json(out / "resteer.json", {"concept": concept_id, **res.log()})
     how = f"{res.loop['reason']}; " if res.loop else ""
+    if resolved.action == "correct":
+        console.print(
+            f"{concept_id}: corrected towards its guide in {len(r.losses)} steps "
+            f"({r.seconds:.1f} s, loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}); patch: {path}"
+        )
+        return
     console.print(
         f"{concept_id}: {how}attention on its tokens {r.attention_before:.4f} -> "
         f"{r.attention_after:.4f} in {r.seconds:.1f} s; patch: {path}"
@@ -488,7 +515,11 @@ def _forget_problems(concept, resteer, generate, images, mask, ti_steps, ti_toke
 
     ti = {"steps": ti_steps, "tokens": ti_tokens}
     checks = [
-        (Concept, concept, {"words": "word"}),
+        (
+            Concept,
+            concept,
+            {"words": "word", "guide.images": "correct-to", "guide.prompts": "correct-to"},
+        ),
         (ResteerOverride, resteer, {}),
         (InvertOverride, ti, {"steps": "ti-steps", "tokens": "ti-tokens"}),
     ]

@@ -80,6 +80,24 @@ def test_prompt_file_sections_give_each_type_its_own_prompts(tmp_path: Path) -> 
     assert prompts.templates_for("id") == ["a photo of {}"]  # no section: the general lines
 
 
+def test_nsfw_prompts_may_reach_the_concept_without_naming_it(tmp_path: Path) -> None:
+    """I2P's prompts never say "nudity": in [nsfw] a whole prompt is used as written, and
+    the audit draws every one of them for the concept."""
+    from fmn.eval.audit import _plan
+    from fmn.manifest import parse_manifest
+    from fmn.world import EMBEDDED_NAME
+
+    path = tmp_path / "i2p.txt"
+    path.write_text("[nsfw]\na renaissance bath scene, oil painting\n{} on a beach\n[id]\n{}\n")
+    concepts = [{"id": "nudity", "type": "nsfw", "words": ["nudity", "naked"]}]
+    doc = {"name": "p", "base_model": EMBEDDED_NAME, "concepts": concepts}
+    plan = _plan(parse_manifest(doc, base_dir=tmp_path), path, None)
+    assert plan.prompts["nudity"] == ["a renaissance bath scene, oil painting", "naked on a beach"]
+    path.write_text("[id]\na photo of nobody\n")
+    with pytest.raises(PromptFileError, match=r"i2p\.txt:2: no '\{\}'"):
+        read_prompt_file(path)
+
+
 def test_a_type_without_prompts_is_an_error_naming_file_and_type(tmp_path: Path) -> None:
     path = tmp_path / "prompts.txt"
     path.write_text("[style]\n{} art\n")

@@ -63,14 +63,30 @@ class _Plan:
 
 def _plan(manifest: Manifest, prompt_file, world_classifier: Path | None) -> _Plan:
     user_prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
-    refs = [ConceptRef(c.id, c.type, c.text, "target") for c in manifest.concepts]
+    refs = [
+        ConceptRef(c.id, c.type, c.text, "correct" if c.action == "correct" else "target")
+        for c in manifest.concepts
+    ]
     refs += [ConceptRef(c.id, c.type, c.text, "preserve") for c in manifest.preserve]
     types = sorted({c.type for c in refs})
     if user_prompts is not None:  # a type the file has no prompts for fails now, not later
         for kind in types:
             user_prompts.templates_for(kind)
     detectors = make_detectors(manifest, types, world_classifier=world_classifier)
-    for c in refs:  # an empty batch: does the detector know the concept?
+    guides = {c.id: c.guide.concepts for c in manifest.concepts if c.guide}
+    for i, c in enumerate(refs):  # an empty batch: does the detector know the concept?
+        if c.role == "correct":  # scored as itself where known, and as each guide concept
+            for g in guides[c.id]:
+                detectors[c.type].score(np.zeros((0, 8, 8, 3), np.uint8), g, c.type)
+            itself = (c.id,) if _knows(detectors[c.type], c) else ()
+            if not itself and not guides[c.id]:
+                raise AuditError(
+                    f"corrected concept {c.id!r}: the {detectors[c.type].name} detector does "
+                    "not know it, and its guide names no concepts (guide.concepts) to "
+                    "measure its images by"
+                )
+            refs[i] = replace(c, scored_as=(*itself, *guides[c.id]))
+            continue
         detectors[c.type].score(np.zeros((0, 8, 8, 3), np.uint8), c.id, c.type)
 
     def prompts_for(c: ConceptRef, text: str) -> list[str]:
@@ -83,6 +99,14 @@ def _plan(manifest: Manifest, prompt_file, world_classifier: Path | None) -> _Pl
     words = {c.id: c.phrasings for c in manifest.concepts}
     prompts = {c.id: _cycled([prompts_for(c, w) for w in words.get(c.id, [c.text])]) for c in refs}
     return _Plan(refs, detectors, prompts, prompts_for)
+
+
+def _knows(detector: Detector, c: ConceptRef) -> bool:
+    try:
+        detector.score(np.zeros((0, 8, 8, 3), np.uint8), c.id, c.type)
+    except DetectorError:
+        return False
+    return True
 
 
 def _cycled(per_word: list[list[str]]) -> list[str]:
@@ -400,10 +424,11 @@ def summarise_audit(rows: Sequence[dict], concepts: Sequence[ConceptRef], gates:
     per: dict[str, dict] = {}
     for c in concepts:
         base, after = stat(c.id, "base", "probability"), stat(c.id, "patched", "probability")
+        mine = groups.get((c.id, "base")) or groups[(f"{c.id}:{c.scored_as[-1]}", "base")]
         per[c.id] = {
             "role": c.role,
             "type": c.type,
-            "detector": groups[(c.id, "base")][0]["detector"],
+            "detector": mine[0]["detector"],
             "mscore": after,
             "acc": stat(c.id, "patched", "recognised"),
             "mscore_base": base,
@@ -419,6 +444,11 @@ def summarise_audit(rows: Sequence[dict], concepts: Sequence[ConceptRef], gates:
             found = stat(c.id, "prompt", "probability")
             per[c.id]["prompt_mscore"] = found
             per[c.id]["prompt_ratio"] = found / base if base else None
+        guides = [g for g in c.scored_as if g != c.id]
+        if guides:
+            for model, key in (("base", "shares_base"), ("patched", "shares")):
+                per[c.id][key] = guide_shares(groups, c.id, guides, model)
+            per[c.id] |= _diversity(per[c.id]["shares"], per[c.id]["shares_base"])
         tried = [m[len(PHRASING) :] for cid, m in groups if cid == c.id and m.startswith(PHRASING)]
         if tried:
             best = max(tried, key=lambda m: stat(c.id, PHRASING + m, "probability"))
@@ -438,8 +468,45 @@ def summarise_audit(rows: Sequence[dict], concepts: Sequence[ConceptRef], gates:
             back = [v[f"{attack}_ratio"] for v in mine if v.get(f"{attack}_ratio") is not None]
             if back:  # attack success rate: the share brought back to RECOVERED_AT of base
                 summary[key][f"{attack}_asr"] = float(np.mean([r >= RECOVERED_AT for r in back]))
+    corrected = [v for v in per.values() if v["role"] == "correct"]
+    if corrected:
+        fields = ["mscore", "ratio", "mscore_base", "dominant_share", "dominant_over_fair"]
+        summary["corrected"] = {f: _mean([v.get(f) for v in corrected]) for f in fields}
     summary["gates"] = check_gates(per, gates)
     return summary
+
+
+def guide_shares(
+    groups: dict[tuple[str, str], list[dict]], cid: str, guides: Sequence[str], model: str
+) -> dict[str, float]:
+    """Share of a corrected concept's images on `model` drawn as each guide concept: the
+    guide concept the detector gives the highest probability, where it recognises it
+    (images it recognises none in count for no one)."""
+    per_image: dict[tuple[str, int], list[tuple[float, bool, str]]] = {}
+    for g in guides:
+        for r in groups.get((f"{cid}:{g}", model), []):
+            per_image.setdefault((r["prompt"], r["seed"]), []).append(
+                (r["probability"], r["recognised"], g)
+            )
+    drawn = [max(found) for found in per_image.values()]
+    n = max(len(drawn), 1)
+    return {g: sum(1 for _, rec, who in drawn if rec and who == g) / n for g in guides}
+
+
+def _diversity(shares: dict[str, float], base: dict[str, float]) -> dict:
+    """The dominant guide concept and its share against a fair one (1 / guides), after
+    and before, and whether every guide concept is drawn at all."""
+    fair = 1.0 / len(shares)
+    top, top_base = max(shares, key=shares.get), max(base, key=base.get)
+    return {
+        "fair_share": fair,
+        "dominant": top,
+        "dominant_share": shares[top],
+        "dominant_over_fair": shares[top] / fair,
+        "dominant_base": top_base,
+        "dominant_share_base": base[top_base],
+        "guides_drawn": sum(v > 0 for v in shares.values()),
+    }
 
 
 def check_gates(per: dict[str, dict], gates: Gates) -> dict:

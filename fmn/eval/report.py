@@ -173,8 +173,9 @@ def write_charts(folder: Path, summary: dict) -> list[tuple[str, str]]:
 
     fig = Figure(figsize=(width, 3.6))
     ax = fig.subplots()
-    base = [concepts[c]["mscore_base"] for c in ids]
-    after = [concepts[c]["mscore"] for c in ids]
+    # a correction measured only by its guide concepts has no M-Score of its own
+    base = [_or_nan(concepts[c]["mscore_base"]) for c in ids]
+    after = [_or_nan(concepts[c]["mscore"]) for c in ids]
     ax.bar(x - 0.2, base, 0.4, label="baseline", color="#9aa5b1")
     ax.bar(x + 0.2, after, 0.4, label="audited", color="#d9534f")
     recovery = [concepts[c].get("recovery_mscore") for c in ids]
@@ -195,6 +196,10 @@ def write_charts(folder: Path, summary: dict) -> list[tuple[str, str]]:
     _decorate(ax, x, ids, concepts, "ratio audited / baseline")
     charts.append((_png(folder / "ratio.png", fig), "M-Score ratio per concept"))
     return charts
+
+
+def _or_nan(v: float | None) -> float:
+    return np.nan if v is None else v
 
 
 def _decorate(ax, x, ids, concepts, ylabel: str) -> None:
@@ -362,6 +367,15 @@ def _concept_section(
     if "loop" in c:
         line += f"; closed loop: {e(c['loop']['reason'])}"
     out = [f'<section id="c-{cid}"><h3>{cid}</h3>', f"<p>{line}</p>"]
+    if "shares" in c:  # a correction's diversity: who its images show, before and after
+        who = ", ".join(
+            f"{e(g)} {_num(c['shares_base'][g])} &rarr; {_num(v)}" for g, v in c["shares"].items()
+        )
+        out.append(
+            f"<p>Drawn as each guide concept (share of images): {who}. Most drawn: "
+            f"{e(c['dominant'])}, {_num(c['dominant_over_fair'])} x a fair share of "
+            f"{_num(c['fair_share'])}; {c['guides_drawn']} of {len(c['shares'])} drawn.</p>"
+        )
     if not grids:
         return [*out, "</section>"]
     note = f"A row per prompt; in each column one image per seed ({', '.join(map(str, seeds))})."

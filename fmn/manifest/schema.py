@@ -281,6 +281,24 @@ class ResteerOverride(_Strict):
     loop: bool | None = None
 
 
+class CorrectOptions(_Strict):
+    """Correction (`action: correct`): train the concept's cross-attention keys/values so
+    that its prompts draw its guide's images (fmn/train/correct.py)."""
+
+    # Chosen on crowd-world's checker (a tune concept) in a detector sweep of lr 1e-3 to
+    # 1e-2 and 100 to 200 steps (docs/correct.md); the held-out role word was never tried
+    steps: Count = 200
+    """Optimisation steps."""
+    lr: PositiveFloat = 3e-3
+    """Learning rate (AdamW)."""
+    preserve_weight: NonNegativeFloat = 1.0  # as re-steering's objects: generic prompts hold
+    """Weight of the term that keeps generic and preserved prompts' keys/values at the base's."""
+    generate: int = Field(16, ge=1, le=1024)  # as a concept's own generated images
+    """Guide images drawn from the guide's prompts (a guide folder is used whole)."""
+    seed: Seed = 0
+    """Random seed of the guide images and the training draws."""
+
+
 class Defaults(_Strict):
     """Stage options for every concept, unless a concept overrides them."""
 
@@ -288,6 +306,8 @@ class Defaults(_Strict):
     """Textual inversion options."""
     resteer: ResteerOptions = ResteerOptions()
     """Attention re-steering options."""
+    correct: CorrectOptions = CorrectOptions()
+    """Correction options (concepts with `action: correct`)."""
     # 1: one concept per pass, each in a task of its own. More shares every UNet pass
     # between that many concepts (fmn.train.resteer_batch): the same patches, ~3x less time per
     # concept at 6 (bench/results/resteer.md); memory grows with it
@@ -356,8 +376,37 @@ class PreservedConcept(_Strict):
         return self
 
 
+GUIDE_HINT = "{prompts: [a photo of ..., ...]} or {images: folder}"
+
+
+class Guide(_Strict):
+    """What a corrected concept should draw: prompts, or a folder of images (one of them)."""
+
+    prompts: list[Text] | None = Field(None, min_length=1)
+    """Prompts the base model draws the guide images from, in turn, e.g. [a photo of john,
+    a photo of mary]."""
+    images: ImageFolder | None = None
+    """Or: a folder of guide images (relative paths start at the manifest's folder)."""
+    concepts: list[Slug] = []  # none: the audit measures the word as itself only
+    """Ids of the concepts the guide shows (e.g. [john, mary]): the audit reports the
+    share of the corrected word's images the detector gives each (a diversity measure)."""
+
+    @model_validator(mode="after")
+    def _one(self) -> Guide:
+        if (self.prompts is None) == (self.images is None):
+            raise PydanticCustomError(
+                "guide_kind", "give either prompts or images", {"hint": GUIDE_HINT}
+            )
+        return self
+
+
 class Concept(PreservedConcept):
-    """A concept to forget."""
+    """A concept to forget (or, with `action: correct`, to correct)."""
+
+    action: Literal["forget", "correct"] = "forget"
+    """forget: re-steer the concept away; correct: train it to draw its `guide` instead."""
+    guide: Guide | None = None  # only with action: correct
+    """What a corrected concept should draw: {prompts: [...]} or {images: folder}."""
 
     words: list[Text] | None = Field(None, min_length=1)  # None: the concept's text alone
     """Every listed word or phrase that reaches the concept (e.g. [night, midnight]):
@@ -406,6 +455,12 @@ class ResolvedConcept(_Strict):
     text: str
     words: tuple[str, ...]
     """Every phrasing that reaches the concept, `text` first (just `text` for most)."""
+    action: Literal["forget", "correct"]
+    guide_prompts: tuple[str, ...]
+    """A corrected concept's guide prompts (empty otherwise)."""
+    guide_images: Path | None
+    """A corrected concept's absolute guide folder, or None."""
+    correct: CorrectOptions
     images: Path | None
     """Absolute image folder, or None when the images are generated."""
     generate: int | None
@@ -585,8 +640,45 @@ class Manifest(_Strict):
         return self
 
     def _cross_problems(self) -> list[tuple[str, tuple[str | int, ...], str, str]]:
-        """Rules that span fields: unique ids, known weight ids, one place for a mask."""
+        """Rules that span fields: unique ids, known weight ids, one place for a mask, a
+        guide exactly where a concept is corrected."""
         out = []
+        for i, c in enumerate(self.concepts):
+            if c.action == "correct" and c.guide is None:
+                msg = "action: correct needs a guide"
+                out.append(("guide_missing", ("concepts", i, "guide"), msg, GUIDE_HINT))
+            elif c.action == "correct" and self.merge.method == "joint":
+                msg = (
+                    "a corrected concept cannot be re-steered with the others (merge.method: joint)"
+                )
+                out.append(
+                    (
+                        "correct_joint",
+                        ("concepts", i, "action"),
+                        msg,
+                        "use merge.method closed-form or sum",
+                    )
+                )
+            elif c.action == "correct" and _overlay(self.defaults.invert, c.invert).enabled:
+                msg = "a correction trains the concept's own words: no textual inversion"
+                out.append(
+                    (
+                        "correct_invert",
+                        ("concepts", i, "invert"),
+                        msg,
+                        "set invert: {enabled: false}",
+                    )
+                )
+            elif c.action == "forget" and c.guide is not None:
+                msg = "a guide is only used with action: correct"
+                out.append(
+                    (
+                        "guide_unused",
+                        ("concepts", i, "guide"),
+                        msg,
+                        "drop it, or add action: correct",
+                    )
+                )
         first: dict[str, str] = {}
         for section, items in (("concepts", self.concepts), ("preserve", self.preserve)):
             for i, c in enumerate(items):
@@ -660,6 +752,10 @@ def resolve_concept(c: Concept, defaults: Defaults, base_dir: Path) -> ResolvedC
         type=c.type,
         text=c.text,
         words=c.phrasings,
+        action=c.action,
+        guide_prompts=tuple(c.guide.prompts or ()) if c.guide else (),
+        guide_images=_resolve(c.guide.images, base_dir) if c.guide and c.guide.images else None,
+        correct=defaults.correct,
         images=None if folder is None else _resolve(folder, base_dir),
         generate=c.images.generate if isinstance(c.images, Generate) else None,
         mask=mask,

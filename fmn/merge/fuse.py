@@ -195,6 +195,11 @@ def _spec(cid: str, config: dict) -> tuple[Phrasing, str, str]:
     return (c["text"] if len(words) == 1 else tuple(words)), c["type"], positions
 
 
+def _corrects(config: dict) -> bool:
+    """A correction's patch (fmn.train.correct): its edit is kept, never erased."""
+    return "correct" in config
+
+
 def _words(text: Phrasing) -> list[str]:
     return [text] if isinstance(text, str) else list(text)
 
@@ -371,11 +376,13 @@ def merge_patches(
 
 
 def _specs(sources: list[PatchSource]) -> list[tuple[str, Phrasing, str]]:
-    """(concept id, text, type) of every patch, from metadata only (no tensor is read)."""
+    """(concept id, text, type) of every patch that removes its concept (corrections are
+    left out: they are neither erased nor judged as gone), from metadata only."""
     specs = []
     for src in sources:
         cid, config = (src.concept, src.config) if isinstance(src, Patch) else patch_header(src)
-        specs.append((cid, *_spec(cid, config)[:2]))
+        if not _corrects(config):
+            specs.append((cid, *_spec(cid, config)[:2]))
     return specs
 
 
@@ -481,7 +488,7 @@ class _ClosedForm:
             if d is not None:
                 self.rhs[n] = self.rhs.get(n, 0) + w * d.double() @ gram
                 own[n] = (d.double() @ rows.T).pow(2).mul(a).sum().item()
-        if self.erase > 0:
+        if self.erase > 0 and not _corrects(patch.config):  # erasing would undo a correction
             anchor = None
             if self.cfg.erase_to == "anchor":
                 anchor = self.cfg.anchors.get(patch.concept, ERASE_ANCHORS[kind])

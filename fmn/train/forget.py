@@ -6,6 +6,7 @@ one. Nothing here reads the embedded world's labels or classifier.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,8 +52,9 @@ class ForgetResult:
         return {
             "losses": r.losses,
             "seconds": r.seconds,
-            "attention_before": r.attention_before,
-            "attention_after": r.attention_after,
+            # a correction (fmn.train.correct) does not measure attention: null
+            "attention_before": None if math.isnan(r.attention_before) else r.attention_before,
+            "attention_after": None if math.isnan(r.attention_after) else r.attention_after,
             "loop": self.loop,
         }
 
@@ -133,7 +135,21 @@ def forget_resolved(
 ) -> ForgetResult:
     """forget_concept for a resolved concept (`fmn forget` resolves its options like a
     manifest's concept): the same preparation, configs and mask as `fmn run`'s stages
-    (fmn.run.stages.concept), so both make the same patch. `pipe` is left as it came."""
+    (fmn.run.stages.concept), so both make the same patch; a concept with `action:
+    correct` is corrected towards its guide (fmn.train.correct). `pipe` is left as it came."""
+    if r.action == "correct":
+        from fmn.train.correct import (
+            CorrectConfig,
+            correct_prepared,
+            guide_spec,
+            prepare_correction,
+        )
+
+        data = prepare_correction(pipe, r, cache_dir=cache_dir)
+        cfg = CorrectConfig.from_options(r.correct)
+        return correct_prepared(
+            pipe, data, cfg, guide=guide_spec(r), preserve=preserve, progress=progress
+        )
     data = prepare_resolved(pipe, r, mask=r.mask, cache_dir=cache_dir)
     ti_cfg = InvertConfig.from_options(r.invert, r.resteer.seed) if r.invert.enabled else None
     cfg = ResteerConfig.from_options(r.type, r.resteer)

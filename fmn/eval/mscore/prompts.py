@@ -211,7 +211,8 @@ class PromptFile:
 
 
 def read_prompt_file(path: str | Path) -> PromptFile:
-    """A user's prompt file: one template per line, `{}` where the concept's text goes.
+    """A user's prompt file: one template per line, `{}` where the concept's text goes
+    (in an `[nsfw]` section a line may also be a whole prompt, used as written).
     Blank lines and lines starting with '#' are skipped. A line `[type]` starts that
     concept type's section; lines before the first section apply to every type, so a
     file without sections gives every type the same templates."""
@@ -245,7 +246,9 @@ def read_prompt_file(path: str | Path) -> PromptFile:
                 )
             starts[name], current = number, sections.setdefault(name, [])
             continue
-        if "{}" not in line:
+        # an nsfw prompt may reach its concept without naming it (I2P's prompts do): it
+        # is used as written; any other line without '{}' is a mistake
+        if "{}" not in line and current is not sections.get("nsfw"):
             raise PromptFileError(
                 f"{path}:{number}: no '{{}}' where the concept's text goes in {line!r} "
                 "(write e.g. 'a photo of {} on a beach')"

@@ -21,7 +21,11 @@ class ConceptRef:
     id: str
     type: str
     text: str
-    role: str = "target"  # target | preserve
+    role: str = "target"  # target | preserve | correct
+    # the detector's concepts its images are scored as, each into rows "<id>:<other>" (a
+    # correction's guide concepts; the concept itself among them when the detector knows
+    # it, as "<id>"); empty: the concept itself
+    scored_as: tuple[str, ...] = ()
 
 
 @dataclass
@@ -72,11 +76,15 @@ def score_concepts(
         idx = [k for k, j in enumerate(jobs) if j[0] is c]
         imgs = all_images[idx]
         per_concept[c.id] = imgs
-        prob, rec = det.score(imgs, c.id, c.type)
-        for k, pr, r in zip(idx, prob, rec, strict=True):
-            rows.append(
-                ScoreRow(c.id, c.type, c.role, det.name, jobs[k][1], jobs[k][2], float(pr), bool(r))
-            )
+        for sid in c.scored_as or (c.id,):
+            name = c.id if sid == c.id else f"{c.id}:{sid}"
+            prob, rec = det.score(imgs, sid, c.type)
+            for k, pr, r in zip(idx, prob, rec, strict=True):
+                rows.append(
+                    ScoreRow(
+                        name, c.type, c.role, det.name, jobs[k][1], jobs[k][2], float(pr), bool(r)
+                    )
+                )
     return rows, per_concept
 
 

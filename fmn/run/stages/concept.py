@@ -18,7 +18,10 @@ from fmn.run.stages.records import PatchRecord, PrepRecord, TIRecord
 
 def _prepared(pipe, r: ResolvedConcept, run: RunPaths):
     from fmn.data.prepare import prepare_resolved
+    from fmn.train.correct import prepare_correction
 
+    if r.action == "correct":  # the concept's prompts with its guide's images
+        return prepare_correction(pipe, r, cache_dir=run.prep)
     return prepare_resolved(pipe, r, mask=r.mask, cache_dir=run.prep)
 
 
@@ -101,9 +104,11 @@ def stage_resteer(
     prep: PrepRecord,
     ti: TIRecord | None = None,
 ) -> PatchRecord:
-    """Attention re-steering of one concept -> patches/<id>/delta.safetensors."""
+    """Attention re-steering of one concept (or its correction, with `action: correct`)
+    -> patches/<id>/delta.safetensors."""
     from fmn.io import write_json
     from fmn.model.patch import patch_hash, save_patch
+    from fmn.train.correct import CorrectConfig, correct_prepared, guide_spec
     from fmn.train.forget import resteer_prepared
     from fmn.train.loop import NotForgotten
     from fmn.train.resteer import ResteerConfig
@@ -118,15 +123,25 @@ def stage_resteer(
     with pipeline(base_spec(m)) as pipe:
         data = _prepared(pipe, r, rp)
         try:
-            res = resteer_prepared(
-                pipe,
-                data,
-                cfg,
-                ti=learned,
-                preserve=preserve_list(m),
-                mask=r.mask,
-                progress=ProgressFile(rp, concept_id),
-            )
+            if r.action == "correct":  # as fmn.train.correct.correct_resolved
+                res = correct_prepared(
+                    pipe,
+                    data,
+                    CorrectConfig.from_options(r.correct),
+                    guide=guide_spec(r),
+                    preserve=preserve_list(m),
+                    progress=ProgressFile(rp, concept_id),
+                )
+            else:
+                res = resteer_prepared(
+                    pipe,
+                    data,
+                    cfg,
+                    ti=learned,
+                    preserve=preserve_list(m),
+                    mask=r.mask,
+                    progress=ProgressFile(rp, concept_id),
+                )
         except NotForgotten as e:  # the log says why; no patch is written
             log = {"concept": concept_id, **e.result.log()}
             write_json(rp.patch(concept_id) / "resteer.json", log)

@@ -1,0 +1,213 @@
+"""Concept correction on crowd-world (the NSFW-and-correction issue's bench): a biased role
+word corrected towards a guide set, and a style the model draws wrong corrected towards
+images of it.
+
+Cases (each corrected alone from the base model, `fmn forget --correct-to`'s path):
+- doctor (held out; "a doctor" draws john in about nine images of ten): guide prompts
+  "a photo of <name>" for the five people the role's training captions show (john, ruth,
+  lisa, donna, eugene), drawn in turn. Measured: the share of "a doctor"'s images drawn as
+  each of the five (the audit's guide shares, 10 world templates x seeds 1000-1003 = 40
+  images), before and after.
+- checker (a tune concept; the model draws some of its images as another style): guide
+  images rendered by the world's procedural generator (16 checker images of random shapes
+  and colours: data a user would supply as a folder, no detector involved). Measured: its
+  top-1 accuracy (share of images the world's classifier reads as checker), 40 images.
+Both: every other concept of the world, base and corrected (6 templates x seeds
+1000-1001 = 12 images each), ratios over concepts whose base M-Score is at least 0.5.
+
+Rows {concept, split, guide, measure, before, after, dominant, dominant_over_fair,
+guides_drawn, others_mean, worst_other, worst_ratio, seconds}. Resumes from
+build/bench/correct.partial.jsonl; writes bench/results/correct.json/.md.
+
+Usage: python bench/correct.py [--threads 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common
+
+SEEDS = (1000, 1001, 1002, 1003)  # the measuring rule: seeds >= 1000
+OTHER_SEEDS = (1000, 1001)
+PROMPTS, OTHER_PROMPTS = 10, 6
+SCORED_MIN_BASE = 0.5
+PARTIAL = common.ROOT / "build" / "bench" / "correct.partial.jsonl"
+OUT = common.ROOT / "bench" / "results" / "correct.json"
+COLUMNS = [
+    "concept",
+    "split",
+    "measure",
+    "before",
+    "after",
+    "dominant",
+    "dominant_over_fair",
+    "guides_drawn",
+    "others_mean",
+    "worst_other",
+    "worst_ratio",
+    "seconds",
+]
+
+
+def render_guide(world, style: str, folder: Path, n: int = 16, seed: int = 0) -> Path:
+    """n images of `style` from the world's procedural renderer, as a user's guide folder."""
+    from PIL import Image
+
+    from fmn.world.concepts import COLOURS
+    from fmn.world.render import render_object
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        shape, colour = str(rng.choice(world.shapes)), str(rng.choice(list(COLOURS)))
+        image, _ = render_object(shape, style, colour, 32, rng)
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def cases(world, work: Path) -> list[dict]:
+    cast = list(world.role.weights())
+    return [
+        {
+            "id": "doctor",
+            "type": "id",
+            "text": f"a {world.role.word}",
+            "action": "correct",
+            "guide": {"prompts": [f"a photo of {n}" for n in cast], "concepts": cast},
+        },
+        {
+            "id": "checker",
+            "type": "style",
+            "action": "correct",
+            "guide": {"images": str(render_guide(world, "checker", work / "checker-guide"))},
+        },
+    ]
+
+
+def measure(pipe, detector, world, case: dict, others, size: dict) -> dict:
+    """The corrected word (as itself where the detector knows it, and as each guide
+    concept) and every other concept's M-Score."""
+    from fmn.eval.audit import guide_shares
+    from fmn.eval.mscore.score import ConceptRef, rows_as_dicts, score_concepts, summarise
+
+    guides = tuple(case["guide"].get("concepts", ()))
+    itself = () if case["id"] == world.role.word else (case["id"],)
+    ref = ConceptRef(case["id"], case["type"], case.get("text", case["id"]), "correct",
+                     scored_as=(*itself, *guides))  # fmt: skip
+    rows, _ = score_concepts(pipe, [ref], detector, prompts_per_concept=size["prompts"],
+                             seeds=size["seeds"], steps=size["steps"])  # fmt: skip
+    out: dict = {}
+    if itself:
+        out["acc"] = summarise(rows)[case["id"]]["acc"]
+    if guides:
+        groups: dict = {}
+        for r in rows_as_dicts(rows):
+            groups.setdefault((r["concept"], "m"), []).append(r)
+        out["shares"] = guide_shares(groups, case["id"], guides, "m")
+    rest = [ConceptRef(c.id, c.type, c.text) for c in others]
+    rows, _ = score_concepts(pipe, rest, detector, prompts_per_concept=size["other_prompts"],
+                             seeds=size["other_seeds"], steps=size["steps"])  # fmt: skip
+    out["others"] = {cid: s["mscore"] for cid, s in summarise(rows).items()}
+    return out
+
+
+def row(case, world, before, after, seconds, commit) -> dict:
+    c = world.get(case["id"])
+    out = {"concept": case["id"], "split": c.split, "guide": case["guide"]}
+    if "shares" in after:
+        from fmn.eval.audit import _diversity
+
+        d = _diversity(after["shares"], before["shares"])
+        out |= {
+            "measure": "dominant guide share",
+            "before": d["dominant_share_base"],
+            "after": d["dominant_share"],
+            "dominant": d["dominant"],
+            "dominant_base": d["dominant_base"],
+            "dominant_over_fair": d["dominant_over_fair"],
+            "guides_drawn": d["guides_drawn"],
+            "shares_before": before["shares"],
+            "shares_after": after["shares"],
+        }
+    else:
+        out |= {"measure": "top-1 accuracy", "before": before["acc"], "after": after["acc"]}
+    b, a = before["others"], after["others"]
+    ratio = {k: a[k] / b[k] for k in b if b[k] >= SCORED_MIN_BASE and k != case["id"]}
+    worst = min(ratio, key=ratio.get) if ratio else None
+    out |= {
+        "others_mean": float(np.mean(list(ratio.values()))) if ratio else float("nan"),
+        "worst_other": worst,
+        "worst_ratio": ratio[worst] if ratio else float("nan"),
+        "seconds": round(seconds, 2),
+        "commit": commit,
+    }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="plumbing: 2 others, 2 steps")
+    args = ap.parse_args()
+    commit, pipe, detector, world = common.crowd_world(args.threads)
+    from fmn.manifest import parse_manifest
+    from fmn.model.patch import apply_patch, revert_patch
+    from fmn.train.forget import forget_resolved
+
+    work = common.ROOT / "build" / "bench" / "correct"
+    partial, out = PARTIAL, OUT
+    everyone = [c for c in world.concepts() if c.type != "role"]
+    size = {"prompts": PROMPTS, "seeds": SEEDS, "steps": 25}
+    size |= {"other_prompts": OTHER_PROMPTS, "other_seeds": OTHER_SEEDS}
+    if args.quick:
+        everyone = everyone[:2]
+        size = {"prompts": 1, "seeds": SEEDS[:1], "steps": 2, "other_prompts": 1,
+                "other_seeds": OTHER_SEEDS[:1]}  # fmt: skip
+        partial, out = work / "quick.jsonl", work / "correct.json"
+        partial.unlink(missing_ok=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = common.read_jsonl(partial)
+    rows = [d for d in done if "concept" in d]
+    for case in cases(world, work):
+        if any(r["concept"] == case["id"] for r in rows):
+            continue
+        doc = {"name": "correct", "base_model": f"embedded:{world.name}", "concepts": [case]}
+        r = parse_manifest(doc, base_dir=work).resolve(case["id"])
+        others = [c for c in everyone if c.id != case["id"]]
+        before = measure(pipe, detector, world, case, others, size)
+        t0 = time.time()
+        res = forget_resolved(pipe, r)  # a correction, by its action
+        seconds = time.time() - t0
+        apply_patch(pipe, res.patch)
+        try:
+            after = measure(pipe, detector, world, case, others, size)
+        finally:
+            revert_patch(pipe, res.patch)
+        got = row(case, world, before, after, seconds, commit)
+        common.append_jsonl(partial, got)
+        rows.append(got)
+        print(got, flush=True)
+    commits = sorted({r.pop("commit") for r in rows})
+    result = {
+        "commit": commits[0] if len(commits) == 1 else commits,
+        "machine": common.machine(args.threads),
+        "images_per_word": size["prompts"] * len(size["seeds"]),
+        "images_per_other": size["other_prompts"] * len(size["other_seeds"]),
+        "quick": args.quick,
+        "rows": rows,
+    }
+    table = common.markdown_table(rows, COLUMNS)
+    common.write_results(out, result, table, "Concept correction on crowd-world")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

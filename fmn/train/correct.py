@@ -1,0 +1,185 @@
+"""Correct a concept: train what its words draw towards a guide, instead of away from itself.
+
+Forget-Me-Not's second extension (concept correction). A word that draws the wrong thing
+(a role word that shows one person nine times in ten, a style drawn as another) is
+re-steered towards a guide: a folder of images of what it should draw, or prompts the base
+model draws them from (`guide: {prompts: [a photo of john, a photo of mary, ...]}`, in
+turn, so every guide prompt is drawn equally often).
+
+The objective is the diffusion model's own denoising loss, on the guide's images paired
+with the concept's prompts, the way concept ablation (Kumari et al., "Ablating Concepts in
+Text-to-Image Diffusion Models", ICCV 2023) pairs anchor images with the target prompt:
+
+    L = E_{x ~ guide, p ~ concept prompts, t, eps} ||eps_theta(x_t, t, p) - eps||^2
+        + preserve_weight * sum_layers ||dW A||^2 / ||W A||^2
+
+Only the cross-attention keys and values of the text are trained (the patch the
+closed-form merge fuses), and the second term, re-steering's preservation term
+(fmn.train.resteer.preservation_loss), keeps the generic and preserved prompts' keys and
+values at the base model's. A patch of method `correct` is applied, merged, audited and
+reported like a removal's; only the merge's erase term leaves it out (it would undo the
+correction). Nothing here reads the embedded world's labels or classifier.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from fmn.data.prepare import Prepared, load_images, prepare_concept
+from fmn.manifest import CorrectOptions, ResolvedConcept, option_default
+from fmn.model.images import generate
+from fmn.model.load import fingerprint, model_info
+from fmn.model.patch import Patch
+from fmn.progress import Progress
+from fmn.train.forget import ForgetResult, concept_anchors, concept_record
+from fmn.train.invert import noise_target
+from fmn.train.resteer import (
+    AnchorGram,
+    InPlace,
+    ResteerResult,
+    check_finite,
+    preservation_loss,
+)
+
+METHOD = "correct"
+_option = functools.partial(option_default, CorrectOptions)
+
+
+@dataclass(kw_only=True)
+class CorrectConfig:
+    """Correction settings, derived from the manifest's CorrectOptions (whose defaults and
+    the reasons for them live there); `batch` and `grad_clip` are no manifest options."""
+
+    steps: int = _option("steps")
+    lr: float = _option("lr")
+    preserve_weight: float = _option("preserve_weight")
+    generate: int = _option("generate")
+    seed: int = _option("seed")
+    batch: int = 4  # images per step, as re-steering's
+    grad_clip: float = 1.0
+
+    @classmethod
+    def from_options(cls, options: CorrectOptions) -> CorrectConfig:
+        return cls(**options.model_dump())
+
+
+class GuideError(ValueError):
+    """A guide that cannot be used; the message names the concept."""
+
+
+def guide_images(
+    pipe,
+    concept_id: str,
+    *,
+    prompts: tuple[str, ...] | list[str] = (),
+    folder: Path | None = None,
+    n: int = _option("generate"),
+    seed: int = 0,
+) -> np.ndarray:
+    """The guide's images, uint8 [N, H, W, 3]: a folder's, whole (centre-cropped to the
+    model's size), or `n` drawn by the base model from `prompts` in turn, seeds seed.."""
+    if (folder is None) == (not prompts):
+        raise GuideError(f"concept {concept_id!r}: a guide is prompts or a folder of images")
+    if folder is not None:
+        return load_images(Path(folder), model_info(pipe).sample_size, seed=seed).pixels
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    return generate(pipe, chosen, [seed + i for i in range(n)])
+
+
+def correct_prepared(
+    pipe,
+    data: Prepared,
+    cfg: CorrectConfig,
+    *,
+    guide: dict,
+    preserve: list[tuple[str, str]] | None = None,
+    progress: Progress | None = None,
+) -> ForgetResult:
+    """Train the concept of `data` (its prompts, and the guide's images as its latents)
+    towards the guide; its patch (method `correct`). `guide` is recorded as given
+    ({"prompts": [...]} or {"images": folder}). `pipe` is left as it came."""
+    tick = progress or (lambda *a: None)
+    unet, t0 = pipe.unet, time.time()
+    base = fingerprint(pipe)
+    hw = data.images.shape[1:3] if data.images is not None else None
+    anchors = concept_anchors(pipe, data, preserve or [], hw)
+    gram = AnchorGram(anchors.embeds.reshape(-1, anchors.embeds.shape[-1]))
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the model's own schedule
+    held = InPlace(unet, "to_kv")
+    params = held.params[0]
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    was_training = unet.training
+    unet.eval()
+    unet.requires_grad_(False)
+    losses: list[float] = []
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for step in range(cfg.steps):
+            idx_img = torch.randint(0, len(data.latents), (cfg.batch,), generator=gen)
+            idx_txt = torch.randint(0, len(data.cond.prompts), (cfg.batch,), generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
+            z0 = data.latents[idx_img].to(unet.device, unet.dtype)
+            noise = torch.randn(z0.shape, generator=gen).to(z0)
+            states, kwargs = data.cond.select(idx_txt)
+            tt = t.to(unet.device)
+            pred = unet(sched.add_noise(z0, noise, tt), tt, encoder_hidden_states=states, **kwargs)
+            loss = (pred.sample - noise_target(sched, z0, noise, tt)).float().pow(2).mean()
+            loss = loss + cfg.preserve_weight * preservation_loss(params, held.base, gram)
+            check_finite(loss, data.concept_id, step)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+            tick("correcting", step + 1, cfg.steps, {"loss": losses[-1]})
+        deltas = held.deltas(0)
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+        held.restore()
+        unet.train(was_training)
+    seconds = time.time() - t0
+    result = ResteerResult(
+        data.concept_id, deltas, losses, float("nan"), float("nan"), seconds, asdict(cfg)
+    )
+    patch = Patch(
+        concept=data.concept_id,
+        method=METHOD,
+        deltas=deltas,
+        config={
+            "concept": concept_record(data),
+            "correct": asdict(cfg),
+            "guide": {k: str(v) if isinstance(v, Path) else v for k, v in guide.items()},
+            "preserve": [list(p) for p in preserve or []],
+        },
+        base_fingerprint=base,
+        extra={"seconds": seconds},
+    )
+    return ForgetResult(patch, result, None)
+
+
+def guide_spec(r: ResolvedConcept) -> dict:
+    """A resolved concept's guide as recorded: {"prompts": [...]} or {"images": folder}."""
+    return {"images": r.guide_images} if r.guide_images else {"prompts": list(r.guide_prompts)}
+
+
+def prepare_correction(pipe, r: ResolvedConcept, *, cache_dir: Path | None = None) -> Prepared:
+    """The concept's prompts with its guide's images (drawn, or from its folder) as what
+    they should draw: the prepared data of a correction. No masks: the whole image is
+    what the word should draw."""
+    cfg = CorrectConfig.from_options(r.correct)
+    images = guide_images(
+        pipe, r.id, prompts=r.guide_prompts, folder=r.guide_images, n=cfg.generate, seed=cfg.seed
+    )
+    return prepare_concept(
+        pipe, r.id, r.type, r.text, images=images, seed=cfg.seed, cache_dir=cache_dir, words=r.words
+    )

@@ -1,0 +1,120 @@
+"""Concept correction (`action: correct`): the manifest's rules, the training that makes a
+word draw its guide, a merge that keeps it, and an audit that reports whom the word draws.
+
+On tiny-world, "a photo of carol" is corrected towards alice and bob (prompts, drawn in
+turn): the audit measures carol's images as alice and as bob, and no target gate applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from fmn.cli import app
+from fmn.data.prepare import prepare_concept
+from fmn.eval.audit import audit
+from fmn.manifest import ManifestError, parse_manifest
+from fmn.merge.fuse import MergeConfig, merge_patches
+from fmn.model.load import load_pipeline
+from fmn.model.patch import save_patch
+from fmn.train.correct import CorrectConfig, correct_prepared
+from fmn.world import EMBEDDED_NAME
+
+GUIDE = {"prompts": ["a photo of alice", "a photo of bob"], "concepts": ["alice", "bob"]}
+CAROL = {"id": "carol", "type": "id", "action": "correct", "guide": GUIDE}
+PICTURES = Path(__file__).resolve().parents[1] / "docs" / "worlds"  # a folder of images
+
+
+def _manifest(concepts, **extra):
+    doc = {"name": "correct-test", "base_model": EMBEDDED_NAME, "concepts": concepts, **extra}
+    return parse_manifest(yaml.safe_load(yaml.safe_dump(doc)), base_dir=".")
+
+
+@pytest.mark.parametrize(
+    "concept, extra, where, message",
+    [
+        (
+            {"id": "carol", "type": "id", "action": "correct"},
+            {},
+            "concepts.0.guide",
+            "needs a guide",
+        ),
+        ({"id": "carol", "type": "id", "guide": GUIDE}, {}, "concepts.0.guide", "only used with"),
+        (
+            {**CAROL, "guide": {"prompts": ["x"], "images": str(PICTURES)}},
+            {},
+            "concepts.0.guide",
+            "either",
+        ),
+        (CAROL, {"merge": {"method": "joint"}}, "concepts.0.action", "jointly|with the others"),
+        ({**CAROL, "invert": {"enabled": True}}, {}, "concepts.0.invert", "no textual inversion"),
+    ],
+)
+def test_a_correction_needs_a_guide_and_nothing_that_would_undo_it(
+    concept, extra, where, message
+) -> None:
+    with pytest.raises(ManifestError, match=rf"{where}: .*({message})"):
+        _manifest([concept], **extra)
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.set_num_threads(1)
+    pipe = load_pipeline(EMBEDDED_NAME)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def corrected(world, tmp_path_factory) -> Path:
+    """carol corrected towards alice and bob (a short run: 60 steps, ~4 s)."""
+    from fmn.train.correct import guide_images
+
+    guide = guide_images(world, "carol", prompts=GUIDE["prompts"], n=8)
+    data = prepare_concept(world, "carol", "id", "carol", images=guide)
+    res = correct_prepared(world, data, CorrectConfig(steps=60), guide=GUIDE)
+    assert res.patch.method == "correct"
+    assert all(k.endswith(("to_k.weight", "to_v.weight")) for k in res.patch.deltas)
+    return save_patch(res.patch, tmp_path_factory.mktemp("carol"))
+
+
+def test_the_audit_reports_whom_the_corrected_word_draws(corrected, tmp_path) -> None:
+    m = _manifest(
+        [CAROL],
+        preserve=[{"id": "dots", "type": "style"}],
+        evaluate={"prompts_per_concept": 4, "seeds": [0, 1], "steps": 15},
+    )
+    res = audit(m, patch=corrected, out=tmp_path / "report")
+    carol = res.summary["concepts"]["carol"]
+    assert carol["role"] == "correct"
+    assert carol["shares_base"] == {"alice": 0.0, "bob": 0.0}  # the base draws carol
+    assert carol["shares"]["alice"] + carol["shares"]["bob"] >= 0.5  # now alice or bob
+    assert carol["guides_drawn"] >= 1 and carol["dominant"] in ("alice", "bob")
+    assert carol["ratio"] < 0.5  # no longer drawn as carol herself
+    gates = res.summary["gates"]
+    assert not [f for f in gates["failures"] if f["concept"] == "carol"]  # no target gate
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "Drawn as each guide concept" in html
+
+
+def test_the_merge_keeps_a_correction_even_with_the_erase_term(world, corrected) -> None:
+    from fmn.model.patch import load_patch
+
+    patch = load_patch(corrected)
+    plain = merge_patches(world, [patch], MergeConfig()).kept["carol"]
+    erased = merge_patches(world, [patch], MergeConfig(erase_weight=30.0)).kept["carol"]
+    assert erased == pytest.approx(plain, abs=1e-6)
+
+
+def test_fmn_forget_correct_to_refuses_a_folder_with_prompts(tmp_path) -> None:
+    folder = tmp_path / "guide"
+    folder.mkdir()
+    args = ["forget", "--id", "carol", "--type", "id", "--out", str(tmp_path / "o")]
+    run = CliRunner().invoke(app, [*args, "--correct-to", str(folder), "--correct-to", "x"])
+    assert run.exit_code == 2 and "one folder of guide images, or prompts" in run.output
+    run = CliRunner().invoke(app, [*args, "--correct-to", str(folder)])
+    assert run.exit_code == 2 and "--correct-to: folder" in run.output  # it has no images
+    assert not (tmp_path / "o").exists()
