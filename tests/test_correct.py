@@ -50,6 +50,7 @@ def _manifest(concepts, **extra):
             "either",
         ),
         (CAROL, {"merge": {"method": "joint"}}, "concepts.0.action", "jointly|with the others"),
+        ({**CAROL, "images": {"generate": 4}}, {}, "concepts.0.images", "guide's images"),
         ({**CAROL, "invert": {"enabled": True}}, {}, "concepts.0.invert", "no textual inversion"),
     ],
 )
@@ -71,10 +72,8 @@ def world():
 @pytest.fixture(scope="module")
 def corrected(world, tmp_path_factory) -> Path:
     """carol corrected towards alice and bob (a short run: 60 steps, ~4 s)."""
-    from fmn.train.correct import guide_images
-
-    guide = guide_images(world, "carol", prompts=GUIDE["prompts"], n=8)
-    data = prepare_concept(world, "carol", "id", "carol", images=guide)
+    data = prepare_concept(world, "carol", "id", "carol", generate=8, draw_from=GUIDE["prompts"])
+    assert data.record["source"]["from"] == GUIDE["prompts"]  # drawn from the guide
     res = correct_prepared(world, data, CorrectConfig(steps=60), guide=GUIDE)
     assert res.patch.method == "correct"
     assert all(k.endswith(("to_k.weight", "to_v.weight")) for k in res.patch.deltas)
@@ -118,3 +117,30 @@ def test_fmn_forget_correct_to_refuses_a_folder_with_prompts(tmp_path) -> None:
     run = CliRunner().invoke(app, [*args, "--correct-to", str(folder)])
     assert run.exit_code == 2 and "--correct-to: folder" in run.output  # it has no images
     assert not (tmp_path / "o").exists()
+
+
+def test_fmn_run_stages_correct_a_concept_and_log_it(tmp_path) -> None:
+    """The run's per-concept stages: prepare draws the guide's images (not the word's),
+    the re-steering stage trains the correction and writes its patch and log."""
+    import json
+
+    from fmn.model.patch import load_patch
+    from fmn.run.stages import stage_prepare, stage_resteer
+
+    doc = {
+        "name": "correct-stages",
+        "base_model": EMBEDDED_NAME,
+        "defaults": {"correct": {"steps": 2, "generate": 2}},
+        "concepts": [CAROL],
+    }
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    run = tmp_path / "run"
+    prep = stage_prepare(manifest, "carol", run)
+    assert prep["images"] == 2
+    got = stage_resteer(manifest, "carol", run, prep)
+    patch = load_patch(run / "patches" / "carol")
+    assert patch.method == "correct" and patch.config["guide"]["concepts"] == ["alice", "bob"]
+    log = json.loads((run / "patches" / "carol" / "resteer.json").read_text())
+    assert len(log["losses"]) == 2 and log["attention_before"] is None
+    assert got["hash"].startswith("sha256:")

@@ -29,7 +29,6 @@ from fmn.model.conditioning import (
     CONCEPT_TEMPLATES,
     TextConditioning,
     concept_prompts,
-    cycled_prompts,
     encode_text,
 )
 from fmn.model.images import encode_images, generate
@@ -63,7 +62,14 @@ def generate_concept_images(
 ) -> np.ndarray:
     """n images of the concept (or of each of its words in turn) from the base model
     itself, templates in turn, fixed seeds."""
-    return generate(pipe, cycled_prompts(text, concept_type, n), [seed + i for i in range(n)])
+    return draw_images(pipe, concept_prompts(text, concept_type), n, seed)
+
+
+def draw_images(pipe, prompts: Sequence[str], n: int, seed: int = 0) -> np.ndarray:
+    """n images from the base model, the prompts in turn, seeds seed, seed + 1, ..."""
+    return generate(
+        pipe, [prompts[i % len(prompts)] for i in range(n)], [seed + i for i in range(n)]
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,12 +309,14 @@ def prepare_concept(
     no_face: str = "attention",
     cache_dir: Path | None = None,
     words: Sequence[str] | None = None,
+    draw_from: Sequence[str] = (),
 ) -> Prepared:
     """Images (an array, a folder, or `generate` from the base model), their latents, masks
     and the concept prompts' conditioning; with `cache_dir`, loaded from there when nothing
     that shapes them changed (see the module docstring). words: every phrasing that
     reaches the concept (`text` first if missing): prompts and generated images cycle
-    over them.
+    over them. draw_from: prompts to generate the images from instead, in turn (a
+    correction's guide, fmn.train.correct); the concept's prompts are still its own.
 
     mask: none | auto | face | attention | a Path to a folder of user masks (see
     fmn.data.masks.concept_masks); `masks` passes ready-made [N, H, W] masks instead. None by
@@ -343,6 +351,8 @@ def prepare_concept(
         source = {"array": len(images)}
     else:
         source = {"generate": generate, "seed": seed}
+        if draw_from:
+            source["from"] = list(draw_from)
     n = len(images) if images is not None else generate
     if image_names is None:
         image_names = [f"{i:04d}" for i in range(n)]
@@ -380,7 +390,9 @@ def prepare_concept(
     if where is not None and (hit := _load_cache(pipe, where, key)) is not None:
         return _from_cache(pipe, concept_id, concept_type, phrasings, *hit)
 
-    if images is None:
+    if images is None and draw_from:
+        images = draw_images(pipe, draw_from, generate, seed)
+    elif images is None:
         images = generate_concept_images(pipe, phrasings, concept_type, generate, seed)
     latents = encode_images(pipe, images)
     if masks is not None:

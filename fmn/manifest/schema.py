@@ -460,6 +460,8 @@ class ResolvedConcept(_Strict):
     """A corrected concept's guide prompts (empty otherwise)."""
     guide_images: Path | None
     """A corrected concept's absolute guide folder, or None."""
+    guide_concepts: tuple[str, ...]
+    """The concepts a corrected concept's guide shows (for the audit; empty otherwise)."""
     correct: CorrectOptions
     images: Path | None
     """Absolute image folder, or None when the images are generated."""
@@ -647,6 +649,16 @@ class Manifest(_Strict):
             if c.action == "correct" and c.guide is None:
                 msg = "action: correct needs a guide"
                 out.append(("guide_missing", ("concepts", i, "guide"), msg, GUIDE_HINT))
+            elif c.action == "correct" and "images" in c.model_fields_set:
+                msg = "a correction trains on its guide's images, not on images of its own"
+                out.append(
+                    (
+                        "correct_images",
+                        ("concepts", i, "images"),
+                        msg,
+                        "move them to guide: {images: folder}",
+                    )
+                )
             elif c.action == "correct" and self.merge.method == "joint":
                 msg = (
                     "a corrected concept cannot be re-steered with the others (merge.method: joint)"
@@ -755,6 +767,7 @@ def resolve_concept(c: Concept, defaults: Defaults, base_dir: Path) -> ResolvedC
         action=c.action,
         guide_prompts=tuple(c.guide.prompts or ()) if c.guide else (),
         guide_images=_resolve(c.guide.images, base_dir) if c.guide and c.guide.images else None,
+        guide_concepts=tuple(c.guide.concepts) if c.guide else (),
         correct=defaults.correct,
         images=None if folder is None else _resolve(folder, base_dir),
         generate=c.images.generate if isinstance(c.images, Generate) else None,

@@ -34,7 +34,6 @@ from diffusers import DDPMScheduler
 
 from fmn.data.prepare import Prepared, load_images, prepare_concept
 from fmn.manifest import CorrectOptions, ResolvedConcept, option_default
-from fmn.model.images import generate
 from fmn.model.load import fingerprint, model_info
 from fmn.model.patch import Patch
 from fmn.progress import Progress
@@ -70,27 +69,10 @@ class CorrectConfig:
         return cls(**options.model_dump())
 
 
-class GuideError(ValueError):
-    """A guide that cannot be used; the message names the concept."""
-
-
-def guide_images(
-    pipe,
-    concept_id: str,
-    *,
-    prompts: tuple[str, ...] | list[str] = (),
-    folder: Path | None = None,
-    n: int = _option("generate"),
-    seed: int = 0,
-) -> np.ndarray:
-    """The guide's images, uint8 [N, H, W, 3]: a folder's, whole (centre-cropped to the
-    model's size), or `n` drawn by the base model from `prompts` in turn, seeds seed.."""
-    if (folder is None) == (not prompts):
-        raise GuideError(f"concept {concept_id!r}: a guide is prompts or a folder of images")
-    if folder is not None:
-        return load_images(Path(folder), model_info(pipe).sample_size, seed=seed).pixels
-    chosen = [prompts[i % len(prompts)] for i in range(n)]
-    return generate(pipe, chosen, [seed + i for i in range(n)])
+def guide_images(folder: Path, pipe) -> np.ndarray:
+    """A guide folder's images, whole, uint8 [N, H, W, 3] (centre-cropped to the model's
+    size, as a concept's own folder is)."""
+    return load_images(Path(folder), model_info(pipe).sample_size).pixels
 
 
 def correct_prepared(
@@ -168,18 +150,27 @@ def correct_prepared(
 
 
 def guide_spec(r: ResolvedConcept) -> dict:
-    """A resolved concept's guide as recorded: {"prompts": [...]} or {"images": folder}."""
-    return {"images": r.guide_images} if r.guide_images else {"prompts": list(r.guide_prompts)}
+    """A resolved concept's guide as recorded: {"prompts": [...]} or {"images": folder},
+    and the concepts it shows."""
+    given = {"images": r.guide_images} if r.guide_images else {"prompts": list(r.guide_prompts)}
+    return {**given, "concepts": list(r.guide_concepts)}
 
 
 def prepare_correction(pipe, r: ResolvedConcept, *, cache_dir: Path | None = None) -> Prepared:
-    """The concept's prompts with its guide's images (drawn, or from its folder) as what
-    they should draw: the prepared data of a correction. No masks: the whole image is
-    what the word should draw."""
+    """The concept's prompts with its guide's images (drawn from its prompts in turn, or
+    its folder's) as what they should draw: the prepared data of a correction, cached
+    like a concept's own. No masks: the whole image is what the word should draw."""
     cfg = CorrectConfig.from_options(r.correct)
-    images = guide_images(
-        pipe, r.id, prompts=r.guide_prompts, folder=r.guide_images, n=cfg.generate, seed=cfg.seed
-    )
+    images = guide_images(r.guide_images, pipe) if r.guide_images else None
     return prepare_concept(
-        pipe, r.id, r.type, r.text, images=images, seed=cfg.seed, cache_dir=cache_dir, words=r.words
+        pipe,
+        r.id,
+        r.type,
+        r.text,
+        images=images,
+        generate=cfg.generate,
+        seed=cfg.seed,
+        cache_dir=cache_dir,
+        words=r.words,
+        draw_from=r.guide_prompts,
     )

@@ -339,7 +339,8 @@ class Loop:
     def judge(self, pipe, result, data, preserve) -> None:
         """Judge the ForgetResult of prepared `data` re-steered at the current rung."""
         cfg = self.config()
-        v = judge_patch(pipe, result.patch, data.words, data.concept_type, preserve)
+        words = data.words if len(data.words) > 1 else data.text  # one word: as it was
+        v = judge_patch(pipe, result.patch, words, data.concept_type, preserve)
         rung = f"rung {self.at + 1} of {len(self.rungs)}"
         how = f"positions {cfg.positions}, preserve_weight {cfg.preserve_weight:g}"
         self.history.append(
