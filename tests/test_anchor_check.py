@@ -43,11 +43,15 @@ def test_check_runs_on_every_family(tiny) -> None:
 
 
 def test_merge_uses_the_chosen_anchors_and_records_every_check(
-    clip_tokenizer_dir, tmp_path
+    clip_tokenizer_dir, tmp_path, monkeypatch
 ) -> None:
+    import fmn.merge.fuse as fuse
     from tests.tiny import build_tiny_pipeline
 
-    # one family: the judging itself runs on every family above; this is ~44 candidates
+    # one family: the judging itself runs on every family above; a few candidate words
+    # per type (the shipped lists are ~44 words, ~20 s of judging here)
+    few = {"object": ["dog", "cat", "car"], "id": ["a man", "a woman"]}
+    monkeypatch.setattr(fuse, "GENERIC_WORDS", few)
     tiny = build_tiny_pipeline("sd1", clip_tokenizer_dir, seed=0)
     patches = [_patch(tiny, "cat", "object", 1, 0.02), _patch(tiny, "mary", "id", 2, 0.02)]
     files = [save_patch(p, tmp_path / p.concept) for p in patches]  # read by metadata first
