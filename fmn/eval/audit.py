@@ -482,13 +482,12 @@ def guide_shares(
     """Share of a corrected concept's images on `model` drawn as each guide concept: the
     guide concept the detector gives the highest probability, where it recognises it
     (images it recognises none in count for no one)."""
-    per_image: dict[tuple[str, int], list[tuple[float, bool, str]]] = {}
-    for g in guides:
-        for r in groups.get((f"{cid}:{g}", model), []):
-            per_image.setdefault((r["prompt"], r["seed"]), []).append(
-                (r["probability"], r["recognised"], g)
-            )
-    drawn = [max(found) for found in per_image.values()]
+    # every guide's rows score the same images, in the same order
+    scored = [groups.get((f"{cid}:{g}", model), []) for g in guides]
+    drawn = [
+        max((r["probability"], r["recognised"], g) for r, g in zip(same, guides, strict=True))
+        for same in zip(*scored, strict=True)
+    ]
     n = max(len(drawn), 1)
     return {g: sum(1 for _, rec, who in drawn if rec and who == g) / n for g in guides}
 
