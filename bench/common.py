@@ -136,7 +136,7 @@ def crowd_world(threads: int):
     import torch
 
     torch.set_num_threads(threads)
-    import fmn.train.correct  # noqa: F401  (forget_resolved imports it only when needed)
+    import fmn.train.correct
     import fmn.train.forget  # noqa: F401
     from fmn.eval.mscore.detectors import WorldDetector
     from fmn.model.load import embedded_path, load_pipeline

@@ -160,7 +160,7 @@ def main() -> None:
     commit, pipe, detector, world = common.crowd_world(args.threads)
     from fmn.manifest import parse_manifest
     from fmn.model.patch import apply_patch, revert_patch
-    from fmn.train.forget import forget_resolved
+    from fmn.train.correct import correct_resolved
 
     work = common.ROOT / "build" / "bench" / "correct"
     partial, out = PARTIAL, OUT
@@ -184,7 +184,7 @@ def main() -> None:
         others = [c for c in everyone if c.id != case["id"]]
         before = measure(pipe, detector, world, case, others, size)
         t0 = time.time()
-        res = forget_resolved(pipe, r)  # a correction, by its action
+        res = correct_resolved(pipe, r)
         seconds = time.time() - t0
         apply_patch(pipe, res.patch)
         try:

@@ -439,6 +439,7 @@ def forget(
     of the same concept."""
     from fmn.manifest import Concept, Defaults, resolve_concept
     from fmn.model.patch import save_patch
+    from fmn.train.correct import correct_resolved
     from fmn.train.forget import forget_resolved
     from fmn.train.invert import save_ti
     from fmn.train.loop import NotForgotten
@@ -475,7 +476,10 @@ def forget(
     pipe = _load_model_or_exit(model)
     with _bar() as update:
         try:
-            res = forget_resolved(pipe, resolved, preserve=kept, progress=update)
+            if resolved.action == "correct":
+                res = correct_resolved(pipe, resolved, preserve=kept, progress=update)
+            else:
+                res = forget_resolved(pipe, resolved, preserve=kept, progress=update)
         except NotForgotten as e:  # nothing shipped: the log says how far the loop went
             write_json(out / "resteer.json", {"concept": concept_id, **e.result.log()})
             console.print(f"[red]{e}[/red]\n  log: {out / 'resteer.json'}")

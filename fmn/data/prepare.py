@@ -448,7 +448,23 @@ def prepare_resolved(
     pipe, r: ResolvedConcept, *, mask: str | Path = "none", cache_dir: Path | None = None
 ) -> Prepared:
     """prepare_concept for a manifest's resolved concept: its images (or `generate` of
-    them) drawn with its re-steering seed."""
+    them) drawn with its re-steering seed. A correction (`action: correct`) takes its
+    guide's images instead, a folder's or drawn from its prompts in turn, with its
+    correction seed and no masks (the whole image is what the word should draw)."""
+    if r.action == "correct":
+        folder = r.guide_images
+        return prepare_concept(
+            pipe,
+            r.id,
+            r.type,
+            r.text,
+            images=folder_images_at(pipe, folder) if folder else None,
+            generate=r.correct.generate,
+            seed=r.correct.seed,
+            cache_dir=cache_dir,
+            words=r.words,
+            draw_from=r.guide_prompts,
+        )
     return prepare_concept(
         pipe,
         r.id,
@@ -461,3 +477,10 @@ def prepare_resolved(
         cache_dir=cache_dir,
         words=r.words,
     )
+
+
+def folder_images_at(pipe, folder: Path) -> np.ndarray:
+    """A folder's images, whole, at the model's size (centre crops), uint8 [N, H, W, 3]."""
+    from fmn.model.load import model_info
+
+    return load_images(Path(folder), model_info(pipe).sample_size).pixels

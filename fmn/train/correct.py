@@ -28,13 +28,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from fmn.data.prepare import Prepared, load_images, prepare_concept
+from fmn.data.prepare import Prepared, prepare_resolved
 from fmn.manifest import CorrectOptions, ResolvedConcept, option_default
-from fmn.model.load import fingerprint, model_info
+from fmn.model.load import fingerprint
 from fmn.model.patch import Patch
 from fmn.progress import Progress
 from fmn.train.forget import ForgetResult, concept_anchors, concept_record
@@ -67,12 +66,6 @@ class CorrectConfig:
     @classmethod
     def from_options(cls, options: CorrectOptions) -> CorrectConfig:
         return cls(**options.model_dump())
-
-
-def guide_images(folder: Path, pipe) -> np.ndarray:
-    """A guide folder's images, whole, uint8 [N, H, W, 3] (centre-cropped to the model's
-    size, as a concept's own folder is)."""
-    return load_images(Path(folder), model_info(pipe).sample_size).pixels
 
 
 def correct_prepared(
@@ -156,21 +149,20 @@ def guide_spec(r: ResolvedConcept) -> dict:
     return {**given, "concepts": list(r.guide_concepts)}
 
 
-def prepare_correction(pipe, r: ResolvedConcept, *, cache_dir: Path | None = None) -> Prepared:
-    """The concept's prompts with its guide's images (drawn from its prompts in turn, or
-    its folder's) as what they should draw: the prepared data of a correction, cached
-    like a concept's own. No masks: the whole image is what the word should draw."""
+def correct_resolved(
+    pipe,
+    r: ResolvedConcept,
+    data: Prepared | None = None,
+    *,
+    preserve: list[tuple[str, str]] | None = None,
+    progress: Progress | None = None,
+) -> ForgetResult:
+    """Correct a manifest's (or `fmn forget --correct-to`'s) resolved concept. data: its
+    prepared data (the run's stage reads it from the prep cache); None: prepared here
+    (fmn.data.prepare.prepare_resolved: the guide's images with the concept's prompts)."""
+    if data is None:
+        data = prepare_resolved(pipe, r)
     cfg = CorrectConfig.from_options(r.correct)
-    images = guide_images(r.guide_images, pipe) if r.guide_images else None
-    return prepare_concept(
-        pipe,
-        r.id,
-        r.type,
-        r.text,
-        images=images,
-        generate=cfg.generate,
-        seed=cfg.seed,
-        cache_dir=cache_dir,
-        words=r.words,
-        draw_from=r.guide_prompts,
+    return correct_prepared(
+        pipe, data, cfg, guide=guide_spec(r), preserve=preserve, progress=progress
     )

@@ -135,21 +135,8 @@ def forget_resolved(
 ) -> ForgetResult:
     """forget_concept for a resolved concept (`fmn forget` resolves its options like a
     manifest's concept): the same preparation, configs and mask as `fmn run`'s stages
-    (fmn.run.stages.concept), so both make the same patch; a concept with `action:
-    correct` is corrected towards its guide (fmn.train.correct). `pipe` is left as it came."""
-    if r.action == "correct":
-        from fmn.train.correct import (
-            CorrectConfig,
-            correct_prepared,
-            guide_spec,
-            prepare_correction,
-        )
-
-        data = prepare_correction(pipe, r, cache_dir=cache_dir)
-        cfg = CorrectConfig.from_options(r.correct)
-        return correct_prepared(
-            pipe, data, cfg, guide=guide_spec(r), preserve=preserve, progress=progress
-        )
+    (fmn.run.stages.concept), so both make the same patch. A concept with `action:
+    correct` is fmn.train.correct.correct_resolved's. `pipe` is left as it came."""
     data = prepare_resolved(pipe, r, mask=r.mask, cache_dir=cache_dir)
     ti_cfg = InvertConfig.from_options(r.invert, r.resteer.seed) if r.invert.enabled else None
     cfg = ResteerConfig.from_options(r.type, r.resteer)

@@ -241,11 +241,18 @@ def judge_patch(
     candidates = most_changed(pipe, patch, text, kind, preserve)
     if not isinstance(text, str):
         text = text[0] if len(text) == 1 else tuple(text)  # one judged name for all words
-    seen = [c for c in candidates if recognised(pipe, c[0], c[1], images)]
-    # a word the base model draws as the concept is one more way to reach it: it is meant
-    # to go with it, so its moving stops nothing (it is reported instead)
-    same = [c for c in seen if c[1] == kind and phrasing_of(pipe, c[0], text, kind, images)]
-    watched = [c for c in seen if c not in same][:watch]
+    watched, same = [], []
+    for c in candidates:  # most changed first, until `watch` are watched
+        if len(watched) == watch:
+            break
+        if not recognised(pipe, c[0], c[1], images):
+            continue
+        # a word the base model draws as the concept is one more way to reach it: it is
+        # meant to go with it, so its moving stops nothing (it is reported instead)
+        if c[1] == kind and phrasing_of(pipe, c[0], text, kind, images):
+            same.append(c)
+        else:
+            watched.append(c)
     judged = [(text, kind), *[(t, k) for t, k, _ in watched]]
     # shares are relative to the prompts judged together: the base model's, among the same
     before = self_judged(pipe, None, judged, images=images)

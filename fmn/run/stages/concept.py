@@ -18,10 +18,7 @@ from fmn.run.stages.records import PatchRecord, PrepRecord, TIRecord
 
 def _prepared(pipe, r: ResolvedConcept, run: RunPaths):
     from fmn.data.prepare import prepare_resolved
-    from fmn.train.correct import prepare_correction
 
-    if r.action == "correct":  # the concept's prompts with its guide's images
-        return prepare_correction(pipe, r, cache_dir=run.prep)
     return prepare_resolved(pipe, r, mask=r.mask, cache_dir=run.prep)
 
 
@@ -108,7 +105,7 @@ def stage_resteer(
     -> patches/<id>/delta.safetensors."""
     from fmn.io import write_json
     from fmn.model.patch import patch_hash, save_patch
-    from fmn.train.correct import CorrectConfig, correct_prepared, guide_spec
+    from fmn.train.correct import correct_resolved
     from fmn.train.forget import resteer_prepared
     from fmn.train.loop import NotForgotten
     from fmn.train.resteer import ResteerConfig
@@ -123,14 +120,9 @@ def stage_resteer(
     with pipeline(base_spec(m)) as pipe:
         data = _prepared(pipe, r, rp)
         try:
-            if r.action == "correct":  # as fmn.train.correct.correct_resolved
-                res = correct_prepared(
-                    pipe,
-                    data,
-                    CorrectConfig.from_options(r.correct),
-                    guide=guide_spec(r),
-                    preserve=preserve_list(m),
-                    progress=ProgressFile(rp, concept_id),
+            if r.action == "correct":
+                res = correct_resolved(
+                    pipe, r, data, preserve=preserve_list(m), progress=ProgressFile(rp, concept_id)
                 )
             else:
                 res = resteer_prepared(
