@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -34,8 +36,10 @@ def test_validate_names_the_field_and_exits_2(tmp_path) -> None:
 
 
 def test_validate_accepts_the_shipped_manifests() -> None:
-    for m in ("manifests/demo.yaml", "manifests/nightly.yaml", "manifests/crowd-demo.yaml"):
-        result = runner.invoke(app, ["validate", m])
+    shipped = sorted((Path(__file__).resolve().parents[1] / "manifests").glob("*.yaml"))
+    assert {"demo.yaml", "nightly.yaml", "words.yaml", "correct.yaml"} <= {m.name for m in shipped}
+    for m in shipped:
+        result = runner.invoke(app, ["validate", str(m)])
         assert result.exit_code == 0, result.output
 
 
