@@ -1,0 +1,395 @@
+"""Mass removal on crowd-world: N identities erased in one model, side by side with
+re-implemented closed-form peers on the same world, prompts and seeds (issue #18).
+
+Targets: crowd-world's held-out identities in an order drawn with SHUFFLE_SEED; N = 1, 10,
+50, 100 are nested prefixes of it. Preserved (measured, never given to any method): the
+held-out identities after the first 100 (28 of them) plus every object and style of the
+world. The tune split beside it: tune identities, N = 10 and 40, preserved = the tune
+identities after the first 40 (24) plus every object and style.
+
+Every method gets the same inputs: the targets' names, the type "id", and as preservation
+only the product's generic anchor prompts (the empty prompt and plain words in the
+templates, fmn.data.anchors.anchor_prompts), never a measured concept. Methods:
+
+- ours: what `fmn run` does by default for a manifest of these identities: per concept the
+  closed-loop re-steering (fmn.train.loop), a concept the loop refuses ships nothing; then
+  the default closed-form merge (`merge:` defaults).
+- sum: the fixed re-steering recipe per concept (`resteer.loop: false`), deltas summed.
+- fmn-joint: the seed's joint re-steering, every target in one run (`merge.method: joint`).
+- uce: Unified Concept Editing (Gandikota et al., WACV 2024, eq. 7): for every
+  cross-attention key/value projection W,
+      W' = (lam W + sum_i W c*_i c_i^T + s_p sum_p W c_p c_p^T)
+           (lam I + sum_i c_i c_i^T + s_p sum_p c_p c_p^T)^-1
+  c_i: the text states of each target prompt from the target's last token to the end, c*_i
+  the anchor prompt's ("a person" in the same template) from its last token, aligned;
+  c_p: every position of the preservation prompts. lam 0.1, erase scale 1, s_p 0.1 (the
+  published script's defaults).
+- mace-cf: MACE's closed-form cross-attention refinement (Lu et al., CVPR 2024, eq. 6-7),
+  without its Grounded-SAM LoRA stage: the same solve, but c_i are the positions the
+  target prompt shares with its anchor prompt (the prefix, and every position after the
+  concept, aligned from the end), so the concept's residual in the surrounding tokens is
+  mapped to the anchor's, and the preservation prompts map to themselves; lam 0.5, s_p 1
+  (the published code's defaults).
+
+Every W of a Stable-Diffusion UNet's cross-attention reads the same text states, so both
+peers are dW = W (A B^-1 - I) with one D x D pair (A, B) for all layers.
+
+Measures per (split, method, N): Acc_e (top-1 of the world classifier on the targets'
+images), Acc_s (top-1 on the preserved concepts', as a ratio to the base model's), H (the
+harmonic mean of 1 - Acc_e and the Acc_s ratio), the worst preserved concept (its M-Score
+ratio to base), seconds of each build stage and of the whole build, peak RSS of the
+build. Images: PROMPTS templates x SEEDS per concept, 25 DDIM steps.
+
+The bench resumes: patches are kept under build/bench/mass/, every finished row and the
+base scores go to build/bench/mass.partial.jsonl with the commit they ran on. Two
+processes may run side by side with disjoint --methods (one thread each).
+
+Usage: python bench/mass.py [--methods ours uce ...] [--ns 1 10 50 100] [--splits heldout tune]
+       [--threads 1] [--quick]
+Writes bench/results/mass.json and mass.md with the rows that are in; rows not run yet are
+listed there (`missing`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    ROOT,
+    PeakRSS,
+    append_jsonl,
+    crowd_world,
+    machine,
+    markdown_table,
+    read_jsonl,
+    write_results,
+)
+from fmn.data.anchors import ERASE_ANCHORS, anchor_prompts
+from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+from fmn.manifest import Merge, ResteerOptions, option_default
+from fmn.merge.fuse import MergeConfig, merge_patches
+from fmn.model.conditioning import concept_prompts, encode_text
+from fmn.model.load import fingerprint
+from fmn.model.patch import Patch, apply_patch, revert_patch, save_patch
+from fmn.train.forget import forget_concept, forget_joint
+from fmn.train.loop import NotForgotten
+from fmn.train.resteer import ResteerConfig
+
+SEEDS = (1000, 1001)  # the measuring rule: reported numbers at image seeds >= 1000
+PROMPTS = 6  # 6 templates x 2 seeds = 12 images per concept
+SHUFFLE_SEED = 0
+NS = {"heldout": (1, 10, 50, 100), "tune": (10, 40)}
+METHODS = ("ours", "uce", "mace-cf", "fmn-joint", "sum")
+PEERS = {  # (lam, preserve scale) as published
+    "uce": (0.1, 0.1),
+    "mace-cf": (0.5, 1.0),
+}
+WORK = ROOT / "build" / "bench" / "mass"
+PARTIAL = ROOT / "build" / "bench" / "mass.partial.jsonl"
+OUT = ROOT / "bench" / "results" / "mass.json"
+COLUMNS = [
+    "split",
+    "method",
+    "n_targets",
+    "acc_e",
+    "acc_e_base",
+    "acc_s_ratio",
+    "worst_preserved",
+    "worst_ratio",
+    "h",
+    "seconds",
+    "peak_mb",
+    "shipped",
+]
+
+
+def plan(world, split: str) -> tuple[list, list]:
+    """(targets in their drawn order, preserved concepts) of a split."""
+    ids = [c for c in world.concepts() if c.type == "id" and c.split == split]
+    random.Random(SHUFFLE_SEED).shuffle(ids)
+    n_max = max(NS[split])
+    others = [c for c in world.concepts() if c.type in ("object", "style")]
+    return ids[:n_max], ids[n_max:] + others
+
+
+def score(pipe, detector, concepts, size: dict) -> dict[str, dict]:
+    refs = [ConceptRef(c.id, c.type, c.text) for c in concepts]
+    rows, _ = score_concepts(
+        pipe,
+        refs,
+        detector,
+        prompts_per_concept=size["prompts"],
+        seeds=size["seeds"],
+        steps=size["steps"],
+    )
+    return {cid: {"mscore": s["mscore"], "acc": s["acc"]} for cid, s in summarise(rows).items()}
+
+
+# ---- per-concept patches (cached on disk) ----------------------------------------------
+
+
+def concept_patch(pipe, concept, kind: str, steps: int | None, work: Path) -> dict:
+    """The concept's re-steering patch (kind "fixed" or "loop"), made once: {path or None
+    where the loop refused it, seconds, peak_mb, status}."""
+    folder = work / kind
+    marker = folder / f"{concept.id}.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    opts = ResteerOptions(loop=kind == "loop", **({"steps": steps} if steps else {}))
+    cfg = ResteerConfig.from_options(concept.type, opts)
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        try:
+            res = forget_concept(
+                pipe,
+                concept.id,
+                concept.type,
+                concept.text,
+                cfg,
+                mask=option_default(ResteerOptions, "mask"),
+            )
+            path, status = str(save_patch(res.patch, folder / concept.id)), "shipped"
+        except NotForgotten as e:
+            path, status = None, f"refused: {e.result.loop['reason']}"
+    record = {
+        "path": path,
+        "seconds": time.perf_counter() - t0,
+        "peak_mb": mem.mb,
+        "status": status,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(record))
+    return record
+
+
+# ---- the closed-form peers, written from their papers' equations -------------------------
+
+
+def _states(pipe, prompts: list[str]) -> tuple[torch.Tensor, list[list[int]]]:
+    cond = encode_text(pipe, prompts)
+    ids = [pipe.tokenizer(p).input_ids for p in prompts]  # unpadded: BOS ... EOS
+    return cond.embeds.detach().double(), ids
+
+
+def _uce_pairs(old: torch.Tensor, new: torch.Tensor, ids_old, ids_new):
+    """UCE: from each prompt's last concept token (the one before EOS) to the end, the
+    longer one cut so both have the same length."""
+    i, j = len(ids_old) - 2, len(ids_new) - 2
+    far, length = max(i, j), old.shape[0]
+    return old[i : length - (far - i)], new[j : length - (far - j)]
+
+
+def _mace_pairs(old: torch.Tensor, new: torch.Tensor, ids_old, ids_new):
+    """MACE: the positions the two prompts share (common prefix, and from the first common
+    suffix token on, aligned from the end), extended to the padded length."""
+    pre = 0
+    while pre < min(len(ids_old), len(ids_new)) and ids_old[pre] == ids_new[pre]:
+        pre += 1
+    a, b = len(ids_old) - 1, len(ids_new) - 1
+    while a >= pre and b >= pre and ids_old[a] == ids_new[b]:
+        a, b = a - 1, b - 1
+    length = old.shape[0]
+    shift = (a + 1) - (b + 1)  # old positions after the concept sit `shift` later
+    tail_old = list(range(a + 1, length - max(0, -shift)))
+    tail_new = [k - shift for k in tail_old]
+    keep = [k for k, m in zip(tail_old, tail_new, strict=True) if 0 <= m < length]
+    rows_old = list(range(pre)) + keep
+    rows_new = list(range(pre)) + [k - shift for k in keep]
+    return old[rows_old], new[rows_new]
+
+
+def peer_patch(pipe, method: str, targets) -> tuple:
+    """The peer's dense deltas as a Patch (to_k/to_v of every cross-attention layer)."""
+    lam, s_p = PEERS[method]
+    pairs = _uce_pairs if method == "uce" else _mace_pairs
+    dim = pipe.text_encoder.config.hidden_size
+    a = torch.zeros(dim, dim, dtype=torch.float64)  # sum c* c^T  (values are W c*)
+    b = torch.zeros(dim, dim, dtype=torch.float64)  # sum c c^T
+    for c in targets:
+        old_prompts = concept_prompts(c.text, "id")
+        new_prompts = concept_prompts(ERASE_ANCHORS["id"], "id")
+        old, ids_old = _states(pipe, old_prompts)
+        new, ids_new = _states(pipe, new_prompts)
+        for k in range(len(old_prompts)):
+            e_old, e_new = pairs(old[k], new[k], ids_old[k], ids_new[k])
+            a += e_new.T @ e_old
+            b += e_old.T @ e_old
+    keep, _ = _states(pipe, anchor_prompts())
+    keep = keep.reshape(-1, dim)
+    p = keep.T @ keep
+    eye = torch.eye(dim, dtype=torch.float64)
+    lhs = lam * eye + b + s_p * p
+    m = torch.linalg.solve(lhs, (lam * eye + a + s_p * p), left=False) - eye  # (A B^-1 - I)
+    deltas = {
+        name: (w.detach().double() @ m).float()
+        for name, w in pipe.unet.named_parameters()
+        if "attn2.to_k" in name or "attn2.to_v" in name
+    }
+    return Patch(
+        concept=",".join(c.id for c in targets),
+        method=method,
+        deltas=deltas,
+        config={"lam": lam, "preserve_scale": s_p},
+        base_fingerprint=fingerprint(pipe),
+    )
+
+
+# ---- one build per (method, N) ------------------------------------------------------------
+
+
+def build(pipe, method: str, targets, steps: int | None, work: Path) -> dict:
+    """The merged patch of `method` for these targets, with its stage times."""
+    stages: dict[str, float] = {}
+    peaks: list[float] = []
+    shipped = len(targets)
+    if method in PEERS:
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            patch = peer_patch(pipe, method, targets)
+        stages["edit"], peaks = time.perf_counter() - t0, [mem.mb]
+    elif method == "fmn-joint":
+        opts = ResteerOptions(loop=False, **({"steps": steps} if steps else {}))
+        cfgs = [ResteerConfig.from_options("id", opts) for _ in targets]
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            patch = forget_joint(pipe, [(c.id, c.type, c.text) for c in targets], cfgs)
+        stages["prepare+resteer"], peaks = time.perf_counter() - t0, [mem.mb]
+    else:
+        kind = "loop" if method == "ours" else "fixed"
+        records = [concept_patch(pipe, c, kind, steps, work) for c in targets]
+        paths = [r["path"] for r in records if r["path"]]
+        shipped = len(paths)
+        stages["prepare+resteer"] = sum(r["seconds"] for r in records)
+        peaks = [r["peak_mb"] for r in records]
+        cfg = MergeConfig(method="sum") if method == "sum" else MergeConfig.from_manifest(Merge())
+        if not paths:
+            return {"patch": None, "stages": stages, "peak_mb": max(peaks), "shipped": 0}
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            patch = merge_patches(pipe, paths, cfg).patch
+        stages["merge"] = time.perf_counter() - t0
+        peaks.append(mem.mb)
+    return {"patch": patch, "stages": stages, "peak_mb": max(peaks), "shipped": shipped}
+
+
+def _ratio(x: float, base: float) -> float:
+    return x / base if base > 0 else float("nan")  # (only --quick's 2-step images read 0)
+
+
+def row(split, method, targets, preserved, base, patched, built) -> dict:
+    acc_e = float(np.mean([patched[c.id]["acc"] for c in targets]))
+    acc_s = float(np.mean([patched[c.id]["acc"] for c in preserved]))
+    acc_s_base = float(np.mean([base[c.id]["acc"] for c in preserved]))
+    ratios = {c.id: _ratio(patched[c.id]["mscore"], base[c.id]["mscore"]) for c in preserved}
+    worst = min(ratios, key=lambda c: np.nan_to_num(ratios[c], nan=np.inf))
+    s_ratio = _ratio(acc_s, acc_s_base)
+    h = 2 * (1 - acc_e) * s_ratio / ((1 - acc_e) + s_ratio) if (1 - acc_e) + s_ratio else 0.0
+    return {
+        "split": split,
+        "method": method,
+        "n_targets": len(targets),
+        "acc_e": acc_e,
+        "acc_e_base": float(np.mean([base[c.id]["acc"] for c in targets])),
+        "acc_s_ratio": s_ratio,
+        "worst_preserved": worst,
+        "worst_ratio": ratios[worst],
+        "h": h,
+        "seconds": round(sum(built["stages"].values()), 2),
+        "stages": {k: round(v, 2) for k, v in built["stages"].items()},
+        "peak_mb": round(built["peak_mb"], 1),
+        "shipped": built["shipped"],
+    }
+
+
+def ns_of(split: str, args) -> list[int]:
+    """The N of a split this run does: the split's, or those asked for; 1 and 2 in --quick."""
+    return [1, 2] if args.quick else [n for n in NS[split] if not args.ns or n in args.ns]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--splits", nargs="+", default=list(NS), choices=list(NS))
+    ap.add_argument("--ns", nargs="+", type=int, help="only these N (default: the split's)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="plumbing: 2-step images, N <= 2")
+    args = ap.parse_args()
+    commit, pipe, detector, world = crowd_world(args.threads)
+
+    size = {"prompts": PROMPTS, "seeds": SEEDS, "steps": 25}
+    steps, work = None, WORK
+    if args.quick:  # its 2-step patches are kept apart from the real ones
+        work = WORK / "quick"
+        size, steps = {"prompts": 1, "seeds": SEEDS[:1], "steps": 2}, 2
+    done = read_jsonl(PARTIAL)
+    rows = [d for d in done if "method" in d and d.get("quick", False) == args.quick]
+    for split in args.splits:
+        targets, preserved = plan(world, split)
+        ns = ns_of(split, args)
+        if args.quick:
+            preserved = preserved[:3]
+        key = f"base:{split}:{'quick' if args.quick else 'full'}"
+        base = next((d[key] for d in done if key in d), None)
+        if base is None:
+            t0 = time.time()
+            base = score(pipe, detector, (targets[:2] if args.quick else targets) + preserved, size)
+            append_jsonl(PARTIAL, {key: base, "commit": commit})
+            print(f"{key}: {len(base)} concepts in {time.time() - t0:.0f} s", flush=True)
+        for method in args.methods:
+            for n in ns:
+                if any(
+                    (r["split"], r["method"], r["n_targets"]) == (split, method, n) for r in rows
+                ):
+                    continue
+                built = build(pipe, method, targets[:n], steps, work)
+                if built["patch"] is None:  # nothing shipped: the base model is the result
+                    patched = base
+                else:
+                    apply_patch(pipe, built["patch"])
+                    try:
+                        patched = score(pipe, detector, targets[:n] + preserved, size)
+                    finally:
+                        revert_patch(pipe, built["patch"])
+                r = row(split, method, targets[:n], preserved, base, patched, built)
+                r.update(commit=commit, quick=args.quick)
+                append_jsonl(PARTIAL, r)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    if args.quick:
+        print(f"{len(rows)} quick rows in (nothing is written)")
+        return
+    # every row of the whole plan that is in, whichever process ran it
+    want = [(s, m, n) for s in NS for m in METHODS for n in NS[s]]
+    have = [r for r in rows if (r["split"], r["method"], r["n_targets"]) in want]
+    got = {(r["split"], r["method"], r["n_targets"]) for r in have}
+    commits = sorted({r["commit"] for r in have})
+    order = {m: i for i, m in enumerate(METHODS)}
+    have.sort(key=lambda r: (r["split"] != "heldout", r["n_targets"], order[r["method"]]))
+    result = {
+        "commit": commits[0] if len(commits) == 1 else commits,
+        "machine": machine(args.threads),
+        "images_per_concept": size["prompts"] * len(size["seeds"]),
+        "seeds": list(size["seeds"]),
+        "shuffle_seed": SHUFFLE_SEED,
+        "missing": [f"{s} {m} N={n}" for s, m, n in want if (s, m, n) not in got],
+        "rows": have,
+    }
+    table = markdown_table(have, COLUMNS)
+    if result["missing"]:  # a resumable run not finished yet says so in its table
+        table += "\nNot run yet: " + ", ".join(result["missing"]) + ".\n"
+    write_results(OUT, result, table, "Mass removal on crowd-world")
+    print(f"wrote {OUT} and {OUT.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
