@@ -30,6 +30,9 @@ templates, fmn.data.anchors.anchor_prompts), never a measured concept. Methods:
   concept, aligned from the end), so the concept's residual in the surrounding tokens is
   mapped to the anchor's, and the preservation prompts map to themselves; lam 0.5, s_p 1
   (the published code's defaults).
+- uce-list, mace-cf-list: the same, with a preserve list as a user would give one: 64
+  identities no row of the split measures (the other split's) join the preservation
+  prompts (in the preservation templates of fmn.data.anchors).
 
 Every W of a Stable-Diffusion UNet's cross-attention reads the same text states, so both
 peers are dW = W (A B^-1 - I) with one D x D pair (A, B) for all layers.
@@ -89,11 +92,12 @@ SEEDS = (1000, 1001)  # the measuring rule: reported numbers at image seeds >= 1
 PROMPTS = 6  # 6 templates x 2 seeds = 12 images per concept
 SHUFFLE_SEED = 0
 NS = {"heldout": (1, 10, 50, 100), "tune": (10, 40)}
-METHODS = ("ours", "uce", "mace-cf", "fmn-joint", "sum")
+METHODS = ("ours", "uce", "mace-cf", "fmn-joint", "sum", "uce-list", "mace-cf-list")
 PEERS = {  # (lam, preserve scale) as published
     "uce": (0.1, 0.1),
     "mace-cf": (0.5, 1.0),
 }
+LISTED = 64  # -list variants: this many identities of the other split added to preservation
 WORK = ROOT / "build" / "bench" / "mass"
 PARTIAL = ROOT / "build" / "bench" / "mass.partial.jsonl"
 OUT = ROOT / "bench" / "results" / "mass.json"
@@ -208,10 +212,19 @@ def _mace_pairs(old: torch.Tensor, new: torch.Tensor, ids_old, ids_new):
     return old[rows_old], new[rows_new]
 
 
-def peer_patch(pipe, method: str, targets) -> tuple:
-    """The peer's dense deltas as a Patch (to_k/to_v of every cross-attention layer)."""
-    lam, s_p = PEERS[method]
-    pairs = _uce_pairs if method == "uce" else _mace_pairs
+def listed(world, split: str) -> list:
+    """The preserve list of the -list variants: identities none of the split's rows
+    measures (the other split's: all tune identities for held-out rows, the first held-out
+    targets for tune rows)."""
+    other = "tune" if split == "heldout" else "heldout"
+    return plan(world, other)[0][:LISTED]
+
+
+def peer_patch(pipe, method: str, targets, keep_listed=()) -> Patch:
+    """The peer's dense deltas as a Patch (to_k/to_v of every cross-attention layer).
+    keep_listed: identities whose prompts join the preservation prompts (-list variants)."""
+    lam, s_p = PEERS[method.removesuffix("-list")]
+    pairs = _uce_pairs if method.startswith("uce") else _mace_pairs
     dim = pipe.text_encoder.config.hidden_size
     a = torch.zeros(dim, dim, dtype=torch.float64)  # sum c* c^T  (values are W c*)
     b = torch.zeros(dim, dim, dtype=torch.float64)  # sum c c^T
@@ -224,7 +237,7 @@ def peer_patch(pipe, method: str, targets) -> tuple:
             e_old, e_new = pairs(old[k], new[k], ids_old[k], ids_new[k])
             a += e_new.T @ e_old
             b += e_old.T @ e_old
-    keep, _ = _states(pipe, anchor_prompts())
+    keep, _ = _states(pipe, anchor_prompts(preserve=[(c.text, c.type) for c in keep_listed]))
     keep = keep.reshape(-1, dim)
     p = keep.T @ keep
     eye = torch.eye(dim, dtype=torch.float64)
@@ -247,15 +260,15 @@ def peer_patch(pipe, method: str, targets) -> tuple:
 # ---- one build per (method, N) ------------------------------------------------------------
 
 
-def build(pipe, method: str, targets, steps: int | None, work: Path) -> dict:
+def build(pipe, method: str, targets, steps: int | None, work: Path, keep_listed=()) -> dict:
     """The merged patch of `method` for these targets, with its stage times."""
     stages: dict[str, float] = {}
     peaks: list[float] = []
     shipped = len(targets)
-    if method in PEERS:
+    if method.removesuffix("-list") in PEERS:
         t0 = time.perf_counter()
         with PeakRSS() as mem:
-            patch = peer_patch(pipe, method, targets)
+            patch = peer_patch(pipe, method, targets, keep_listed)
         stages["edit"], peaks = time.perf_counter() - t0, [mem.mb]
     elif method == "fmn-joint":
         opts = ResteerOptions(loop=False, **({"steps": steps} if steps else {}))
@@ -351,7 +364,8 @@ def main() -> None:
                     (r["split"], r["method"], r["n_targets"]) == (split, method, n) for r in rows
                 ):
                     continue
-                built = build(pipe, method, targets[:n], steps, work)
+                keep = listed(world, split) if method.endswith("-list") else ()
+                built = build(pipe, method, targets[:n], steps, work, keep)
                 if built["patch"] is None:  # nothing shipped: the base model is the result
                     patched = base
                 else:
