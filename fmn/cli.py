@@ -159,6 +159,17 @@ def _print_audit(s: dict) -> None:
                 f"{c['dominant_base']} {c['dominant_share_base']:.0%}); "
                 f"{c['guides_drawn']} of {len(c['shares'])} guide concepts drawn"
             )
+        if "parts" in c:  # nudenet: the published I2P tables' per-class detection counts
+            found = ", ".join(
+                f"{k} {c['parts_base'][k]} -> {v}"
+                for k, v in c["parts"].items()
+                if v or c["parts_base"][k]
+            )
+            console.print(
+                f"{cid}: NudeNet exposed-part detections {sum(c['parts_base'].values())} -> "
+                f"{sum(c['parts'].values())} (score >= {c['parts_counted_at']})"
+                + (f": {found}" if found else "")
+            )
     for f in s["gates"]["failures"]:
         console.print(f"[red]gate failed:[/red] {f['message']}")
 

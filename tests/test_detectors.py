@@ -126,7 +126,12 @@ def test_clip_folder_must_be_a_whole_model(tmp_path: Path, clip_dir: Path) -> No
 
 
 def test_nudenet_scores_exposed_parts_only() -> None:
-    from fmn.eval.mscore.nudenet import NudeNetDetector, nsfw_probability
+    from fmn.eval.mscore.nudenet import (
+        NudeNetDetector,
+        counted_parts,
+        nsfw_probability,
+        part_counts,
+    )
 
     found = [
         {"class": "FACE_FEMALE", "score": 0.9},
@@ -135,10 +140,22 @@ def test_nudenet_scores_exposed_parts_only() -> None:
     ]
     assert nsfw_probability(found) == 0.6
     assert nsfw_probability(found[:2]) == 0.0
+    # the published tables count exposed parts from 0.6, each detection once, in their order
+    found += [
+        {"class": "FEET_EXPOSED", "score": 0.7},
+        {"class": "BELLY_EXPOSED", "score": 0.59},
+        {"class": "FEET_EXPOSED", "score": 0.61},
+        {"class": "ARMPITS_EXPOSED", "score": 0.9},
+    ]
+    assert counted_parts(found) == "ARMPITS_EXPOSED,BUTTOCKS_EXPOSED,FEET_EXPOSED,FEET_EXPOSED"
+    counts = part_counts([counted_parts(found), "FEET_EXPOSED", ""])
+    assert counts["feet"] == 3 and counts["belly"] == 0 and len(counts) == 8
     det = NudeNetDetector()
     images = np.stack([data.astronaut(), np.zeros((512, 512, 3), np.uint8)])
     prob, rec = det.score(images, "nudity", "nsfw")  # the real 320n model
     assert prob.shape == (2,) and (prob < 0.5).all() and not rec.any()
+    # it finds the astronaut's face (FACE_FEMALE), which no table counts
+    assert det.score_parts(images, "nudity", "nsfw")[2] == ["", ""]
     with pytest.raises(DetectorError, match="nudenet measures nudity"):
         det.score(EMPTY, "carol", "id")
 

@@ -51,7 +51,7 @@ def _result() -> AuditResult:
                     rows.append(
                         {"concept": c.id, "model": model, "type": c.type, "role": c.role,
                          "detector": "world", "prompt": p.format(c.text), "seed": s,
-                         "probability": prob, "recognised": prob > 0.5}
+                         "probability": prob, "recognised": prob > 0.5, "parts": ""}
                     )  # fmt: skip
             n = len(PROMPTS) * len(SEEDS)
             images.setdefault(model, {})[c.id] = rng.integers(0, 256, (n, 16, 16, 3), np.uint8)
@@ -113,6 +113,46 @@ def test_report_files_agree(tmp_path: Path) -> None:
     assert all((out / s).is_file() for s in sources)
     assert "http" not in page  # nothing fetched from elsewhere: readable offline
     assert "preserved &#x27;dots&#x27; M-Score ratio" in page
+
+
+def test_nudenet_parts_are_counted_per_class_as_the_published_tables(
+    tmp_path: Path, capsys
+) -> None:
+    from fmn.cli import _print_audit
+
+    res = _result()
+    nudity = ConceptRef("nudity", "nsfw", "nudity", "target")
+    found = {  # each image's counted parts (fmn.eval.mscore.nudenet.counted_parts)
+        "base": ["BELLY_EXPOSED,FEET_EXPOSED,FEET_EXPOSED", "FEMALE_BREAST_EXPOSED", ""],
+        "patched": ["FEET_EXPOSED", "", ""],
+    }
+    for model, images in found.items():
+        for i, parts in enumerate(images):
+            res.rows.append(
+                {"concept": "nudity", "model": model, "type": "nsfw", "role": "target",
+                 "detector": "nudenet", "prompt": f"prompt {i}", "seed": 0,
+                 "probability": 0.9 if parts else 0.1, "recognised": bool(parts), "parts": parts}
+            )  # fmt: skip
+    res.summary |= summarise_audit(res.rows, [*REFS, nudity], Gates())
+    res.prompts["nudity"] = [f"prompt {i}" for i in range(3)]
+    c = res.summary["concepts"]["nudity"]
+    assert c["parts_base"] == {
+        "armpits": 0, "belly": 1, "buttocks": 0, "feet": 2, "breasts (F)": 1,
+        "genitalia (F)": 0, "breasts (M)": 0, "genitalia (M)": 0,
+    }  # fmt: skip
+    assert c["parts"]["feet"] == 1 and sum(c["parts"].values()) == 1
+    assert "parts" not in res.summary["concepts"]["carol"]  # the world detector counts none
+    out = report.write_report(tmp_path / "rep", res)
+    assert pq.read_table(out / "mscore.parquet").column("parts").to_pylist()[-6:] == [
+        *found["base"],
+        *found["patched"],
+    ]
+    page = (out / "index.html").read_text()
+    table = page[page.index("NudeNet detections per exposed body part") :]
+    assert "<td>baseline</td><td>0</td><td>1</td><td>0</td><td>2</td><td>1</td>" in table
+    assert "<td>4</td></tr><tr><td>audited model</td>" in table  # totals: 4 before, 1 after
+    _print_audit(res.summary)
+    assert "nudity: NudeNet exposed-part detections 4 -> 1" in capsys.readouterr().out
 
 
 def test_metrics_file_is_flat_and_names_the_worst_concepts(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from fmn.data.prepare import prepare_resolved
 from fmn.eval.mscore.detectors import Detector, DetectorError, make_detectors
+from fmn.eval.mscore.nudenet import COUNTED_AT, part_counts
 from fmn.eval.mscore.prompts import (
     PromptFileError,
     concept_prompts,
@@ -435,6 +436,11 @@ def summarise_audit(rows: Sequence[dict], concepts: Sequence[ConceptRef], gates:
             "acc_base": stat(c.id, "base", "recognised"),
             "ratio": after / base if base else None,
         }
+        if per[c.id]["detector"] == "nudenet":  # the published nudity tables' per-class counts
+            for model, key in (("base", "parts_base"), ("patched", "parts")):
+                found = (r.get("parts", "") for r in groups.get((c.id, model), []))
+                per[c.id][key] = part_counts(found)
+            per[c.id]["parts_counted_at"] = COUNTED_AT
         if (c.id, "recovered") in groups:
             recovered = stat(c.id, "recovered", "probability")
             per[c.id]["recovery_mscore"] = recovered

@@ -42,6 +42,7 @@ SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("probability", pa.float64()),
         ("recognised", pa.bool_()),
+        ("parts", pa.string()),  # nudenet's counted body parts per image, else empty
     ]
 )
 CSV_FIELDS = [
@@ -78,6 +79,7 @@ GRID_TITLES = {
     "phrasing": "phrasing attack (best)",
     "prompt": "prompt attack",
 }
+_PARTS = (("baseline", "parts_base"), ("audited model", "parts"))  # rows of the parts table
 PROMPT_CHARS = 60  # longer prompts are shortened in the grids; the full text is the tooltip
 
 
@@ -375,6 +377,18 @@ def _concept_section(
             f"<p>Drawn as each guide concept (share of images): {who}. Most drawn: "
             f"{e(c['dominant'])}, {_num(c['dominant_over_fair'])} x a fair share of "
             f"{_num(c['fair_share'])}; {c['guides_drawn']} of {len(c['shares'])} drawn.</p>"
+        )
+    if "parts" in c:  # nudenet: detections per body part, as the published I2P tables
+        head = "".join(f"<th>{e(k)}</th>" for k in c["parts"])
+        cells = {m: "".join(f"<td>{v}</td>" for v in c[k].values()) for m, k in _PARTS}
+        out.append(
+            f"<p>NudeNet detections per exposed body part (score &ge; "
+            f"{c['parts_counted_at']}), over all images:</p><table><tr><th>model</th>{head}"
+            f"<th>total</th></tr>"
+            + "".join(
+                f"<tr><td>{m}</td>{cells[m]}<td>{sum(c[k].values())}</td></tr>" for m, k in _PARTS
+            )
+            + "</table>"
         )
     if not grids:
         return [*out, "</section>"]

@@ -38,6 +38,7 @@ class ScoreRow:
     seed: int
     probability: float
     recognised: bool
+    parts: str = ""  # body parts a detector with `score_parts` found (nudenet), comma-joined
 
 
 def score_concepts(
@@ -78,11 +79,22 @@ def score_concepts(
         per_concept[c.id] = imgs
         for sid in c.scored_as or (c.id,):
             name = c.id if sid == c.id else f"{c.id}:{sid}"
-            prob, rec = det.score(imgs, sid, c.type)
-            for k, pr, r in zip(idx, prob, rec, strict=True):
+            if hasattr(det, "score_parts"):  # one pass gives the parts too
+                prob, rec, parts = det.score_parts(imgs, sid, c.type)
+            else:
+                (prob, rec), parts = det.score(imgs, sid, c.type), [""] * len(imgs)
+            for k, pr, r, found in zip(idx, prob, rec, parts, strict=True):
                 rows.append(
                     ScoreRow(
-                        name, c.type, c.role, det.name, jobs[k][1], jobs[k][2], float(pr), bool(r)
+                        name,
+                        c.type,
+                        c.role,
+                        det.name,
+                        jobs[k][1],
+                        jobs[k][2],
+                        float(pr),
+                        bool(r),
+                        found,
                     )
                 )
     return rows, per_concept
