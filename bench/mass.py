@@ -30,6 +30,13 @@ templates, fmn.data.anchors.anchor_prompts), never a measured concept. Methods:
   concept, aligned from the end), so the concept's residual in the surrounding tokens is
   mapped to the anchor's, and the preservation prompts map to themselves; lam 0.5, s_p 1
   (the published code's defaults).
+- probe-token: no method, a probe of where the wall is. Every cross-attention key/value
+  edit (all of the above) is linear in the text states, and crowd-world's states are
+  entangled (docs/resteer.md, bench/separability.py). This edits the text side instead:
+  each target's name token's input-embedding row becomes the anchor word's ("person"),
+  so a prompt without a target name is encoded exactly as before. It says what a
+  text-side edit could reach on this world; it is no candidate as it stands (a textual
+  inversion, or any other word for the person, goes around it).
 - uce-list, mace-cf-list: the same, with a preserve list as a user would give one: 64
   identities no row of the split measures (the other split's) join the preservation
   prompts (in the preservation templates of fmn.data.anchors).
@@ -92,7 +99,7 @@ SEEDS = (1000, 1001)  # the measuring rule: reported numbers at image seeds >= 1
 PROMPTS = 6  # 6 templates x 2 seeds = 12 images per concept
 SHUFFLE_SEED = 0
 NS = {"heldout": (1, 10, 50, 100), "tune": (10, 40)}
-METHODS = ("ours", "uce", "mace-cf", "fmn-joint", "sum", "uce-list", "mace-cf-list")
+METHODS = ("ours", "uce", "mace-cf", "fmn-joint", "sum", "uce-list", "mace-cf-list", "probe-token")
 PEERS = {  # (lam, preserve scale) as published
     "uce": (0.1, 0.1),
     "mace-cf": (0.5, 1.0),
@@ -257,6 +264,29 @@ def peer_patch(pipe, method: str, targets, keep_listed=()) -> Patch:
     )
 
 
+class TokenRows:
+    """probe-token's edit: the targets' name-token embedding rows set to the anchor word's
+    while applied (`apply` / `revert`, as a Patch is applied and reverted)."""
+
+    def __init__(self, pipe, targets) -> None:
+        tok = pipe.tokenizer
+        self.rows = pipe.text_encoder.get_input_embeddings().weight
+        (self.anchor,) = tok(ERASE_ANCHORS["id"].split()[-1], add_special_tokens=False).input_ids
+        self.ids = [tok(c.text, add_special_tokens=False).input_ids for c in targets]
+        if any(len(i) != 1 for i in self.ids):  # the world's names are one token each
+            raise SystemExit("probe-token needs one-token names")
+        self.ids = [i[0] for i in self.ids]
+        self.saved = self.rows[self.ids].detach().clone()
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            self.rows[self.ids] = self.rows[self.anchor].detach().clone()
+
+    def revert(self) -> None:
+        with torch.no_grad():
+            self.rows[self.ids] = self.saved
+
+
 # ---- one build per (method, N) ------------------------------------------------------------
 
 
@@ -265,6 +295,9 @@ def build(pipe, method: str, targets, steps: int | None, work: Path, keep_listed
     stages: dict[str, float] = {}
     peaks: list[float] = []
     shipped = len(targets)
+    if method == "probe-token":
+        return {"patch": TokenRows(pipe, targets), "stages": {"edit": 0.0}, "peak_mb": 0.0,
+                "shipped": shipped}  # fmt: skip
     if method.removesuffix("-list") in PEERS:
         t0 = time.perf_counter()
         with PeakRSS() as mem:
@@ -369,11 +402,12 @@ def main() -> None:
                 if built["patch"] is None:  # nothing shipped: the base model is the result
                     patched = base
                 else:
-                    apply_patch(pipe, built["patch"])
+                    edit = built["patch"]
+                    apply_patch(pipe, edit) if isinstance(edit, Patch) else edit.apply()
                     try:
                         patched = score(pipe, detector, targets[:n] + preserved, size)
                     finally:
-                        revert_patch(pipe, built["patch"])
+                        revert_patch(pipe, edit) if isinstance(edit, Patch) else edit.revert()
                 r = row(split, method, targets[:n], preserved, base, patched, built)
                 r.update(commit=commit, quick=args.quick)
                 append_jsonl(PARTIAL, r)
