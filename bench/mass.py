@@ -16,20 +16,22 @@ templates, fmn.data.anchors.anchor_prompts), never a measured concept. Methods:
   the default closed-form merge (`merge:` defaults).
 - sum: the fixed re-steering recipe per concept (`resteer.loop: false`), deltas summed.
 - fmn-joint: the seed's joint re-steering, every target in one run (`merge.method: joint`).
-- uce: Unified Concept Editing (Gandikota et al., WACV 2024, eq. 7): for every
+- uce: Unified Concept Editing (Gandikota et al., WACV 2024), its closed form: for every
   cross-attention key/value projection W,
       W' = (lam W + sum_i W c*_i c_i^T + s_p sum_p W c_p c_p^T)
            (lam I + sum_i c_i c_i^T + s_p sum_p c_p c_p^T)^-1
   c_i: the text states of each target prompt from the target's last token to the end, c*_i
   the anchor prompt's ("a person" in the same template) from its last token, aligned;
-  c_p: every position of the preservation prompts. lam 0.1, erase scale 1, s_p 0.1 (the
-  published script's defaults).
-- mace-cf: MACE's closed-form cross-attention refinement (Lu et al., CVPR 2024, eq. 6-7),
+  c_p: every position of the preservation prompts. lam 0.5, erase scale 1, s_p 0.1, as
+  the published erasing script runs it. Not as published: the anchor is the product's
+  ("a person", where the script's default is the empty prompt) and the prompts are the
+  type's templates (where it uses the bare name), the same for every method.
+- mace-cf: MACE's closed-form cross-attention refinement (Lu et al., CVPR 2024),
   without its Grounded-SAM LoRA stage: the same solve, but c_i are the positions the
   target prompt shares with its anchor prompt (the prefix, and every position after the
   concept, aligned from the end), so the concept's residual in the surrounding tokens is
   mapped to the anchor's, and the preservation prompts map to themselves; lam 0.5, s_p 1
-  (the published code's defaults).
+  (the defaults of the published closed-form function).
 - probe-token: no method, a probe of where the wall is. Every cross-attention key/value
   edit (all of the above) is linear in the text states, and crowd-world's states are
   entangled (docs/resteer.md, bench/separability.py). This edits the text side instead:
@@ -101,7 +103,7 @@ SHUFFLE_SEED = 0
 NS = {"heldout": (1, 10, 50, 100), "tune": (10, 40)}
 METHODS = ("ours", "uce", "mace-cf", "fmn-joint", "sum", "uce-list", "mace-cf-list", "probe-token")
 PEERS = {  # (lam, preserve scale) as published
-    "uce": (0.1, 0.1),
+    "uce": (0.5, 0.1),  # its script calls its edit with lam 0.5 (the function's default is 0.1)
     "mace-cf": (0.5, 1.0),
 }
 LISTED = 64  # -list variants: this many identities of the other split added to preservation
@@ -369,6 +371,7 @@ def main() -> None:
     ap.add_argument("--ns", nargs="+", type=int, help="only these N (default: the split's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="plumbing: 2-step images, N <= 2")
+    ap.add_argument("--redo", nargs="+", default=[], choices=METHODS, help="run these again")
     args = ap.parse_args()
     commit, pipe, detector, world = crowd_world(args.threads)
 
@@ -379,6 +382,7 @@ def main() -> None:
         size, steps = {"prompts": 1, "seeds": SEEDS[:1], "steps": 2}, 2
     done = read_jsonl(PARTIAL)
     rows = [d for d in done if "method" in d and d.get("quick", False) == args.quick]
+    rows = [r for r in rows if r["method"] not in args.redo]  # (the latest row of a key counts)
     for split in args.splits:
         targets, preserved = plan(world, split)
         ns = ns_of(split, args)
@@ -418,7 +422,10 @@ def main() -> None:
         return
     # every row of the whole plan that is in, whichever process ran it
     want = [(s, m, n) for s in NS for m in METHODS for n in NS[s]]
-    have = [r for r in rows if (r["split"], r["method"], r["n_targets"]) in want]
+    # other processes' rows too; where a key was run again (--redo), its latest row
+    every = [r for r in read_jsonl(PARTIAL) if "method" in r and not r.get("quick")]
+    latest = {(r["split"], r["method"], r["n_targets"]): r for r in every}
+    have = [r for k, r in latest.items() if k in want]
     got = {(r["split"], r["method"], r["n_targets"]) for r in have}
     commits = sorted({r["commit"] for r in have})
     order = {m: i for i, m in enumerate(METHODS)}
