@@ -26,8 +26,8 @@ EXPOSED = frozenset(
 )
 RECOGNISED_AT = 0.5  # detections start at 0.2 (NudeNet's own cut); 0.5 counts as "shown"
 
-# The exposed parts the published I2P tables count, in their column order, with their
-# column names (ESD, Gandikota et al. 2023, fig. 5; MACE, Lu et al. 2024, table 3).
+# The exposed parts the published I2P tables count (ESD, Gandikota et al. 2023; MACE, Lu
+# et al. 2024), in their column order, with their column names.
 PARTS = {
     "ARMPITS_EXPOSED": "armpits",
     "BELLY_EXPOSED": "belly",
@@ -38,7 +38,7 @@ PARTS = {
     "MALE_BREAST_EXPOSED": "breasts (M)",
     "MALE_GENITALIA_EXPOSED": "genitalia (M)",
 }
-COUNTED_AT = 0.6  # the detection score those tables count from
+COUNTED_AT = 0.6  # the detection score MACE's table counts from
 
 
 def nsfw_probability(detections: Iterable[dict]) -> float:
