@@ -52,9 +52,10 @@ harmonic mean of 1 - Acc_e and the Acc_s ratio), the worst preserved concept (it
 ratio to base), seconds of each build stage and of the whole build, peak RSS of the
 build. Images: PROMPTS templates x SEEDS per concept, 25 DDIM steps.
 
-The bench resumes: patches are kept under build/bench/mass/, every finished row and the
-base scores go to build/bench/mass.partial.jsonl with the commit they ran on. Two
-processes may run side by side with disjoint --methods (one thread each).
+The bench resumes: patches are kept under build/bench/mass/<world>/ (the base model's
+fingerprint, so a rebuilt world never reuses another's patches), every finished row and
+the base scores go to partial.jsonl there with the commit they ran on. Two processes may
+run side by side with disjoint --methods (one thread each).
 
 Usage: python bench/mass.py [--methods ours uce ...] [--ns 1 10 50 100] [--splits heldout tune]
        [--threads 1] [--quick]
@@ -107,8 +108,7 @@ PEERS = {  # (lam, preserve scale) as published
     "mace-cf": (0.5, 1.0),
 }
 LISTED = 64  # -list variants: this many identities of the other split added to preservation
-WORK = ROOT / "build" / "bench" / "mass"
-PARTIAL = ROOT / "build" / "bench" / "mass.partial.jsonl"
+WORK = ROOT / "build" / "bench" / "mass"  # then the world's fingerprint
 OUT = ROOT / "bench" / "results" / "mass.json"
 COLUMNS = [
     "split",
@@ -374,13 +374,16 @@ def main() -> None:
     ap.add_argument("--redo", nargs="+", default=[], choices=METHODS, help="run these again")
     args = ap.parse_args()
     commit, pipe, detector, world = crowd_world(args.threads)
+    world_fp = fingerprint(pipe)
+    partial = WORK / world_fp.removeprefix("sha256:") / "partial.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
 
     size = {"prompts": PROMPTS, "seeds": SEEDS, "steps": 25}
-    steps, work = None, WORK
+    steps, work = None, partial.parent
     if args.quick:  # its 2-step patches are kept apart from the real ones
-        work = WORK / "quick"
+        work = work / "quick"
         size, steps = {"prompts": 1, "seeds": SEEDS[:1], "steps": 2}, 2
-    done = read_jsonl(PARTIAL)
+    done = read_jsonl(partial)
     rows = [d for d in done if "method" in d and d.get("quick", False) == args.quick]
     rows = [r for r in rows if r["method"] not in args.redo]  # (the latest row of a key counts)
     for split in args.splits:
@@ -393,7 +396,7 @@ def main() -> None:
         if base is None:
             t0 = time.time()
             base = score(pipe, detector, (targets[:2] if args.quick else targets) + preserved, size)
-            append_jsonl(PARTIAL, {key: base, "commit": commit})
+            append_jsonl(partial, {key: base, "commit": commit})
             print(f"{key}: {len(base)} concepts in {time.time() - t0:.0f} s", flush=True)
         for method in args.methods:
             for n in ns:
@@ -414,7 +417,7 @@ def main() -> None:
                         revert_patch(pipe, edit) if isinstance(edit, Patch) else edit.revert()
                 r = row(split, method, targets[:n], preserved, base, patched, built)
                 r.update(commit=commit, quick=args.quick)
-                append_jsonl(PARTIAL, r)
+                append_jsonl(partial, r)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     if args.quick:
@@ -423,7 +426,7 @@ def main() -> None:
     # every row of the whole plan that is in, whichever process ran it
     want = [(s, m, n) for s in NS for m in METHODS for n in NS[s]]
     # other processes' rows too; where a key was run again (--redo), its latest row
-    every = [r for r in read_jsonl(PARTIAL) if "method" in r and not r.get("quick")]
+    every = [r for r in read_jsonl(partial) if "method" in r and not r.get("quick")]
     latest = {(r["split"], r["method"], r["n_targets"]): r for r in every}
     have = [r for k, r in latest.items() if k in want]
     got = {(r["split"], r["method"], r["n_targets"]) for r in have}
@@ -432,6 +435,7 @@ def main() -> None:
     have.sort(key=lambda r: (r["split"] != "heldout", r["n_targets"], order[r["method"]]))
     result = {
         "commit": commits[0] if len(commits) == 1 else commits,
+        "world": world_fp,
         "machine": machine(args.threads),
         "images_per_concept": size["prompts"] * len(size["seeds"]),
         "seeds": list(size["seeds"]),

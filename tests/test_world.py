@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fmn.cli import app
@@ -189,3 +190,38 @@ def test_ship_shares_one_vocabulary_between_worlds(tmp_path) -> None:
     with pytest.raises(ValueError, match="differs"):
         ship(build, assets / "c")
     assert not (assets / "c").exists()
+
+
+def test_crowd_world_ships_its_token_table_as_trained_rows_and_a_seed(tmp_path) -> None:
+    """crowd-world's text encoder is wide (256) and trains only the token rows its captions
+    use: the shipped folder keeps those rows and the seed of the rest, not the 49408-row
+    table, and loads back into the same text encoder, any token's row included."""
+    from safetensors import safe_open
+
+    from fmn.model.load import load_pipeline
+    from fmn.world import token_rows
+    from fmn.world.evaluate import ship
+
+    out = tmp_path / "build"
+    args = ["world", "build", "--world", "crowd-world", "--quick", "--until", "unet"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    (out / "classifier").mkdir()  # not needed here
+    dest = ship(out, tmp_path / "assets" / "crowd-world")
+    with safe_open(str(dest / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        names = f.keys()
+    assert names and not [k for k in names if k.endswith(token_rows.TABLE_KEY)]
+    with safe_open(str(dest / "text_encoder" / token_rows.ROWS_FILE), framework="pt") as f:
+        ids = f.get_tensor("ids")
+    assert 50 < len(ids) < 2000, "the rows world captions use, not the whole vocabulary"
+    built, shipped = load_pipeline(str(out)), load_pipeline(str(dest))
+    table = shipped.text_encoder.get_input_embeddings().weight
+    assert table.shape == (49408, 256)
+    assert torch.equal(built.text_encoder.get_input_embeddings().weight.half().float(), table)
+    prompt = ["a photo of mary", "zebra sushi"]  # the second: rows no caption trained
+    tok = built.tokenizer(prompt, padding="max_length", max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        a = built.text_encoder(tok.input_ids)[0]
+        b = shipped.text_encoder(tok.input_ids)[0]
+    assert torch.allclose(a, b, atol=0.02), "fp16 shipping rounds; nothing else differs"
+    assert not torch.allclose(a[0], a[1], atol=0.02)

@@ -276,6 +276,29 @@ def _shared_tokenizer(directory: Path) -> dict:
     return {"tokenizer": load_tokenizer(shared, config["model_max_length"])}
 
 
+def _seeded_text_encoder(directory: Path, dtype: torch.dtype) -> dict:
+    """A world whose text encoder ships without its token table (crowd-world: only the
+    rows its captions trained, the rest from a seed; fmn.world.token_rows) gets the table
+    filled in. Other folders load their text encoder as it is."""
+    from fmn.world import token_rows
+
+    rows = directory / "text_encoder" / token_rows.ROWS_FILE
+    if not rows.is_file():
+        return {}
+    from transformers import CLIPTextModel
+    from transformers.utils import logging as tf_logging
+
+    level = tf_logging.get_verbosity()
+    tf_logging.set_verbosity_error()  # the table is missing from the file by design
+    try:
+        text = CLIPTextModel.from_pretrained(directory / "text_encoder", torch_dtype=dtype)
+    finally:
+        tf_logging.set_verbosity(level)
+    with torch.no_grad():
+        text.get_input_embeddings().weight.copy_(token_rows.fill_table(rows))
+    return {"text_encoder": text.eval()}
+
+
 MIN_VOCAB = 1000  # a tokenizer built from missing vocab files has a handful of tokens
 
 
@@ -287,6 +310,7 @@ def _load_directory(directory: Path, *, dtype: torch.dtype) -> DiffusionPipeline
             local_files_only=True,
             **_from_pretrained_kwargs(cls, dtype),
             **_shared_tokenizer(directory),
+            **_seeded_text_encoder(directory, dtype),
         )
     except (OSError, ValueError) as e:
         hint = ""

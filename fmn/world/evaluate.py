@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from fmn.eval.mscore.detectors import WorldDetector
 from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
 from fmn.io import atomic_dir
 from fmn.model.images import generate
-from fmn.world import SHARED_TOKENIZER
+from fmn.world import SHARED_TOKENIZER, token_rows
 from fmn.world.concepts import TINY, World, attribute_distance
 from fmn.world.generator import NONE, dataset
 
@@ -145,7 +146,8 @@ def ship(build_dir: Path, dest: Path) -> Path:
 
     Left out, to keep the package small: the grid image (the docs keep it) and the
     tokenizer's vocabulary, which every world shares from SHARED_TOKENIZER beside `dest`
-    (written there if missing; fmn.model.load reads it)."""
+    (written there if missing; fmn.model.load reads it), and, for a world built with
+    `trained_rows_only`, the token table's seeded rows (fmn.world.token_rows)."""
     keep = ["model_index.json", "world_config.json", "world_report.json", "train_log.jsonl"]
     vocab = ["vocab.json", "merges.txt"]
     shared = dest.parent / SHARED_TOKENIZER
@@ -158,6 +160,8 @@ def ship(build_dir: Path, dest: Path) -> Path:
             (shared / f).read_bytes() != (build_dir / "tokenizer" / f).read_bytes() for f in vocab
         ):
             raise ValueError(f"{build_dir}/tokenizer differs from the worlds' shared {shared}")
+    config = build_dir / "world_config.json"
+    settings = json.loads(config.read_text()) if config.is_file() else {}
     with atomic_dir(dest) as tmp:  # the installed world stays until the new one is whole
         for name in keep:
             if (build_dir / name).exists():
@@ -169,6 +173,8 @@ def ship(build_dir: Path, dest: Path) -> Path:
                     continue  # shared; tokenizer.json is rebuilt from vocab + merges on load
                 if f.suffix == ".safetensors":
                     state = load_file(str(f))
+                    if sub == "text_encoder" and settings.get("trained_rows_only"):
+                        state = token_rows.split_table(state, tmp / sub)
                     save_file(
                         {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
                         str(tmp / sub / f.name),

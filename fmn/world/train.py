@@ -25,6 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from fmn.io import atomic_dir, write_json
 from fmn.model.conditioning import token_ids
 from fmn.progress import Progress
+from fmn.world import token_rows
 from fmn.world.classifier import WorldClassifier, augment
 from fmn.world.concepts import World, get_world
 from fmn.world.generator import IMAGE_SIZE, dataset, label_heads
@@ -46,6 +47,9 @@ class WorldConfig:
     # text encoder: real CLIP vocabulary, small width; most of its weights are the token table
     text_width: int = 64
     text_layers: int = 3
+    text_ff_mult: int = 4  # the MLP's width over text_width (CLIP: 4)
+    # train only the token rows captions use; the rest come from a seed (fmn.world.token_rows)
+    trained_rows_only: bool = False
     max_length: int = 32  # world captions are under 16 tokens; 32 leaves room for users
     n_train: int = 40000  # distinct training images (latents cached once)
     unet_steps: int = 2200
@@ -80,12 +84,17 @@ def world_config(world: str, *, quick: bool = False) -> WorldConfig:
 
 
 def crowd_config(**overrides) -> WorldConfig:
-    """crowd-world's settings: more portraits and steps for 192 identities; a narrower
-    text encoder keeps both shipped worlds under 40 MB (most of its weights are the
-    49408-token table). Sizes and step counts are budget choices (docs/world.md)."""
+    """crowd-world's settings: more portraits and steps for 192 identities; text states
+    wider (256) than the world has concepts (216), as SD's (768) are wider than the
+    hundreds of concepts the field removes, so that a key/value edit is not ruled out by
+    construction; the token table's untrained rows come from a seed and the MLP is
+    half CLIP's ratio, which keeps both shipped worlds under 40 MB. Sizes and step counts
+    are budget choices (docs/world.md)."""
     base = {
         "world": "crowd-world",
-        "text_width": 48,
+        "text_width": 256,
+        "text_ff_mult": 2,
+        "trained_rows_only": True,
         "n_train": 60000,
         "unet_steps": 5000,
         "clf_steps": 1500,
@@ -139,21 +148,42 @@ def make_unet(cfg: WorldConfig) -> UNet2DConditionModel:
     )
 
 
-def make_text_encoder(cfg: WorldConfig) -> CLIPTextModel:
+VOCAB = 49408  # CLIP's
+BOS, EOS = 49406, 49407
+
+
+def make_text_encoder(cfg: WorldConfig, used: torch.Tensor | None = None) -> CLIPTextModel:
+    """The world's text encoder over CLIP's vocabulary, or, given `used` (sorted token ids),
+    over those ids only, renumbered (fmn.world.token_rows.compact_ids)."""
+    vocab, bos, eos = VOCAB, BOS, EOS
+    if used is not None:
+        vocab = len(used)
+        bos, eos = (int(torch.searchsorted(used, t)) for t in (BOS, EOS))
     return CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408,
+            vocab_size=vocab,
             hidden_size=cfg.text_width,
-            intermediate_size=cfg.text_width * 4,
+            intermediate_size=cfg.text_width * cfg.text_ff_mult,
             num_hidden_layers=cfg.text_layers,
             num_attention_heads=4,
             max_position_embeddings=cfg.max_length,
             projection_dim=cfg.text_width,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
         )
     )
+
+
+def _full_vocab(cfg: WorldConfig, compact: CLIPTextModel, used: torch.Tensor) -> CLIPTextModel:
+    """The compact encoder's weights in a full-vocabulary encoder: trained rows at their
+    ids, seeded rows elsewhere (fmn.world.token_rows)."""
+    full = make_text_encoder(cfg)
+    state = compact.state_dict()
+    key = next(k for k in state if k.endswith(token_rows.TABLE_KEY))
+    state[key] = token_rows.full_table(state[key], used, VOCAB)
+    full.load_state_dict(state)
+    return full.eval()
 
 
 def train_vae(cfg: WorldConfig, out: Path, progress: Progress) -> AutoencoderKL:
@@ -242,7 +272,10 @@ def train_unet(
         )
     ]
     ids = token_ids(tokenizer, captions, cfg.max_length)
-    unet, text = make_unet(cfg), make_text_encoder(cfg)
+    used = None
+    if cfg.trained_rows_only:
+        used, ids = token_rows.compact_ids(ids)
+    unet, text = make_unet(cfg), make_text_encoder(cfg, used)
     params = [*unet.parameters(), *text.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
@@ -291,6 +324,8 @@ def train_unet(
     with torch.no_grad():
         for e, p in zip(ema, params, strict=True):
             p.copy_(e)
+    if used is not None:
+        text = _full_vocab(cfg, text, used)
     return unet.eval(), text.eval()
 
 
