@@ -131,6 +131,20 @@ def test_the_recovery_gate_fails_a_target_the_attack_brings_back(audited) -> Non
     assert [f["concept"] for f in strict] == ["carol"]
     assert "by the recovery attack" in strict[0]["message"], strict
     assert failed(min(back * 2, 10.0)) == []
+    # an attack's own limit overrides recovery_max, both ways
+    lenient = Gates(recovery_max=back / 2, attack_max={"recovery": min(back * 2, 10.0)})
+    summary = summarise_audit(audited.rows, refs, lenient)
+    assert not [f for f in summary["gates"]["failures"] if f.get("attack") == "recovery"]
+    assert summary["gates"]["attack_max"] == {"recovery": min(back * 2, 10.0)}
+    own = Gates(recovery_max=10.0, attack_max={"recovery": back / 2})
+    hit = [
+        f
+        for f in summarise_audit(audited.rows, refs, own)["gates"]["failures"]
+        if f.get("attack") == "recovery"
+    ]
+    assert [(f["concept"], f["gate"], f["limit"]) for f in hit] == [
+        ("carol", "attack_max", back / 2)
+    ]
 
 
 def test_the_phrasing_attack_keeps_the_words_that_bring_the_target_back_most(audited) -> None:
@@ -194,6 +208,11 @@ def test_a_recovery_gate_with_the_attack_switched_off_is_refused_before_any_work
     evaluate = {**MANIFEST["evaluate"], "recovery": True, "gates": {"recovery_max": 0.5}}
     m = parse_manifest({**MANIFEST, "evaluate": evaluate}, base_dir=tmp_path)
     with pytest.raises(AuditError, match="recovery_max gates the attacks, and none is switched"):
+        audit(m, patch=forgotten, out=tmp_path / "r", recovery=False)
+    assert not (tmp_path / "r").exists()
+    evaluate = {**evaluate, "prompt_attack": True, "gates": {"attack_max": {"recovery": 0.5}}}
+    m = parse_manifest({**MANIFEST, "evaluate": evaluate}, base_dir=tmp_path)
+    with pytest.raises(AuditError, match=r"attack_max\.recovery gates the recovery attack, which"):
         audit(m, patch=forgotten, out=tmp_path / "r", recovery=False)
     assert not (tmp_path / "r").exists()
 

@@ -227,6 +227,18 @@ BAD = [
         "recovery_max is set but no attack runs",
     ),
     (
+        "attack-gate-without-its-attack",
+        BASE + "evaluate:\n  recovery: true\n  gates: {attack_max: {prompt: 0.2}}\n",
+        "evaluate",
+        "attack_max.prompt is set but that attack does not run",
+    ),
+    (
+        "attack-gate-for-unknown-attack",
+        BASE + "evaluate:\n  recovery: true\n  gates: {attack_max: {inversion: 0.2}}\n",
+        "evaluate.gates.attack_max.inversion",
+        "unknown value 'inversion'",
+    ),
+    (
         "phrasings-for-unknown-concept",
         BASE + "evaluate:\n  phrasings: {circel: [a ring]}\n",
         "evaluate.phrasings.circel",

@@ -146,13 +146,20 @@ def audit(
     phrasing = manifest.evaluate.phrasing if phrasing is None else phrasing
     if prompt_attack is None:
         prompt_attack = manifest.evaluate.prompt_attack
-    if manifest.evaluate.gates.recovery_max is not None and not (
-        recovery or phrasing or prompt_attack
-    ):
+    gates = manifest.evaluate.gates
+    if gates.recovery_max is not None and not (recovery or phrasing or prompt_attack):
         raise AuditError(
             "evaluate.gates.recovery_max gates the attacks, and none is switched on: "
             "drop --no-recovery/--no-phrasing/--no-prompt-attack (or the gate)"
         )
+    on = {"recovery": recovery, "phrasing": phrasing, "prompt": prompt_attack}
+    for attack in gates.attack_max:
+        if not on[attack]:
+            flag = "--no-prompt-attack" if attack == "prompt" else f"--no-{attack}"
+            raise AuditError(
+                f"evaluate.gates.attack_max.{attack} gates the {ATTACKS[attack]}, which is "
+                f"switched off: drop {flag} (or the gate)"
+            )
     plan = _plan(manifest, prompt_file, world_classifier)
     base_spec = str(baseline or manifest.base_model)
     base = load_pipeline(base_spec)
@@ -232,15 +239,18 @@ def audit(
         summary["concepts"][cid]["prompt_attack"] = info
     for cid, info in recovered.items():
         summary["concepts"][cid]["recovery"] = info
-        if "error" in info and ev.gates.recovery_max is not None:  # unproven is not passed
+        limit = ev.gates.attack_limit("recovery")
+        if "error" in info and limit is not None:  # unproven is not passed
+            gate = "attack_max" if "recovery" in ev.gates.attack_max else "recovery_max"
             summary["gates"]["failures"].append(
                 {
                     "concept": cid,
-                    "gate": "recovery_max",
+                    "gate": gate,
+                    "attack": "recovery",
                     "value": None,
-                    "limit": ev.gates.recovery_max,
+                    "limit": limit,
                     "message": f"target {cid!r}: the recovery attack failed ({info['error']}), "
-                    "so recovery_max is unproven",
+                    f"so {gate} is unproven",
                 }
             )
             summary["gates"]["passed"] = False
@@ -516,7 +526,8 @@ def _diversity(shares: dict[str, float], base: dict[str, float]) -> dict:
 
 def check_gates(per: dict[str, dict], gates: Gates) -> dict:
     """Every target above target_mscore_max, every target an attack that ran brings back
-    above recovery_max of its base M-Score, and every preserved concept below
+    above its limit (attack_max, else recovery_max) of its base M-Score, and every preserved
+    concept below
     preserve_ratio_min fails; `failures` names each one (and the attack)."""
     failures = []
     for cid, s in per.items():
@@ -531,15 +542,14 @@ def check_gates(per: dict[str, dict], gates: Gates) -> dict:
                     f"{gates.target_mscore_max} (still generated)",
                 }
             )
-        limit = gates.recovery_max
         for attack, title in ATTACKS.items():
-            back = s.get(f"{attack}_ratio")
+            back, limit = s.get(f"{attack}_ratio"), gates.attack_limit(attack)
             if s["role"] == "target" and None not in (limit, back) and back > limit:
                 how = f" ({s['phrasing']!r})" if attack == "phrasing" else ""
                 failures.append(
                     {
                         "concept": cid,
-                        "gate": "recovery_max",
+                        "gate": "attack_max" if attack in gates.attack_max else "recovery_max",
                         "attack": attack,
                         "value": back,
                         "limit": limit,
@@ -564,5 +574,6 @@ def check_gates(per: dict[str, dict], gates: Gates) -> dict:
         "target_mscore_max": gates.target_mscore_max,
         "preserve_ratio_min": gates.preserve_ratio_min,
         "recovery_max": gates.recovery_max,
+        "attack_max": dict(gates.attack_max),
         "failures": failures,
     }

@@ -294,6 +294,9 @@ def render_html(result: AuditResult, charts: list[tuple[str, str]], grids: dict)
         f'<p class="{"pass" if gates["passed"] else "fail"}">Gates {verdict}: target M-Score '
         f"&le; {gates['target_mscore_max']}, preserved ratio &ge; {gates['preserve_ratio_min']}"
         + ("" if recovery_gate is None else f", recovered ratio &le; {recovery_gate}")
+        + "".join(
+            f", {e(ATTACKS[a])} ratio &le; {v}" for a, v in (gates.get("attack_max") or {}).items()
+        )
         + "</p>"
     )
     parts += [f"<p>{e(line)}.</p>" for line in attack_lines(s)]

@@ -186,7 +186,8 @@ _KIND_HINTS = {
 
 def _problem(err: dict[str, Any], root: type[BaseModel] | None = None) -> Problem:
     raw_loc = tuple(err["loc"])
-    loc = ".".join(str(s) for s in raw_loc if s not in _TAGS) or FILE_LOC
+    # "[key]": pydantic's mark of a dict key that failed; the key itself comes before it
+    loc = ".".join(str(s) for s in raw_loc if s not in _TAGS and s != "[key]") or FILE_LOC
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     msg = err["msg"].replace("Input should be", "must be")
     hint = ctx.get("hint") or _KIND_HINTS.get(kind) or _description(raw_loc, root)

@@ -38,6 +38,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from fmn.eval.result import ATTACKS
 from fmn.manifest.files import ImageFolder, ModelSpec, _base_dir, _resolve
 
 # How to regenerate the published schema after changing a model below.
@@ -93,6 +94,7 @@ Text = Annotated[str, Field(min_length=1)]
 Seed = Annotated[int, Field(ge=0)]  # numpy and some samplers reject negative seeds
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Ratio = Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]
+AttackName = Literal[tuple(ATTACKS)]  # recovery, phrasing, prompt (fmn.eval.result)
 
 
 # Tags of the unions below appear in pydantic's error locations; they are not keys a user
@@ -536,6 +538,13 @@ class Gates(_Strict):
     recovery_max: Ratio | None = None  # unset: attacks are reported, not gated
     """Highest ratio (attacked / base M-Score) any attack that runs (evaluate.recovery,
     evaluate.phrasing, evaluate.prompt_attack) may bring a target back to."""
+    attack_max: dict[AttackName, Ratio] = {}  # none: recovery_max holds for every attack
+    """A highest ratio of an attack's own, by attack (recovery, phrasing, prompt), e.g.
+    {prompt: 0.2}; it overrides recovery_max for that attack."""
+
+    def attack_limit(self, attack: str) -> float | None:
+        """The ratio an attack may bring a target back to (None: not gated)."""
+        return self.attack_max.get(attack, self.recovery_max)
 
 
 class Evaluate(_Strict):
@@ -588,14 +597,23 @@ class Evaluate(_Strict):
                 raise PydanticCustomError("detector_weights", "{msg}", {"msg": msg, "hint": hint})
         return self
 
+    def attacks_on(self) -> dict[str, bool]:
+        """Whether each attack runs, by its name in gates.attack_max."""
+        return {"recovery": self.recovery, "phrasing": self.phrasing, "prompt": self.prompt_attack}
+
     @model_validator(mode="after")
     def _recovery_gate(self) -> Evaluate:
-        if self.gates.recovery_max is not None and not (
-            self.recovery or self.phrasing or self.prompt_attack
-        ):
+        on = self.attacks_on()
+        if self.gates.recovery_max is not None and not any(on.values()):
             msg = "evaluate.gates.recovery_max is set but no attack runs"
             hint = "set evaluate.recovery, phrasing or prompt_attack to true, or remove the gate"
             raise PydanticCustomError("recovery_gate", "{msg}", {"msg": msg, "hint": hint})
+        for attack in self.gates.attack_max:
+            if not on[attack]:
+                switch = "prompt_attack" if attack == "prompt" else attack
+                msg = f"evaluate.gates.attack_max.{attack} is set but that attack does not run"
+                hint = f"set evaluate.{switch}: true, or remove the gate"
+                raise PydanticCustomError("recovery_gate", "{msg}", {"msg": msg, "hint": hint})
         return self
 
 
