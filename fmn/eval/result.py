@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fmn.manifest.schema import ATTACK_NAMES
+
 # An attack succeeds on a target where it brings it back to at least half its base M-Score
 # (the attack success rate of the robustness literature, e.g. UnlearnDiffAtk).
 RECOVERED_AT = 0.5
 # the attacks an audit can run, by the prefix of their summary keys (`<key>_mscore`,
 # `<key>_ratio`, `<key>_asr`), with the name reports give them
-ATTACKS = {"recovery": "recovery attack", "phrasing": "phrasing attack", "prompt": "prompt attack"}
+ATTACKS = {name: f"{name} attack" for name in ATTACK_NAMES}
 
 
 @dataclass

@@ -38,7 +38,6 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from fmn.eval.result import ATTACKS
 from fmn.manifest.files import ImageFolder, ModelSpec, _base_dir, _resolve
 
 # How to regenerate the published schema after changing a model below.
@@ -94,7 +93,10 @@ Text = Annotated[str, Field(min_length=1)]
 Seed = Annotated[int, Field(ge=0)]  # numpy and some samplers reject negative seeds
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 Ratio = Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]
-AttackName = Literal[tuple(ATTACKS)]  # recovery, phrasing, prompt (fmn.eval.result)
+# the audit's attacks, by the name gates and summaries give them (fmn.eval.result.ATTACKS
+# titles them for reports)
+ATTACK_NAMES = ("recovery", "phrasing", "prompt")
+AttackName = Literal[ATTACK_NAMES]
 
 
 # Tags of the unions below appear in pydantic's error locations; they are not keys a user
