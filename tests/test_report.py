@@ -93,6 +93,19 @@ def test_gates_name_every_failing_concept() -> None:
     assert "'a'" in gates["failures"][0]["message"]
 
 
+def test_a_limit_per_attack_is_on_the_page_and_names_the_attack(tmp_path: Path) -> None:
+    """carol comes back to about 0.6/0.9 of base under the recovery attack: a recovery
+    limit of 0.5 of its own fails her, while recovery_max (0.9) alone would not."""
+    res = _result()
+    gates = Gates(recovery_max=0.9, attack_max={"recovery": 0.5})
+    res.summary["gates"] = summarise_audit(res.rows, REFS, gates)["gates"]
+    hit = [f for f in res.summary["gates"]["failures"] if f.get("attack") == "recovery"]
+    assert [(f["concept"], f["gate"], f["limit"]) for f in hit] == [("carol", "attack_max", 0.5)]
+    page = (report.write_report(tmp_path / "rep", res) / "index.html").read_text()
+    assert "recovered ratio &le; 0.9, recovery attack ratio &le; 0.5" in page
+    assert "by the recovery attack" in page
+
+
 def test_report_files_agree(tmp_path: Path) -> None:
     res = _result()
     out = report.write_report(tmp_path / "rep", res)
