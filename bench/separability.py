@@ -18,6 +18,16 @@ end-of-text token ("eot", which the all_eot rungs edit), in the first world temp
 concept's type; the others are every other concept of the world (all types). It reads only
 the text encoder: no detector, no labels, no images, so it is the same on every split.
 
+One state at a time is a weak test: fewer concepts than the width are always linearly
+independent. An edit must move the target in every prompt the audit draws it with, and
+leave the others in theirs, so position "joint" asks the same of identities at once: the
+target's states at the name and the first end-of-text token in every identity template of
+the audit (fmn.eval.mscore.prompts.WORLD) must each move by at least 1 along one edit
+direction g (g . e >= 1), and `worst` is the most any other identity's state in any of
+those templates (or another concept's, in its first template) moves; `rms` is the
+minimum-norm g's over all of them. One direction g is a rank-one edit, which bounds what
+a wider edit could do from above.
+
 Usage: python bench/separability.py [--threads 1]
 Writes bench/results/separability.json and .md.
 """
@@ -38,15 +48,17 @@ from bench.common import ROOT, git_commit, machine, markdown_table, write_result
 
 OUT = ROOT / "bench" / "results" / "separability.json"
 POSITIONS = ("name", "eot")
+JOINT = "joint"  # every identity template, name and end-of-text states together
 
 
-def states(pipe, concepts) -> dict[str, np.ndarray]:
-    """position -> [len(concepts), width] unit-length token states."""
+def states(pipe, concepts, template: int = 0) -> dict[str, np.ndarray]:
+    """position -> [len(concepts), width] unit-length token states, in each concept's
+    `template`-th world template."""
     from fmn.eval.mscore.prompts import WORLD
     from fmn.model.conditioning import concept_token_ids, token_ids
 
     tok, te = pipe.tokenizer, pipe.text_encoder
-    prompts = [WORLD.templates[c.type][0].format(c.text) for c in concepts]
+    prompts = [WORLD.templates[c.type][template].format(c.text) for c in concepts]
     ids = token_ids(tok, prompts)
     with torch.no_grad():
         hidden = te(ids)[0].double()
@@ -83,6 +95,34 @@ def minimax(target: np.ndarray, others: np.ndarray) -> float:
     return float(res.x[-1])
 
 
+def minimax_joint(target: np.ndarray, others: np.ndarray) -> float:
+    """min_g max_i |others_i . g| subject to target_k . g >= 1 for every row k of target."""
+    n, d = others.shape
+    cost = np.r_[np.zeros(d), 1.0]
+    bound = np.r_[
+        np.c_[others, -np.ones(n)],
+        np.c_[-others, -np.ones(n)],
+        np.c_[-target, np.zeros(len(target))],
+    ]
+    res = linprog(
+        cost,
+        A_ub=bound,
+        b_ub=np.r_[np.zeros(2 * n), -np.ones(len(target))],
+        bounds=[(None, None)] * d + [(0, None)],
+    )
+    if not res.success:  # unbounded: the targets lie outside the others' span
+        return 0.0
+    return float(res.x[-1])
+
+
+def least_squares_joint(target: np.ndarray, others: np.ndarray) -> float:
+    """RMS of the others' changes under the minimum-norm g with target_k . g = 1 for all k."""
+    gram = others.T @ others + 1e-9 * np.eye(others.shape[1])
+    inv_t = np.linalg.solve(gram, target.T)  # [d, k]
+    g = inv_t @ np.linalg.solve(target @ inv_t, np.ones(len(target)))
+    return float(np.sqrt(np.mean((others @ g) ** 2)))
+
+
 def least_squares(target: np.ndarray, others: np.ndarray) -> float:
     """RMS of the others' changes under the minimum-norm edit with g . target = 1."""
     gram = others.T @ others + 1e-9 * np.eye(others.shape[1])
@@ -114,6 +154,37 @@ def measure(world) -> list[dict]:
                     "rms": least_squares(e[i], others),
                 }
             )
+    return rows + measure_joint(world, pipe, concepts, width)
+
+
+def measure_joint(world, pipe, concepts, width: int) -> list[dict]:
+    """Position "joint": identities, in every audit template at once (module docstring)."""
+    from fmn.eval.mscore.prompts import WORLD
+
+    ids = [i for i, c in enumerate(concepts) if c.type == "id"]
+    first = states(pipe, concepts)
+    per = [states(pipe, [concepts[i] for i in ids], t) for t in range(len(WORLD.templates["id"]))]
+    # [states, width] per concept: an identity's in every template; another type's first
+    own = [np.stack([first[pos][i] for pos in POSITIONS]) for i in range(len(concepts))]
+    for k, i in enumerate(ids):
+        own[i] = np.stack([p[pos][k] for p in per for pos in POSITIONS])
+    rows = []
+    for i in ids:
+        others = np.concatenate([e for j, e in enumerate(own) if j != i])
+        c = concepts[i]
+        rows.append(
+            {
+                "world": world.name,
+                "width": width,
+                "concepts": len(concepts),
+                "position": JOINT,
+                "concept": c.id,
+                "type": c.type,
+                "split": c.split,
+                "worst": minimax_joint(own[i], others),
+                "rms": least_squares_joint(own[i], others),
+            }
+        )
     return rows
 
 
