@@ -142,19 +142,22 @@ def measure(world) -> list[dict]:
         for i, c in enumerate(concepts):
             others = np.delete(e, i, axis=0)
             rows.append(
-                {
-                    "world": world.name,
-                    "width": width,
-                    "concepts": len(concepts),
-                    "position": pos,
-                    "concept": c.id,
-                    "type": c.type,
-                    "split": c.split,
-                    "worst": minimax(e[i], others),
-                    "rms": least_squares(e[i], others),
-                }
+                _row(world, width, concepts, pos, c)
+                | {"worst": minimax(e[i], others), "rms": least_squares(e[i], others)}
             )
     return rows + measure_joint(world, pipe, concepts, width)
+
+
+def _row(world, width: int, concepts, position: str, c) -> dict:
+    return {
+        "world": world.name,
+        "width": width,
+        "concepts": len(concepts),
+        "position": position,
+        "concept": c.id,
+        "type": c.type,
+        "split": c.split,
+    }
 
 
 def measure_joint(world, pipe, concepts, width: int) -> list[dict]:
@@ -171,19 +174,9 @@ def measure_joint(world, pipe, concepts, width: int) -> list[dict]:
     rows = []
     for i in ids:
         others = np.concatenate([e for j, e in enumerate(own) if j != i])
-        c = concepts[i]
         rows.append(
-            {
-                "world": world.name,
-                "width": width,
-                "concepts": len(concepts),
-                "position": JOINT,
-                "concept": c.id,
-                "type": c.type,
-                "split": c.split,
-                "worst": minimax_joint(own[i], others),
-                "rms": least_squares_joint(own[i], others),
-            }
+            _row(world, width, concepts, JOINT, concepts[i])
+            | {"worst": minimax_joint(own[i], others), "rms": least_squares_joint(own[i], others)}
         )
     return rows
 
