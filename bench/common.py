@@ -147,6 +147,13 @@ def crowd_world(threads: int):
     return commit, pipe, WorldDetector(embedded_path(CROWD.name) / "classifier"), CROWD
 
 
+# Finished rows of the long resumable benches (single, words, correct, mass), one file
+# each. Tracked in git: a bench that outlasts a session (single's plan is about 8 hours on
+# 2 CPU cores) resumes from a clean checkout, which has no build/. Each row carries the
+# commit it ran on.
+PARTIALS = ROOT / "bench" / "partial"
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a bench's resumable partial file (none if it is not there yet)."""
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []

@@ -17,7 +17,7 @@ Both: every other concept of the world, base and corrected (6 templates x seeds
 
 Rows {concept, split, guide, measure, before, after, dominant, dominant_over_fair,
 guides_drawn, others_mean, worst_other, worst_ratio, seconds}. Resumes from
-build/bench/correct.partial.jsonl; writes bench/results/correct.json/.md.
+bench/partial/correct.jsonl (tracked); writes bench/results/correct.json/.md.
 
 Usage: python bench/correct.py [--threads 1] [--quick]
 """
@@ -39,7 +39,7 @@ SEEDS = (1000, 1001, 1002, 1003)  # the measuring rule: seeds >= 1000
 OTHER_SEEDS = (1000, 1001)
 PROMPTS, OTHER_PROMPTS = 10, 6
 SCORED_MIN_BASE = 0.5
-PARTIAL = common.ROOT / "build" / "bench" / "correct.partial.jsonl"
+PARTIAL = common.PARTIALS / "correct.jsonl"
 OUT = common.ROOT / "bench" / "results" / "correct.json"
 COLUMNS = [
     "concept",

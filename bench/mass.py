@@ -54,7 +54,8 @@ build. Images: PROMPTS templates x SEEDS per concept, 25 DDIM steps.
 
 The bench resumes: patches are kept under build/bench/mass/<world>/ (the base model's
 fingerprint, so a rebuilt world never reuses another's patches), every finished row and
-the base scores go to partial.jsonl there with the commit they ran on. Two processes may
+the base scores go to bench/partial/mass-<world>.jsonl (tracked, so a later session
+resumes it) with the commit they ran on. Two processes may
 run side by side with disjoint --methods (one thread each).
 
 Usage: python bench/mass.py [--methods ours uce ...] [--ns 1 10 50 100] [--splits heldout tune]
@@ -78,6 +79,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
+    PARTIALS,
     ROOT,
     PeakRSS,
     append_jsonl,
@@ -375,13 +377,16 @@ def main() -> None:
     args = ap.parse_args()
     commit, pipe, detector, world = crowd_world(args.threads)
     world_fp = fingerprint(pipe)
-    partial = WORK / world_fp.removeprefix("sha256:") / "partial.jsonl"
+    fp = world_fp.removeprefix("sha256:")
+    partial = PARTIALS / f"mass-{fp}.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
 
     size = {"prompts": PROMPTS, "seeds": SEEDS, "steps": 25}
-    steps, work = None, partial.parent
-    if args.quick:  # its 2-step patches are kept apart from the real ones
+    steps, work = None, WORK / fp
+    if args.quick:  # its 2-step patches and rows are kept apart from the real ones
         work = work / "quick"
+        partial = work / "partial.jsonl"
+        partial.parent.mkdir(parents=True, exist_ok=True)
         size, steps = {"prompts": 1, "seeds": SEEDS[:1], "steps": 2}, 2
     done = read_jsonl(partial)
     rows = [d for d in done if "method" in d and d.get("quick", False) == args.quick]

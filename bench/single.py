@@ -21,7 +21,8 @@ and beside them every tune object and style and the first 8 tune identities.
 
 Scoring every concept costs about 5 minutes a target on 2 CPU cores, so the bench resumes:
 each finished row (and the base M-Scores, first) is appended to
-build/bench/single.partial.jsonl with the commit it ran on; a re-run skips what is there.
+bench/partial/single.jsonl (tracked, so a later session resumes it) with the commit it ran
+on; a re-run skips what is there.
 When every row is in, it writes bench/results/single.json and single.md.
 
 Usage: python bench/single.py [--methods fixed loop] [--ids 24] [--tune-ids 8]
@@ -41,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
+    PARTIALS,
     ROOT,
     append_jsonl,
     crowd_world,
@@ -53,7 +55,7 @@ from bench.common import (
 SEEDS = (1000, 1001, 1002, 1003)  # the measuring rule: reported numbers at seeds >= 1000
 PROMPTS = 6  # 6 templates x 4 seeds = 24 images per concept
 SCORED_MIN_BASE = 0.5  # others count in the means only where the base model draws them
-PARTIAL = ROOT / "build" / "bench" / "single.partial.jsonl"
+PARTIAL = PARTIALS / "single.jsonl"
 METHODS = {"fixed": False, "loop": True}  # method -> resteer.loop
 OUT = ROOT / "bench" / "results" / "single.json"
 COLUMNS = [
@@ -178,9 +180,11 @@ def main() -> None:
         else targets(CROWD, args.ids, args.tune_ids)
     )
     size = {"prompts": PROMPTS, "seeds": SEEDS, "steps": 25}
-    if args.quick:
+    if args.quick:  # plumbing: its rows stay out of the tracked partial file
         chosen, size = chosen[:2], {"prompts": 1, "seeds": SEEDS[:1], "steps": 2}
         everyone = chosen + [c for c in everyone if c not in chosen][:3]
+        args.partial = ROOT / "build" / "bench" / "single.quick.jsonl"
+        args.partial.unlink(missing_ok=True)
 
     args.partial.parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl(args.partial)

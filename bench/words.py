@@ -20,7 +20,7 @@ phrasings, others_mean, worst_other, worst_ratio, status, reason, seconds}: rati
 patched / base M-Score; `listed_ratio` the mean over listed phrasings, `unlisted_ratio` the
 highest over unlisted ones (the phrasing that brings the concept back most), the others'
 over concepts whose base M-Score is at least 0.5. The run resumes from
-build/bench/words.partial.jsonl; when every row is in it writes bench/results/words.json/.md.
+bench/partial/words.jsonl (tracked); when every row is in it writes bench/results/words.json/.md.
 
 Usage: python bench/words.py [--threads 1] [--quick]
 """
@@ -43,7 +43,7 @@ TARGET_SEEDS = (1000, 1001, 1002, 1003)  # the measuring rule: seeds >= 1000
 OTHER_SEEDS = (1000, 1001)
 PROMPTS = 6
 SCORED_MIN_BASE = 0.5
-PARTIAL = common.ROOT / "build" / "bench" / "words.partial.jsonl"
+PARTIAL = common.PARTIALS / "words.jsonl"
 OUT = common.ROOT / "bench" / "results" / "words.json"
 METHODS = ("words", "text")
 COLUMNS = [
@@ -157,7 +157,7 @@ def main() -> None:
         targets = targets[:1]
         everyone = targets + [c for c in everyone if c not in targets][:2]
         size = {"prompts": 1, "steps": 2, "other_seeds": OTHER_SEEDS[:1]}
-        args.partial = args.partial.with_name("words.quick.jsonl")
+        args.partial = common.ROOT / "build" / "bench" / "words.quick.jsonl"  # untracked
         args.out = common.ROOT / "build" / "bench" / "words.json"
         args.partial.unlink(missing_ok=True)
     args.partial.parent.mkdir(parents=True, exist_ok=True)
