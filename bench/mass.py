@@ -379,15 +379,13 @@ def main() -> None:
     world_fp = fingerprint(pipe)
     fp = world_fp.removeprefix("sha256:")
     partial = PARTIALS / f"mass-{fp}.jsonl"
-    partial.parent.mkdir(parents=True, exist_ok=True)
-
     size = {"prompts": PROMPTS, "seeds": SEEDS, "steps": 25}
     steps, work = None, WORK / fp
     if args.quick:  # its 2-step patches and rows are kept apart from the real ones
         work = work / "quick"
         partial = work / "partial.jsonl"
-        partial.parent.mkdir(parents=True, exist_ok=True)
         size, steps = {"prompts": 1, "seeds": SEEDS[:1], "steps": 2}, 2
+    partial.parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl(partial)
     rows = [d for d in done if "method" in d and d.get("quick", False) == args.quick]
     rows = [r for r in rows if r["method"] not in args.redo]  # (the latest row of a key counts)

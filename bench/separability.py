@@ -78,25 +78,10 @@ def _unit(e: np.ndarray) -> np.ndarray:
 
 
 def minimax(target: np.ndarray, others: np.ndarray) -> float:
-    """min_g max_i |others_i . g| subject to target . g = 1 (variables g, t; minimise t)."""
-    n, d = others.shape
-    cost = np.r_[np.zeros(d), 1.0]
-    bound = np.r_[np.c_[others, -np.ones(n)], np.c_[-others, -np.ones(n)]]
-    res = linprog(
-        cost,
-        A_ub=bound,
-        b_ub=np.zeros(2 * n),
-        A_eq=np.r_[target, 0.0][None],
-        b_eq=[1.0],
-        bounds=[(None, None)] * d + [(0, None)],
-    )
-    if not res.success:  # target outside the others' span: an edit can move it alone
-        return 0.0
-    return float(res.x[-1])
-
-
-def minimax_joint(target: np.ndarray, others: np.ndarray) -> float:
-    """min_g max_i |others_i . g| subject to target_k . g >= 1 for every row k of target."""
+    """min_g max_i |others_i . g| subject to target_k . g >= 1 for every row k of target
+    (one state [d], or several [k, d] for the joint test; with one, g . target = 1 at the
+    optimum). Variables g, t; minimise t."""
+    target = np.atleast_2d(target)
     n, d = others.shape
     cost = np.r_[np.zeros(d), 1.0]
     bound = np.r_[
@@ -110,24 +95,18 @@ def minimax_joint(target: np.ndarray, others: np.ndarray) -> float:
         b_ub=np.r_[np.zeros(2 * n), -np.ones(len(target))],
         bounds=[(None, None)] * d + [(0, None)],
     )
-    if not res.success:  # unbounded: the targets lie outside the others' span
+    if not res.success:  # the target outside the others' span: an edit can move it alone
         return 0.0
     return float(res.x[-1])
 
 
-def least_squares_joint(target: np.ndarray, others: np.ndarray) -> float:
-    """RMS of the others' changes under the minimum-norm g with target_k . g = 1 for all k."""
+def least_squares(target: np.ndarray, others: np.ndarray) -> float:
+    """RMS of the others' changes under the minimum-norm edit g with target_k . g = 1 for
+    every row k of target (one state [d], or several [k, d])."""
+    target = np.atleast_2d(target)
     gram = others.T @ others + 1e-9 * np.eye(others.shape[1])
     inv_t = np.linalg.solve(gram, target.T)  # [d, k]
     g = inv_t @ np.linalg.solve(target @ inv_t, np.ones(len(target)))
-    return float(np.sqrt(np.mean((others @ g) ** 2)))
-
-
-def least_squares(target: np.ndarray, others: np.ndarray) -> float:
-    """RMS of the others' changes under the minimum-norm edit with g . target = 1."""
-    gram = others.T @ others + 1e-9 * np.eye(others.shape[1])
-    g = np.linalg.solve(gram, target)
-    g = g / (target @ g)
     return float(np.sqrt(np.mean((others @ g) ** 2)))
 
 
@@ -176,7 +155,7 @@ def measure_joint(world, pipe, concepts, width: int) -> list[dict]:
         others = np.concatenate([e for j, e in enumerate(own) if j != i])
         rows.append(
             _row(world, width, concepts, JOINT, concepts[i])
-            | {"worst": minimax_joint(own[i], others), "rms": least_squares_joint(own[i], others)}
+            | {"worst": minimax(own[i], others), "rms": least_squares(own[i], others)}
         )
     return rows
 
