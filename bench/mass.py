@@ -11,7 +11,14 @@ Every method gets the same inputs: the targets' names, the type "id", and as pre
 only the product's generic anchor prompts (the empty prompt and plain words in the
 templates, fmn.data.anchors.anchor_prompts), never a measured concept. Methods:
 
-- ours: what `fmn run` does by default for a manifest of these identities: per concept the
+- ours: what `fmn run` does by default for a manifest of these identities (`erase: auto`,
+  which gates identities): the merge stage's gated text-state eraser (fmn.model.eraser,
+  fitted by fmn.merge.gates) from the targets' names, their type's templates and the
+  tokenizer's vocabulary. The vocabulary's states are computed once per process, and every
+  row's time includes that once (stage "vocabulary").
+- ours-2tpl: the same, fitted on 2 of the type's 4 templates, so half the audit's prompts
+  are ones the gates never saw (how far a gate reaches beyond its own prompts).
+- loop: what `fmn run` did by default before the gate (`erase: resteer`): per concept the
   closed-loop re-steering (fmn.train.loop), a concept the loop refuses ships nothing; then
   the default closed-form merge (`merge:` defaults).
 - sum: the fixed re-steering recipe per concept (`resteer.loop: false`), deltas summed.
@@ -39,10 +46,6 @@ templates, fmn.data.anchors.anchor_prompts), never a measured concept. Methods:
   so a prompt without a target name is encoded exactly as before. It says what a
   text-side edit could reach on this world; it is no candidate as it stands (a textual
   inversion, or any other word for the person, goes around it).
-- gate: the product's gated text-state eraser (fmn.model.eraser), fitted from the
-  targets' names, their type's templates and the tokenizer's vocabulary; the vocabulary's
-  states are computed once per process, and every row's time includes that once
-  (stage "vocabulary").
 - uce-list, mace-cf-list: the same, with a preserve list as a user would give one: 64
   identities no row of the split measures (the other split's) join the preservation
   prompts (in the preservation templates of fmn.data.anchors).
@@ -96,6 +99,7 @@ from bench.common import (
 from fmn.data.anchors import ERASE_ANCHORS, anchor_prompts
 from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
 from fmn.manifest import Merge, ResteerOptions, option_default
+from fmn.merge import gates
 from fmn.merge.fuse import MergeConfig, merge_patches
 from fmn.model import eraser
 from fmn.model.conditioning import concept_prompts, encode_text
@@ -111,7 +115,8 @@ SHUFFLE_SEED = 0
 NS = {"heldout": (1, 10, 50, 100), "tune": (10, 40)}
 METHODS = (
     "ours",
-    "gate",
+    "ours-2tpl",
+    "loop",
     "uce",
     "mace-cf",
     "fmn-joint",
@@ -307,17 +312,21 @@ class TokenRows:
 
 
 class GateEdit:
-    """The gate method's eraser, installed while applied (as a Patch is applied)."""
+    """ours: the eraser, installed while applied (as a Patch is applied)."""
 
     vocabulary_seconds: float | None = None  # the vocabulary's states, once per process
 
-    def __init__(self, pipe, targets) -> None:
+    def __init__(self, pipe, targets, templates: int | None = None) -> None:
         self.pipe = pipe
         if GateEdit.vocabulary_seconds is None:
             t0 = time.perf_counter()
-            eraser.vocabulary_states(pipe, "id")
+            gates.vocabulary_states(pipe, "id")
             GateEdit.vocabulary_seconds = time.perf_counter() - t0
-        self.eraser = eraser.fit(pipe, [(c.id, "id", [c.text]) for c in targets])
+        t0 = time.perf_counter()
+        self.eraser = gates.fit(
+            pipe, [(c.id, "id", [c.text]) for c in targets], templates=templates
+        )
+        self.seconds = time.perf_counter() - t0  # the fit alone
 
     def apply(self) -> None:
         eraser.install(self.pipe, self.eraser)
@@ -337,12 +346,10 @@ def build(pipe, method: str, targets, steps: int | None, work: Path, keep_listed
     if method == "probe-token":
         return {"patch": TokenRows(pipe, targets), "stages": {"edit": 0.0}, "peak_mb": 0.0,
                 "shipped": shipped}  # fmt: skip
-    if method == "gate":
-        t0 = time.perf_counter()
+    if method in ("ours", "ours-2tpl"):
         with PeakRSS() as mem:
-            edit = GateEdit(pipe, targets)
-        stages["edit"] = time.perf_counter() - t0
-        stages["vocabulary"] = GateEdit.vocabulary_seconds
+            edit = GateEdit(pipe, targets, 2 if method == "ours-2tpl" else None)
+        stages["edit"], stages["vocabulary"] = edit.seconds, GateEdit.vocabulary_seconds
         return {"patch": edit, "stages": stages, "peak_mb": mem.mb, "shipped": shipped}
     if method.removesuffix("-list") in PEERS:
         t0 = time.perf_counter()
@@ -357,7 +364,7 @@ def build(pipe, method: str, targets, steps: int | None, work: Path, keep_listed
             patch = forget_joint(pipe, [(c.id, c.type, c.text) for c in targets], cfgs)
         stages["prepare+resteer"], peaks = time.perf_counter() - t0, [mem.mb]
     else:
-        kind = "loop" if method == "ours" else "fixed"
+        kind = "loop" if method == "loop" else "fixed"
         records = [concept_patch(pipe, c, kind, steps, work) for c in targets]
         paths = [r["path"] for r in records if r["path"]]
         shipped = len(paths)
@@ -403,6 +410,20 @@ def row(split, method, targets, preserved, base, patched, built) -> dict:
     }
 
 
+def read_rows(partial: Path) -> list[dict]:
+    """The partial file's records, rows under today's method names: up to commit cde8b13
+    "ours" was the closed loop (now "loop"), and that commit measured the gate as "gate"
+    (now "ours", what `fmn run` does by default)."""
+    out = []
+    for d in read_jsonl(partial):
+        if d.get("method") == "ours" and "prepare+resteer" in d.get("stages", {}):
+            d = {**d, "method": "loop"}
+        elif d.get("method") == "gate":
+            d = {**d, "method": "ours"}
+        out.append(d)
+    return out
+
+
 def ns_of(split: str, args) -> list[int]:
     """The N of a split this run does: the split's, or those asked for; 1 and 2 in --quick."""
     return [1, 2] if args.quick else [n for n in NS[split] if not args.ns or n in args.ns]
@@ -428,7 +449,7 @@ def main() -> None:
         partial = work / "partial.jsonl"
         size, steps = {"prompts": 1, "seeds": SEEDS[:1], "steps": 2}, 2
     partial.parent.mkdir(parents=True, exist_ok=True)
-    done = read_jsonl(partial)
+    done = read_rows(partial)
     rows = [d for d in done if "method" in d and d.get("quick", False) == args.quick]
     rows = [r for r in rows if r["method"] not in args.redo]  # (the latest row of a key counts)
     for split in args.splits:
@@ -471,7 +492,7 @@ def main() -> None:
     # every row of the whole plan that is in, whichever process ran it
     want = [(s, m, n) for s in NS for m in METHODS for n in NS[s]]
     # other processes' rows too; where a key was run again (--redo), its latest row
-    every = [r for r in read_jsonl(partial) if "method" in r and not r.get("quick")]
+    every = [r for r in read_rows(partial) if "method" in r and not r.get("quick")]
     latest = {(r["split"], r["method"], r["n_targets"]): r for r in every}
     have = [r for k, r in latest.items() if k in want]
     got = {(r["split"], r["method"], r["n_targets"]) for r in have}

@@ -1,5 +1,5 @@
-"""The forget flow: manifest -> per concept (prepare -> invert? -> resteer) -> merge ->
-score (baseline vs merged) -> report."""
+"""The forget flow: manifest -> per re-steered concept (prepare -> invert? -> resteer) ->
+merge (which also fits the gated concepts' gates) -> score (baseline vs merged) -> report."""
 
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ def _done(future: PrefectFuture, ran: str = "done") -> str:
     return "cached" if future.state.name == "Cached" else ran
 
 
-def _settle(chains: dict[str, list[PrefectFuture]], on_error: str):
-    """Wait for every concept; split the finished patches from the failed concepts."""
+def _settle(chains: dict[str, list[PrefectFuture]], on_error: str, gated: int = 0):
+    """Wait for every concept; split the finished patches from the failed concepts.
+    gated: how many concepts the merge erases by their gates (never failed here)."""
     patches, failed, status = [], {}, {}
     for futures in chains.values():
         futures[-1].wait()
@@ -55,7 +56,7 @@ def _settle(chains: dict[str, list[PrefectFuture]], on_error: str):
     if failed and on_error == "fail":
         lines = "; ".join(f"{c}: {why}" for c, why in failed.items())
         raise ConceptsFailedError(f"{len(failed)} concept(s) failed (on_error: fail): {lines}")
-    if not patches and chains:
+    if not patches and chains and not gated:
         raise ConceptsFailedError(f"every concept failed: {failed}")
     return patches, failed, status
 
@@ -91,6 +92,8 @@ def forget(manifest: str, out: str | None = None, report: str | None = None) -> 
             together = []  # concepts for shared re-steering passes (defaults.train_together)
             for c in m.concepts:
                 r = m.resolve(c.id)
+                if r.erase == "gate":  # no images or patch of its own: the merge fits its gate
+                    continue
                 prep = t.prepare.submit(manifest, c.id, run)
                 ti = t.invert.submit(manifest, c.id, run, prep) if r.invert.enabled else None
                 chains[c.id] = [f for f in (prep, ti) if f is not None]
@@ -100,11 +103,13 @@ def forget(manifest: str, out: str | None = None, report: str | None = None) -> 
                 else:
                     chains[c.id].append(t.resteer.submit(manifest, c.id, run, prep, ti))
             _groups(t, manifest, run, together, chains, m.defaults.train_together)
-        patches, failed, status = _settle(chains, m.on_error)
+        gated = sum(m.resolve(c.id).erase == "gate" for c in m.concepts)
+        patches, failed, status = _settle(chains, m.on_error, gated)
         merge_run = t.merge.submit(manifest, run, patches)
         merged = merge_run.result()
-        if not chains:  # joint: every concept was trained (or cached) in the merge task
-            status = {c.id: _done(merge_run, "trained") for c in m.concepts}
+        for c in m.concepts:  # joint, or gated: done in the merge task
+            if c.id not in chains:
+                status[c.id] = _done(merge_run, "trained" if m.merge.method == "joint" else "gated")
         score_run = t.score.submit(manifest, run, merged, failed)
         scored = score_run.result()
         rep = t.report.submit(run, scored, str(report_dir)).result()

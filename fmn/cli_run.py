@@ -82,10 +82,11 @@ def _print_result(console: Console, result: dict, seconds: float) -> None:
     console.print(table)
     for f in result["failures"]:
         console.print(f"[red]gate failed:[/red] {f}")
-    trained = sum(s == "trained" for s in result["concepts"].values())
-    cached = sum(s == "cached" for s in result["concepts"].values())
+    states = list(result["concepts"].values())
+    trained, gated, cached = (states.count(s) for s in ("trained", "gated", "cached"))
     console.print(
-        f"{trained} concept(s) trained, {cached} cached, {len(result['failed'])} failed; "
+        f"{trained} concept(s) trained, {gated} gated, {cached} cached, "
+        f"{len(result['failed'])} failed; "
         f"{seconds:.0f} s. Merged model: {Path(result['run']) / result['merged']['model']}"
     )
     console.print(f"Report: {result['index']}")

@@ -50,6 +50,9 @@ MaskName = Literal["auto", "face", "attention", "none"]
 DetectorName = Literal["world", "face", "clip", "nudenet"]
 ResteerParams = Literal["to_kv", "attn2", "unet"]
 Positions = Literal["concept", "concept+eot", "all_eot", "concept+after"]
+# How a concept is forgotten: by a gate on the text states (fmn/model/eraser.py), fitted in
+# the merge, or by attention re-steering (its own patch); auto picks by type
+Erase = Literal["auto", "gate", "resteer"]
 
 # ---------------------------------------------------------------------------------------
 # Field types shared by the models (and by their per-concept overrides)
@@ -317,6 +320,14 @@ class Defaults(_Strict):
     # concept at 6 (bench/results/resteer.md); memory grows with it
     train_together: Count = 1
     """Concepts re-steered together in one batched pass, each still into its own patch."""
+    # auto: identities by the gate, which forgot every target and kept every other concept
+    # where re-steering and the closed-form peers took other people with them (chosen on
+    # tune identities, docs/mass.md "Gated erasure"); objects and styles are re-steered:
+    # on tune ones the gate reached only prompts shaped like its own templates
+    erase: Erase = "auto"
+    """How concepts are forgotten: gate (a gate on the text states, fitted at merge time,
+    no images), resteer (attention re-steering), or auto: gate for identities (unless they
+    learn tokens first: invert.enabled), resteer for the other types."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,6 +435,8 @@ class Concept(PreservedConcept):
     """Changes to defaults.invert for this concept."""
     resteer: ResteerOverride = Field(default_factory=ResteerOverride)
     """Changes to defaults.resteer for this concept."""
+    erase: Erase | None = None  # None: defaults.erase
+    """How this concept is forgotten (gate, resteer or auto), if not as defaults.erase says."""
 
     @field_validator("words")
     @classmethod
@@ -475,6 +488,8 @@ class ResolvedConcept(_Strict):
     """The mask to use: resteer.mask, or the absolute folder of user masks, which wins."""
     invert: InvertOptions
     resteer: ResteerOptions
+    erase: Literal["gate", "resteer"] = "resteer"
+    """gate: erased by the merge's text-state gate (no images, no patch of its own)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -711,6 +726,19 @@ class Manifest(_Strict):
                         "drop it, or add action: correct",
                     )
                 )
+        for i, c in enumerate(self.concepts):
+            if (c.erase or self.defaults.erase) != "gate":
+                continue
+            where = ("concepts", i, "erase") if c.erase else ("defaults", "erase")
+            if c.action == "correct":
+                msg = "a corrected concept is trained towards its guide, not gated"
+                out.append(("gate_correct", where, msg, "set erase: resteer for it"))
+            elif self.merge.method == "joint":
+                msg = "merge.method joint re-steers every concept; the gate is fitted in the merge"
+                out.append(("gate_joint", where, msg, "use merge.method closed-form or sum"))
+            elif _overlay(self.defaults.invert, c.invert).enabled:
+                msg = "a gated concept draws no images and learns no tokens"
+                out.append(("gate_invert", where, msg, "set invert: {enabled: false}"))
         first: dict[str, str] = {}
         for section, items in (("concepts", self.concepts), ("preserve", self.preserve)):
             for i, c in enumerate(items):
@@ -759,7 +787,11 @@ class Manifest(_Strict):
         by_id = {c.id: c for c in self.concepts}
         if concept_id not in by_id:
             raise KeyError(f"no concept {concept_id!r} in manifest {self.name!r}; {list(by_id)}")
-        return resolve_concept(by_id[concept_id], self.defaults, self.base_dir)
+        c = by_id[concept_id]
+        r = resolve_concept(c, self.defaults, self.base_dir)
+        if self.merge.method == "joint" and (c.erase or self.defaults.erase) == "auto":
+            r = r.model_copy(update={"erase": "resteer"})  # joint re-steers every concept
+        return r
 
     def resolved_concepts(self) -> list[ResolvedConcept]:
         """Every concept to forget, resolved, in manifest order."""
@@ -775,6 +807,10 @@ def resolve_concept(c: Concept, defaults: Defaults, base_dir: Path) -> ResolvedC
     if isinstance(c.mask, str):
         resteer = resteer.model_copy(update={"mask": c.mask})
     folder = c.images if isinstance(c.images, Path) else None
+    erase = c.erase or defaults.erase
+    if erase == "auto":
+        gated = c.type == "id" and c.action == "forget" and not invert.enabled
+        erase = "gate" if gated else "resteer"
     if isinstance(c.mask, MaskFolder):
         mask: MaskName | Path = _resolve(c.mask.folder, base_dir)
     else:
@@ -794,6 +830,7 @@ def resolve_concept(c: Concept, defaults: Defaults, base_dir: Path) -> ResolvedC
         mask=mask,
         invert=invert,
         resteer=resteer,
+        erase=erase,
     )
 
 

@@ -58,6 +58,7 @@ from fmn.data.anchors import ERASE_ANCHORS, GENERIC_WORDS, anchor_prompts
 from fmn.io import atomic_dir, write_json
 from fmn.manifest import Merge, option_default, option_factory
 from fmn.merge.anchor_check import choose_anchor
+from fmn.model import eraser as gates
 from fmn.model.attention import token_weights
 from fmn.model.conditioning import (
     concept_prompts,
@@ -548,17 +549,28 @@ def concept_patches(folder: Path) -> list[Path]:
     return files
 
 
-def write_merged(pipe, result: MergeResult, out: Path, *, lora_rank: int | None = None) -> dict:
+def write_merged(
+    pipe,
+    result: MergeResult,
+    out: Path,
+    *,
+    lora_rank: int | None = None,
+    eraser: gates.Eraser | None = None,
+) -> dict:
     """Write a merge's outputs into `out` (replaced whole, atomically): delta.safetensors
     (the merged patch), lora.safetensors (diffusers/peft LoRA; full rank is exact; left
     out, with the reason in merge.json, when the patch changes biases or norms, which a
-    LoRA cannot carry: `params: attn2` or `unet`),
-    model/ (a diffusers pipeline with the patch applied) and merge.json (every concept,
-    its patch hash and weight, how much of its edit the merge kept). `pipe` comes back
-    unchanged. Returns the merge.json record."""
+    LoRA cannot carry: `params: attn2` or `unet`, or when it changes nothing),
+    eraser.safetensors (the gated concepts' gates, fmn.model.eraser; also in model/, where
+    fmn.model.load.load_pipeline installs it), model/ (a diffusers pipeline with the patch
+    applied) and merge.json (every concept, its patch hash and weight, how much of its edit
+    the merge kept; gated concepts with their gates' radius). `pipe` comes back unchanged.
+    Returns the merge.json record."""
     with atomic_dir(out) as tmp:
         save_patch(result.patch, tmp)
-        if bad := not_lora(result.patch):
+        if not result.patch.deltas:
+            lora = {"skipped": "the patch changes no weight (every concept is gated)"}
+        elif bad := not_lora(result.patch):
             lora = {"skipped": f"{len(bad)} changed parameters are no 2-D weights: {bad[0]}, ..."}
         else:
             done = export_lora(result.patch, tmp / "lora.safetensors", lora_rank)
@@ -568,11 +580,23 @@ def write_merged(pipe, result: MergeResult, out: Path, *, lora_rank: int | None 
             pipe.save_pretrained(tmp / "model", safe_serialization=True)
         finally:
             revert_patch(pipe, result.patch)
+        concepts = list(result.patch.extra.get("concepts", []))
+        if eraser is not None:
+            gates.save(eraser, tmp / gates.ERASER_FILE)
+            gates.save(eraser, tmp / "model" / gates.ERASER_FILE)
+            digest = patch_hash(tmp / gates.ERASER_FILE)
+            concepts += [
+                {"id": g.id, "weight": 1.0, "hash": digest, "method": "gate"} for g in eraser.gates
+            ]
         record = {
             "method": result.patch.method,
             "base_fingerprint": result.patch.base_fingerprint,
             "patch_hash": patch_hash(tmp),
-            "concepts": result.patch.extra["concepts"],
+            "concepts": concepts,
+            "gated": [
+                {"id": g.id, "radius": g.radius, "nearest": g.nearest}
+                for g in (eraser.gates if eraser else [])
+            ],
             "kept": result.kept,
             "preserve_drift": result.preserve_drift,
             "summed_keys": result.summed_keys,

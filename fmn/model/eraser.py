@@ -23,33 +23,23 @@ one person out without others (docs/mass.md). This eraser is not linear in the s
 Nothing here reads an image or a detector. The gate sits on the text encoder's output (a
 forward hook), so it acts on whatever reads the text states; SD 1.x / 2.x pipelines (one
 text encoder, no clip-skip). It is stored as one safetensors file and installed by
-`fmn.model.load.load_pipeline` when a model folder carries it.
+`fmn.model.load.load_pipeline` when a model folder carries it. Fitting is in
+fmn.merge.gates.
 """
 
 from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fmn.data.anchors import anchor_prompts
-from fmn.model.conditioning import CONCEPT_TEMPLATES, token_ids, whole_words
-
 ERASER_FILE = "eraser.safetensors"
 FORMAT = 1
-# The gate's reach as a share of the distance to the nearest other prompt, and how soft
-# its edge is (full at (1 - SOFT) * radius, nothing at radius). Chosen on tune concepts
-# only (docs/mass.md "Gated erasure").
-RADIUS_SHARE = 0.5
-SOFT = 0.5
-MAP_RANK = 32  # the map's rank; the fitted map's spectrum falls off well before
-MAP_RIDGE = 1e-3  # relative to the mean squared state norm
-WHITEN_RIDGE = 1e-4  # relative to the mean variance: directions no prompt spans count little
 
 
 class EraserError(ValueError):
@@ -73,7 +63,7 @@ class Eraser:
     mean: torch.Tensor  # [D]
     whiten: torch.Tensor  # [D, D]
     gates: list[ConceptGate]
-    soft: float = SOFT
+    soft: float  # the gate's edge: full within (1 - soft) * radius, nothing beyond radius
     config: dict = field(default_factory=dict)
 
     @property
@@ -104,6 +94,14 @@ class Eraser:
         out[:, 1:] = (x + dx).to(states.dtype)
         return out
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the eraser computes with, by name (its file, its fingerprint)."""
+        out = {"mean": self.mean, "whiten": self.whiten, "soft": torch.tensor([self.soft])}
+        for j, g in enumerate(self.gates):
+            out |= {f"{j}.prototypes": g.prototypes, f"{j}.down": g.down, f"{j}.up": g.up}
+            out[f"{j}.radius"] = torch.tensor([g.radius], dtype=torch.float64)
+        return out
+
     def merged_with(self, other: Eraser) -> Eraser:
         if not torch.equal(self.whiten, other.whiten):
             raise EraserError("erasers fitted on different text encoders cannot be merged")
@@ -112,13 +110,13 @@ class Eraser:
 
 # ---- installing it on a pipeline -----------------------------------------------------
 
-_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # text encoder -> handle
+# text encoder -> (hook handle, eraser)
+_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def install(pipe, eraser: Eraser) -> None:
     """Apply `eraser` to every prompt `pipe` encodes from now on."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise EraserError("gated erasure supports one text encoder (SD 1.x / 2.x), not SDXL")
+    one_text_encoder(pipe)
     if pipe.text_encoder in _HOOKS:
         raise EraserError("this pipeline already has an eraser installed; remove it first")
 
@@ -126,17 +124,31 @@ def install(pipe, eraser: Eraser) -> None:
         output.last_hidden_state = eraser.edit(output.last_hidden_state)
         return output
 
-    _HOOKS[pipe.text_encoder] = pipe.text_encoder.register_forward_hook(hook)
+    _HOOKS[pipe.text_encoder] = (pipe.text_encoder.register_forward_hook(hook), eraser)
+
+
+def one_text_encoder(pipe) -> None:
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise EraserError(
+            "gated erasure supports one text encoder (SD 1.x / 2.x), not SDXL's two; "
+            "use erase: resteer for this model"
+        )
 
 
 def remove(pipe) -> None:
-    handle = _HOOKS.pop(pipe.text_encoder, None)
+    """Take the installed eraser off `pipe` (nothing if none is)."""
+    handle, _ = _HOOKS.pop(pipe.text_encoder, (None, None))
     if handle is not None:
         handle.remove()
 
 
 def installed(pipe) -> bool:
-    return pipe.text_encoder in _HOOKS
+    return installed_eraser(pipe) is not None
+
+
+def installed_eraser(pipe) -> Eraser | None:
+    text_encoder = getattr(pipe, "text_encoder", None)
+    return _HOOKS.get(text_encoder, (None, None))[1] if text_encoder is not None else None
 
 
 @contextmanager
@@ -152,156 +164,6 @@ def applied(pipe, eraser: Eraser | None) -> Iterator[None]:
         remove(pipe)
 
 
-# ---- fitting ---------------------------------------------------------------------------
-
-
-def _lengths(pipe, prompts: Sequence[str]) -> list[int]:
-    """Each prompt's token count, start and end-of-text tokens included."""
-    return [len(i) for i in pipe.tokenizer(list(prompts)).input_ids]
-
-
-@torch.no_grad()
-def _encode(pipe, prompts: Sequence[str], length: int | None = None, batch: int = 256):
-    """[P, T, D] last hidden states. `length`: pad or cut to this many tokens (a state does
-    not depend on the tokens after it: CLIP's text encoder is causal)."""
-    tok, te = pipe.tokenizer, pipe.text_encoder
-    out = []
-    for i in range(0, len(prompts), batch):
-        ids = token_ids(tok, list(prompts[i : i + batch]), length)
-        out.append(te(ids.to(te.device))[0].float().cpu())
-    return torch.cat(out)
-
-
-_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # text encoder -> negatives
-
-
-def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(words, [N, D] states, [N] word index) of "template {w}" for every whole word of the
-    tokenizer in the type's first two templates: the states from the word on (the word,
-    the end-of-text token and one pad after it), and the template's own words once (word
-    index -1). Computed once per text encoder and type."""
-    mine = _VOCAB.setdefault(pipe.text_encoder, {})
-    if kind in mine:
-        return mine[kind]
-    words = list(whole_words(pipe.tokenizer))
-    states, owner = [], []
-    for template in CONCEPT_TEMPLATES[kind][:2]:
-        prompts = [template.format(w) for w in words]
-        lens = _lengths(pipe, prompts)
-        enc = _encode(pipe, prompts, length=max(lens) + 1)
-        at = _lengths(pipe, [template.split("{}")[0].strip()])[0] - 1  # the word's position
-        states.append(enc[0, 1:at])  # the template's words: the same before every word
-        owner += [-1] * (at - 1)
-        for k, n in enumerate(lens):
-            states.append(enc[k, at : n + 1])
-            owner += [k] * (n + 1 - at)
-    mine[kind] = (words, torch.cat(states), torch.tensor(owner))
-    return mine[kind]
-
-
-def _whitening(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = states.mean(0)
-    x = states - mean
-    cov = x.T @ x / len(x)
-    eye = torch.eye(cov.shape[0])
-    ev, vecs = torch.linalg.eigh(cov + WHITEN_RIDGE * cov.diagonal().mean() * eye)
-    return mean, vecs @ torch.diag(ev.rsqrt()) @ vecs.T
-
-
-def _nearest(points: torch.Tensor, prototypes: torch.Tensor, chunk: int = 65536) -> float:
-    """Smallest distance from any of `points` to any prototype."""
-    best = float("inf")
-    for i in range(0, len(points), chunk):
-        best = min(best, torch.cdist(points[i : i + chunk], prototypes).min().item())
-    return best
-
-
-def _prompt_states(pipe, prompts: list[str]) -> list[torch.Tensor]:
-    """Each prompt's states from its first word to one pad after its end-of-text token."""
-    lens = _lengths(pipe, prompts)
-    enc = _encode(pipe, prompts, length=max(lens) + 1)
-    return [enc[k, 1 : n + 1] for k, n in enumerate(lens)]
-
-
-def _map(pipe, prompts: list[str], anchor_prompts_: list[str], prefix: list[int], rank: int):
-    """(down [D, r], up [r, D]): a ridge fit of x -> x M sending each prompt's states from
-    its last token on to its anchor prompt's (aligned from there, the longer cut), and the
-    template words before the concept (positions 1 .. prefix-1) to themselves."""
-    old, new = _encode(pipe, prompts), _encode(pipe, anchor_prompts_)
-    lo, ln = _lengths(pipe, prompts), _lengths(pipe, anchor_prompts_)
-    xs, ys = [], []
-    for k in range(len(prompts)):
-        i, j = lo[k] - 2, ln[k] - 2  # the last concept token (templates end with it)
-        far, length = max(i, j), old.shape[1]
-        x, y = old[k, i : length - (far - i)], new[k, j : length - (far - j)]
-        xs += [old[k, 1 : prefix[k]], x]
-        ys += [torch.zeros_like(old[k, 1 : prefix[k]]), y - x]
-    x, y = torch.cat(xs).double(), torch.cat(ys).double()
-    ridge = MAP_RIDGE * x.pow(2).sum(1).mean()
-    m = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)
-    u, s, vh = torch.linalg.svd(m)
-    r = min(rank, int((s > s[0] * 1e-6).sum()))
-    return (u[:, :r] * s[:r]).float(), vh[:r].float()
-
-
-def fit(
-    pipe,
-    concepts: Sequence[tuple[str, str, Sequence[str]]],
-    *,
-    anchors: dict[str, str] | None = None,
-    preserve: Sequence[tuple[str, str]] = (),
-    radius_share: float = RADIUS_SHARE,
-    soft: float = SOFT,
-    rank: int = MAP_RANK,
-    progress=None,
-) -> Eraser:
-    """An eraser for `concepts` ((id, type, phrasings) each) on `pipe`'s text encoder.
-    anchors: anchor text per concept id (others: their type's, ERASE_ANCHORS); preserve:
-    (text, type) of concepts the gates must never fire on (their prompts join the checked
-    prompts). progress(label, done, total) is called per concept."""
-    from fmn.data.anchors import ERASE_ANCHORS
-
-    if installed(pipe):
-        raise EraserError("fit an eraser on the base model, without an eraser installed")
-    bad = [t for _, k, _ in concepts for t in CONCEPT_TEMPLATES[k] if not t.endswith("{}")]
-    if bad:  # the map's alignment starts at the prompt's last concept token
-        raise EraserError(f"templates must end with the concept: {bad}")
-    kinds = sorted({k for _, k, _ in concepts})
-    vocab = {k: vocabulary_states(pipe, k) for k in kinds}
-    mean, whiten = _whitening(torch.cat([v[1] for v in vocab.values()]))
-
-    def white(x: torch.Tensor) -> torch.Tensor:
-        return (x - mean) @ whiten
-
-    gates = []
-    for n, (cid, kind, words) in enumerate(concepts):
-        if progress:
-            progress(f"gate {cid}", n, len(concepts))
-        words = [words] if isinstance(words, str) else list(words)
-        templates = CONCEPT_TEMPLATES[kind]
-        prompts = [t.format(w) for t in templates for w in words]
-        lens = _lengths(pipe, prompts)
-        enc = _encode(pipe, prompts, length=max(lens) + 1)
-        protos = white(torch.cat([enc[k, n_ - 2 : n_] for k, n_ in enumerate(lens)]))
-        names, states, owner = vocab[kind]
-        own = torch.tensor([i for i, w in enumerate(names) if w in {x.lower() for x in words}])
-        others = states[~torch.isin(owner, own)] if len(own) else states
-        checked = anchor_prompts(set(words), preserve=list(preserve))
-        extra = torch.cat(_prompt_states(pipe, checked))
-        nearest = min(_nearest(white(others), protos), _nearest(white(extra), protos))
-        anchor = (anchors or {}).get(cid, ERASE_ANCHORS[kind])
-        paired = [t.format(anchor) for t in templates for _ in words]
-        prefix = [
-            _lengths(pipe, [t.split("{}")[0].strip()])[0] - 1 for t in templates for _ in words
-        ]
-        down, up = _map(pipe, prompts, paired, prefix, rank)
-        gates.append(ConceptGate(cid, protos, radius_share * nearest, nearest, down, up))
-    if progress:
-        progress("gates", len(concepts), len(concepts))
-    config = {"radius_share": radius_share, "soft": soft, "rank": rank, "anchors": anchors or {}}
-    return Eraser(mean, whiten, gates, soft, config)
-
-
 # ---- file ------------------------------------------------------------------------------
 
 
@@ -311,12 +173,9 @@ def save(eraser: Eraser, path: Path | str) -> Path:
 
     from fmn.io import atomic_path
 
-    tensors = {"mean": eraser.mean, "whiten": eraser.whiten}
-    for j, g in enumerate(eraser.gates):
-        tensors |= {f"{j}.prototypes": g.prototypes, f"{j}.down": g.down, f"{j}.up": g.up}
+    tensors = eraser.tensors()
     meta = {
         "format": str(FORMAT),
-        "soft": repr(eraser.soft),
         "gates": json.dumps(
             [{"id": g.id, "radius": g.radius, "nearest": g.nearest} for g in eraser.gates]
         ),
@@ -341,7 +200,9 @@ def load(path: Path | str) -> Eraser:
                     f"{path}: not an eraser file of format {FORMAT} (metadata {meta})"
                 )
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-    except (OSError, RuntimeError) as e:
+    except EraserError:
+        raise
+    except Exception as e:  # safetensors' own error type, or a file that is not there
         raise EraserError(f"{path}: cannot read the eraser file ({e})") from e
     gates = [
         ConceptGate(
@@ -349,4 +210,5 @@ def load(path: Path | str) -> Eraser:
         )
         for j, g in enumerate(json.loads(meta["gates"]))
     ]
-    return Eraser(t["mean"], t["whiten"], gates, float(meta["soft"]), json.loads(meta["config"]))
+    soft = float(t["soft"][0])
+    return Eraser(t["mean"], t["whiten"], gates, soft, json.loads(meta["config"]))

@@ -90,7 +90,11 @@ def load_pipeline(
     architecture, whose component configs, tokenizer and scheduler are taken.
     Weights are loaded as `dtype` (fp16 files are upcast exactly), safety checker off,
     progress bars off, scheduler `steps_offset` set to 1 as Stable Diffusion was trained.
+    A model folder written by a merge with gated concepts carries their eraser
+    (fmn.model.eraser.ERASER_FILE); it is installed on the loaded pipeline.
     """
+    from fmn.model import eraser
+
     offline = _hub_offline() if local_files_only is None else local_files_only
     with _quiet_loading():
         pipe = _load(str(spec), dtype=dtype, offline=offline, config=config)
@@ -98,6 +102,9 @@ def load_pipeline(
     _fix_steps_offset(pipe)
     _ensure_dtype(pipe, dtype)
     pipe.set_progress_bar_config(disable=True)
+    gates = Path(spec) / eraser.ERASER_FILE
+    if gates.is_file():
+        eraser.install(pipe, eraser.load(gates))
     return pipe.to(device)
 
 
@@ -134,8 +141,11 @@ def fingerprint(pipe: DiffusionPipeline) -> str:
     """Hash of the UNet's and text encoders' weights, e.g. "sha256:0123456789abcdef".
 
     Values are hashed as float32, so fp16 and fp32 loads of the same fp16 file agree
-    (fp16 -> fp32 is exact). The VAE is left out: no patch touches it.
+    (fp16 -> fp32 is exact). The VAE is left out: no patch touches it. An installed
+    eraser (fmn.model.eraser) is part of the model and of its fingerprint.
     """
+    from fmn.model import eraser
+
     h = hashlib.sha256()
     for component in ("unet", *TEXT_ENCODERS):
         module = getattr(pipe, component, None)
@@ -147,6 +157,11 @@ def fingerprint(pipe: DiffusionPipeline) -> str:
             h.update(f"{component}.{name}:{tuple(p.shape)}\n".encode())
             values = p.detach().to(device="cpu", dtype=torch.float32).contiguous()
             h.update(values.numpy().data)  # the raw bytes, without a Python-level copy
+    gates = eraser.installed_eraser(pipe)
+    if gates is not None:
+        for name, t in gates.tensors().items():
+            h.update(f"eraser.{name}:{tuple(t.shape)}\n".encode())
+            h.update(t.detach().to(dtype=torch.float32).contiguous().numpy().data)
     return "sha256:" + h.hexdigest()[:16]
 
 

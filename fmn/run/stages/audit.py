@@ -51,6 +51,17 @@ def mark_loops(summary: dict, rp: RunPaths) -> dict:
     return summary
 
 
+def mark_gates(summary: dict, rp: RunPaths) -> dict:
+    """Each gated target's gate (its reach and the nearest other prompt's distance, from
+    the merge's merge.json), for the report."""
+    merge = rp.merged / "merge.json"
+    gated = json.loads(merge.read_text()).get("gated", []) if merge.is_file() else []
+    for g in gated:
+        if g["id"] in summary["concepts"]:
+            summary["concepts"][g["id"]]["gate"] = {"radius": g["radius"], "nearest": g["nearest"]}
+    return summary
+
+
 def stage_score(
     manifest: Path | str,
     run: Path | str,
@@ -77,7 +88,7 @@ def stage_score(
         local = rp.abs(audited["model"])
         target["model"] = str(local) if local.exists() else audited["model"]
     res = audit(m, baseline=base_spec(m), out=None, progress=tick, **target)
-    summary = mark_loops(mark_failed(res.summary, failed or {}), rp)
+    summary = mark_gates(mark_loops(mark_failed(res.summary, failed or {}), rp), rp)
     images = {
         f"{model}/{cid}": torch.from_numpy(np.ascontiguousarray(arr))
         for model, by_concept in res.images.items()

@@ -18,8 +18,12 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[PatchRecord
     manifest's `merge` says, into <run>/merged/. With `merge.method: joint` the concepts
     are instead re-steered together in one run here (fmn.train.forget.forget_joint), and
     `patches` is empty. Also records the merged model's fingerprint, so that the model
-    folder can be checked later (`fmn.model.load.fingerprint` of it must match)."""
+    folder can be checked later (`fmn.model.load.fingerprint` of it must match).
+    Concepts the manifest erases by their gates (`erase: gate`) are fitted here, together
+    (fmn.model.eraser), and written beside the merged patch."""
     from fmn.merge.fuse import merge_patches, write_merged
+    from fmn.merge.gates import fit
+    from fmn.model import eraser as gates
     from fmn.model.load import fingerprint
     from fmn.model.patch import apply_patch, revert_patch
 
@@ -28,8 +32,11 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[PatchRecord
         check_record(rp, p, f"patch of {p['concept']!r}")
     tick = ProgressFile(rp, "merge")
     with pipeline(base_spec(m)) as pipe:
+        gated = [r for r in m.resolved_concepts() if r.erase == "gate"]
         if m.merge.method == "joint":
             result = _joint(pipe, m, rp, tick)
+        elif not patches:  # every concept is gated: the merged patch changes nothing
+            result = _nothing(pipe)
         else:
             files = [rp.abs(next(iter(p["outputs"]))) for p in patches]
             result = merge_patches(
@@ -39,11 +46,21 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[PatchRecord
                 preserve=preserve_list(m),
                 progress=tick,
             )
+        eraser = None
+        if gated:
+            eraser = fit(
+                pipe,
+                [(r.id, r.type, r.words) for r in gated],
+                anchors=dict(m.merge.anchors),
+                preserve=preserve_list(m),
+                progress=tick,
+            )
         tick("writing model", 0, 1)
-        record = write_merged(pipe, result, rp.merged)
+        record = write_merged(pipe, result, rp.merged, eraser=eraser)
         apply_patch(pipe, result.patch)
         try:
-            model_fingerprint = fingerprint(pipe)
+            with gates.applied(pipe, eraser):
+                model_fingerprint = fingerprint(pipe)
         finally:
             revert_patch(pipe, result.patch)
     out: MergeRecord = {
@@ -63,6 +80,16 @@ def _merge_config(m: Manifest):
     from fmn.merge.fuse import MergeConfig
 
     return MergeConfig.from_manifest(m.merge)
+
+
+def _nothing(pipe):
+    """A MergeResult whose patch changes no weight."""
+    from fmn.merge.fuse import MergeResult
+    from fmn.model.load import fingerprint
+    from fmn.model.patch import Patch
+
+    patch = Patch("", "merge:none", {}, base_fingerprint=fingerprint(pipe), extra={"concepts": []})
+    return MergeResult(patch=patch, seconds=0.0)
 
 
 def _joint(pipe, m: Manifest, rp: RunPaths, tick):

@@ -1,0 +1,193 @@
+"""Fitting the gated concepts' text-state eraser (fmn.model.eraser explains what it does): the
+concepts' prototypes and radii from the text encoder and the tokenizer's vocabulary, and
+their maps to their anchors. Reads no image and no detector."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+from fmn.data.anchors import ERASE_ANCHORS, anchor_prompts
+from fmn.model.conditioning import CONCEPT_TEMPLATES, token_ids, whole_words
+from fmn.model.eraser import ConceptGate, Eraser, EraserError, installed, one_text_encoder
+
+# The gate's reach as a share of the distance to the nearest other prompt, and how soft
+# its edge is (full at (1 - SOFT) * radius, nothing at radius). Chosen on tune identities
+# only (docs/mass.md "Gated erasure").
+RADIUS_SHARE = 0.5
+SOFT = 0.5
+MAP_RANK = 32  # the map's rank; the fitted map's spectrum falls off well before
+MAP_RIDGE = 1e-3  # relative to the mean squared state norm
+WHITEN_RIDGE = 1e-4  # relative to the mean variance: directions no prompt spans count little
+
+
+def _lengths(pipe, prompts: Sequence[str]) -> list[int]:
+    """Each prompt's token count, start and end-of-text tokens included."""
+    return [len(i) for i in pipe.tokenizer(list(prompts)).input_ids]
+
+
+@torch.no_grad()
+def _encode(pipe, prompts: Sequence[str], length: int | None = None, batch: int = 256):
+    """[P, T, D] last hidden states. `length`: pad or cut to this many tokens (a state does
+    not depend on the tokens after it: CLIP's text encoder is causal)."""
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids = token_ids(tok, list(prompts[i : i + batch]), length)
+        out.append(te(ids.to(te.device))[0].float().cpu())
+    return torch.cat(out)
+
+
+_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # text encoder -> negatives
+
+
+def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(words, [N, D] states, [N] word index) of "template {w}" for every whole word of the
+    tokenizer in the type's first two templates: the states from the word on (the word,
+    the end-of-text token and one pad after it), and the template's own words once (word
+    index -1). Computed once per text encoder and type."""
+    mine = _VOCAB.setdefault(pipe.text_encoder, {})
+    if kind in mine:
+        return mine[kind]
+    words = list(whole_words(pipe.tokenizer))
+    states, owner = [], []
+    for template in CONCEPT_TEMPLATES[kind][:2]:
+        prompts = [template.format(w) for w in words]
+        lens = _lengths(pipe, prompts)
+        enc = _encode(pipe, prompts, length=max(lens) + 1)
+        at = _lengths(pipe, [template.split("{}")[0].strip()])[0] - 1  # the word's position
+        states.append(enc[0, 1:at])  # the template's words: the same before every word
+        owner += [-1] * (at - 1)
+        for k, n in enumerate(lens):
+            states.append(enc[k, at : n + 1])
+            owner += [k] * (n + 1 - at)
+    mine[kind] = (words, torch.cat(states), torch.tensor(owner))
+    return mine[kind]
+
+
+def _whitening(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = states.mean(0)
+    x = states - mean
+    cov = x.T @ x / len(x)
+    eye = torch.eye(cov.shape[0])
+    ev, vecs = torch.linalg.eigh(cov + WHITEN_RIDGE * cov.diagonal().mean() * eye)
+    return mean, vecs @ torch.diag(ev.rsqrt()) @ vecs.T
+
+
+def _nearest(points: torch.Tensor, prototypes: torch.Tensor, skip=None, sq=None) -> float:
+    """Smallest distance from any of `points` (but the rows in `skip`) to any prototype, as
+    |x|^2 - 2 x.p + |p|^2 (sq: the points' |x|^2 if known): one matrix product, and the
+    points are never copied."""
+    sq = points.pow(2).sum(1, keepdim=True) if sq is None else sq
+    d2 = sq - 2 * points @ prototypes.T + prototypes.pow(2).sum(1)
+    if skip is not None:
+        d2[skip] = float("inf")
+    return d2.min().clamp_min(0).sqrt().item()
+
+
+def _prompt_states(pipe, prompts: list[str]) -> list[torch.Tensor]:
+    """Each prompt's states from its first word to one pad after its end-of-text token."""
+    lens = _lengths(pipe, prompts)
+    enc = _encode(pipe, prompts, length=max(lens) + 1)
+    return [enc[k, 1 : n + 1] for k, n in enumerate(lens)]
+
+
+def _map(pipe, prompts: list[str], anchor_prompts_: list[str], prefix: list[int], rank: int):
+    """(down [D, r], up [r, D]): a ridge fit of x -> x M sending each prompt's states from
+    its last token on to its anchor prompt's (aligned from there, the longer cut), and the
+    template words before the concept (positions 1 .. prefix-1) to themselves."""
+    old, new = _encode(pipe, prompts), _encode(pipe, anchor_prompts_)
+    lo, ln = _lengths(pipe, prompts), _lengths(pipe, anchor_prompts_)
+    xs, ys = [], []
+    for k in range(len(prompts)):
+        i, j = lo[k] - 2, ln[k] - 2  # the last concept token (templates end with it)
+        far, length = max(i, j), old.shape[1]
+        x, y = old[k, i : length - (far - i)], new[k, j : length - (far - j)]
+        xs += [old[k, 1 : prefix[k]], x]
+        ys += [torch.zeros_like(old[k, 1 : prefix[k]]), y - x]
+    x, y = torch.cat(xs).double(), torch.cat(ys).double()
+    ridge = MAP_RIDGE * x.pow(2).sum(1).mean()
+    m = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)
+    u, s, vh = torch.linalg.svd(m)
+    r = min(rank, int((s > s[0] * 1e-6).sum()))
+    return (u[:, :r] * s[:r]).float(), vh[:r].float()
+
+
+def fit(
+    pipe,
+    concepts: Sequence[tuple[str, str, Sequence[str]]],
+    *,
+    anchors: dict[str, str] | None = None,
+    preserve: Sequence[tuple[str, str]] = (),
+    radius_share: float = RADIUS_SHARE,
+    soft: float = SOFT,
+    rank: int = MAP_RANK,
+    templates: int | None = None,
+    progress=None,
+) -> Eraser:
+    """An eraser for `concepts` ((id, type, phrasings) each) on `pipe`'s text encoder.
+    anchors: anchor text per concept id (others: their type's, ERASE_ANCHORS); preserve:
+    (text, type) of concepts the gates must never fire on (their prompts join the checked
+    prompts). templates: fit on the first this many of each type's templates (default:
+    all). progress(label, done, total) is called per concept."""
+    one_text_encoder(pipe)
+    if installed(pipe):
+        raise EraserError("fit an eraser on the base model, without an eraser installed")
+    bad = [t for _, k, _ in concepts for t in CONCEPT_TEMPLATES[k] if not t.endswith("{}")]
+    if bad:  # the map's alignment starts at the prompt's last concept token
+        raise EraserError(f"templates must end with the concept: {bad}")
+    kinds = sorted({k for _, k, _ in concepts})
+    vocab = {k: vocabulary_states(pipe, k) for k in kinds}
+    mean, whiten = _whitening(torch.cat([v[1] for v in vocab.values()]))
+
+    def white(x: torch.Tensor) -> torch.Tensor:
+        return (x - mean) @ whiten
+
+    white_vocab = {k: white(v[1]) for k, v in vocab.items()}  # once: the costly product
+    square = {k: v.pow(2).sum(1, keepdim=True) for k, v in white_vocab.items()}
+    prefix_of: dict[str, int] = {}  # template -> the concept's position in it
+    checked: dict[str, torch.Tensor] = {}  # prompt -> whitened states, encoded once
+
+    def checked_states(prompts: list[str]) -> torch.Tensor:
+        new = [p for p in dict.fromkeys(prompts) if p not in checked]
+        if new:
+            checked.update(zip(new, map(white, _prompt_states(pipe, new)), strict=True))
+        return torch.cat([checked[p] for p in prompts])
+
+    gates = []
+    for n, (cid, kind, words) in enumerate(concepts):
+        if progress:
+            progress(f"gate {cid}", n, len(concepts))
+        words = [words] if isinstance(words, str) else list(words)
+        used = CONCEPT_TEMPLATES[kind][:templates]
+        prompts = [t.format(w) for t in used for w in words]
+        lens = _lengths(pipe, prompts)
+        enc = _encode(pipe, prompts, length=max(lens) + 1)
+        protos = white(torch.cat([enc[k, n_ - 2 : n_] for k, n_ in enumerate(lens)]))
+        names, _, owner = vocab[kind]
+        own = torch.tensor([i for i, w in enumerate(names) if w in {x.lower() for x in words}])
+        mine = torch.isin(owner, own) if len(own) else None  # its own words: not "others"
+        extra = checked_states(anchor_prompts(set(words), preserve=list(preserve)))
+        nearest = min(
+            _nearest(white_vocab[kind], protos, mine, square[kind]), _nearest(extra, protos)
+        )
+        anchor = (anchors or {}).get(cid, ERASE_ANCHORS[kind])
+        paired = [t.format(anchor) for t in used for _ in words]
+        for t in used:
+            if t not in prefix_of:
+                prefix_of[t] = _lengths(pipe, [t.split("{}")[0].strip()])[0] - 1
+        prefix = [prefix_of[t] for t in used for _ in words]
+        down, up = _map(pipe, prompts, paired, prefix, rank)
+        gates.append(ConceptGate(cid, protos, radius_share * nearest, nearest, down, up))
+    if progress:
+        progress("gates", len(concepts), len(concepts))
+    config = {
+        "radius_share": radius_share,
+        "soft": soft,
+        "rank": rank,
+        "templates": templates,
+        "anchors": anchors or {},
+    }
+    return Eraser(mean, whiten, gates, soft, config)

@@ -1,0 +1,194 @@
+"""Gated text-state erasure (fmn.model.eraser): a gated concept's prompts are re-mapped,
+every other prompt passes bit-exact; the eraser travels in one safetensors file, a model
+folder that carries it loads with it (and a fingerprint that says so); a manifest gates
+identities by default and the flow writes, audits and reports the gates.
+
+The world classifier measures here and feeds nothing: the eraser sees the concept's text,
+its type's templates and the tokenizer's vocabulary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fmn.manifest import ManifestError, load_manifest
+from fmn.merge.gates import fit
+from fmn.model import eraser
+from fmn.model.conditioning import encode_text
+from fmn.model.load import fingerprint, load_pipeline
+from tests.flow_helpers import TINY, run_flow
+from tests.tiny import build_tiny_pipeline
+
+TARGET = ["a photo of alice", "a portrait of alice"]
+OTHERS = ["a photo of bob", "a photo of a dog", "a picture in the style of monet", ""]
+
+
+@pytest.fixture(scope="module")
+def sd1(clip_tokenizer_dir):
+    torch.set_num_threads(1)
+    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def gate(sd1):
+    return fit(sd1, [("alice", "id", ["alice"])])
+
+
+def _states(pipe, prompts: list[str]) -> torch.Tensor:
+    return encode_text(pipe, prompts).embeds
+
+
+def test_the_gate_moves_the_target_to_its_anchor_and_nothing_else(sd1, gate) -> None:
+    before = _states(sd1, TARGET + OTHERS)
+    anchor = _states(sd1, ["a photo of a person"])[0]
+    with eraser.applied(sd1, gate):
+        after = _states(sd1, TARGET + OTHERS)
+    assert torch.equal(after[len(TARGET) :], before[len(TARGET) :])  # bit-exact
+    # "a photo of alice" from alice on, against "a photo of a person" from person on
+    far_before = (before[0, 4:76] - anchor[5:77]).norm()
+    far_after = (after[0, 4:76] - anchor[5:77]).norm()
+    assert far_after < 0.7 * far_before  # a linear map in this 32-wide space fits it in part
+    assert torch.equal(_states(sd1, TARGET), before[: len(TARGET)])  # removed after the block
+    (g,) = gate.gates
+    assert 0 < g.radius < g.nearest
+
+
+def test_eraser_file_and_model_folder_carry_the_gate(sd1, gate, tmp_path) -> None:
+    path = eraser.save(gate, tmp_path / "g.safetensors")
+    back = eraser.load(path)
+    assert back.concepts == ["alice"] and back.soft == gate.soft
+    for k, t in gate.tensors().items():
+        assert torch.equal(back.tensors()[k], t), k
+    plain, gated = tmp_path / "plain", tmp_path / "gated"
+    sd1.save_pretrained(plain, safe_serialization=True)
+    shutil.copytree(plain, gated)
+    eraser.save(gate, gated / eraser.ERASER_FILE)
+    loaded, base = load_pipeline(gated), load_pipeline(plain)
+    assert eraser.installed(loaded) and not eraser.installed(base)
+    assert fingerprint(loaded) != fingerprint(base)
+    assert torch.equal(_states(loaded, OTHERS), _states(base, OTHERS))
+    assert not torch.equal(_states(loaded, TARGET), _states(base, TARGET))
+
+
+def test_a_broken_eraser_file_is_refused_by_name(sd1, tmp_path) -> None:
+    folder = tmp_path / "model"
+    sd1.save_pretrained(folder, safe_serialization=True)
+    (folder / eraser.ERASER_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(eraser.EraserError, match=r"eraser\.safetensors"):
+        load_pipeline(folder)
+
+
+def test_sdxl_is_refused_before_any_work(clip_tokenizer_dir) -> None:
+    pipe = build_tiny_pipeline("sdxl", clip_tokenizer_dir)
+    with pytest.raises(eraser.EraserError, match="SDXL"):
+        fit(pipe, [("alice", "id", ["alice"])])
+
+
+# ---- the manifest: who is gated --------------------------------------------------------
+
+
+def _manifest(tmp_path, **extra):
+    import yaml
+
+    doc = {
+        "name": "m",
+        "concepts": [
+            {"id": "carol", "type": "id"},
+            {"id": "triangle", "type": "object"},
+        ],
+        **extra,
+    }
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_identities_are_gated_by_default_and_the_rest_re_steered(tmp_path) -> None:
+    m = load_manifest(_manifest(tmp_path))
+    assert {r.id: r.erase for r in m.resolved_concepts()} == {
+        "carol": "gate",
+        "triangle": "resteer",
+    }
+    inverted = load_manifest(_manifest(tmp_path, defaults={"invert": {"enabled": True}}))
+    assert inverted.resolve("carol").erase == "resteer"  # learns tokens: re-steered
+    joint = load_manifest(_manifest(tmp_path, merge={"method": "joint"}))
+    assert joint.resolve("carol").erase == "resteer"
+    everyone = load_manifest(_manifest(tmp_path, defaults={"erase": "gate"}))
+    assert everyone.resolve("triangle").erase == "gate"
+
+
+def test_a_gate_that_cannot_apply_is_refused_by_field(tmp_path) -> None:
+    with pytest.raises(ManifestError, match=r"defaults\.erase.*merge\.method"):
+        load_manifest(_manifest(tmp_path, defaults={"erase": "gate"}, merge={"method": "joint"}))
+    with pytest.raises(ManifestError, match=r"defaults\.erase.*learns no tokens"):
+        load_manifest(_manifest(tmp_path, defaults={"erase": "gate", "invert": {"enabled": True}}))
+
+
+# ---- on the world: the flow ------------------------------------------------------------
+
+
+def test_the_flow_gates_an_identity_and_re_steers_an_object(prefect_api, tmp_path) -> None:
+    import yaml
+
+    doc = {
+        "name": "gated",
+        "base_model": "embedded:tiny-world",
+        **TINY,
+        "defaults": {"resteer": TINY["defaults"]["resteer"]},  # erase: auto
+        "concepts": [
+            {"id": "carol", "type": "id"},
+            {"id": "triangle", "type": "object", "images": {"generate": 2}},
+        ],
+    }
+    manifest = tmp_path / "gated.yaml"
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "run"
+    result, states = run_flow(manifest, out)
+    assert result["concepts"] == {"carol": "gated", "triangle": "trained"}
+    assert not any(n.endswith("-carol") for n in states)  # no images, no patch of its own
+    merged = out / "merged"
+    merge = json.loads((merged / "merge.json").read_text())
+    assert [c["id"] for c in merge["concepts"]] == ["triangle", "carol"]
+    assert [g["id"] for g in merge["gated"]] == ["carol"]
+    assert (merged / eraser.ERASER_FILE).is_file()
+    record = json.loads((out / "merged.json").read_text())
+    assert fingerprint(load_pipeline(merged / "model")) == record["model_fingerprint"]
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["concepts"]["carol"]["gate"]["radius"] > 0
+    assert "text-state gate" in (out / "report" / "index.html").read_text()
+    again, _ = run_flow(manifest, out)
+    assert again["concepts"] == {"carol": "cached", "triangle": "cached"}
+    assert again["stages"] == {"merge": "cached", "audit": "cached"}
+
+
+def test_on_the_world_a_gated_identity_is_forgotten_and_the_rest_drawn_as_before() -> None:
+    from fmn.eval.mscore.detectors import WorldDetector
+    from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+    from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
+    from fmn.world.concepts import get_concept
+
+    torch.set_num_threads(1)
+    pipe, detector = load_pipeline(EMBEDDED_NAME), WorldDetector(EMBEDDED_DIR / "classifier")
+    refs = [
+        ConceptRef(c.id, c.type, c.text)
+        for c in map(get_concept, ["carol", "alice", "eve", "triangle"])
+    ]
+
+    def scores() -> dict[str, float]:
+        rows, _ = score_concepts(
+            pipe, refs, detector, prompts_per_concept=4, seeds=(0, 1), steps=15
+        )
+        return {c: s["mscore"] for c, s in summarise(rows).items()}
+
+    base = scores()
+    with eraser.applied(pipe, fit(pipe, [("carol", "id", ["carol"])])):
+        after = scores()
+    assert base["carol"] > 0.5 and after["carol"] < 0.2 * base["carol"], (base, after)
+    assert {c: after[c] for c in ("alice", "eve", "triangle")} == {
+        c: base[c] for c in ("alice", "eve", "triangle")
+    }  # their prompts never reach the gate: the same images
