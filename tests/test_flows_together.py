@@ -11,7 +11,13 @@ import pytest
 from fmn.model.patch import load_patch, patch_hash
 from tests.flow_helpers import copy_build, run_flow, write_manifest
 
-PAIRS = {"defaults": {"resteer": {"steps": 2, "mask": "none", "loop": False}, "train_together": 2}}
+PAIRS = {
+    "defaults": {
+        "resteer": {"steps": 2, "mask": "none", "loop": False},
+        "train_together": 2,
+        "erase": "resteer",  # carol re-steered too (flow_helpers.TINY)
+    }
+}
 
 
 @pytest.fixture(scope="module")
