@@ -75,6 +75,20 @@ def test_eraser_file_and_model_folder_carry_the_gate(sd1, gate, tmp_path) -> Non
     assert not torch.equal(_states(loaded, TARGET), _states(base, TARGET))
 
 
+def test_a_merge_of_gated_concepts_only_writes_the_eraser_and_a_model_that_carries_it(
+    sd1, gate, tmp_path
+) -> None:
+    from fmn.merge.fuse import MergeResult, write_merged
+    from fmn.model.patch import Patch
+
+    nothing = Patch("", "merge:none", {}, base_fingerprint=fingerprint(sd1), extra={"concepts": []})
+    record = write_merged(sd1, MergeResult(patch=nothing, seconds=0.0), tmp_path / "m", eraser=gate)
+    assert not (tmp_path / "m" / "delta.safetensors").exists()
+    assert "skipped" in record["lora"] and [c["id"] for c in record["concepts"]] == ["alice"]
+    loaded = load_pipeline(tmp_path / "m" / "model")
+    assert eraser.installed(loaded) and not eraser.installed(sd1)
+
+
 def test_a_broken_eraser_file_is_refused_by_name(sd1, tmp_path) -> None:
     folder = tmp_path / "model"
     sd1.save_pretrained(folder, safe_serialization=True)

@@ -558,23 +558,27 @@ def write_merged(
     eraser: gates.Eraser | None = None,
 ) -> dict:
     """Write a merge's outputs into `out` (replaced whole, atomically): delta.safetensors
-    (the merged patch), lora.safetensors (diffusers/peft LoRA; full rank is exact; left
-    out, with the reason in merge.json, when the patch changes biases or norms, which a
-    LoRA cannot carry: `params: attn2` or `unet`, or when it changes nothing),
+    (the merged patch; none when it changes no weight), lora.safetensors (diffusers/peft
+    LoRA; full rank is exact; left out, with the reason in merge.json, when the patch
+    changes biases or norms, which a LoRA cannot carry: `params: attn2` or `unet`, or
+    when it changes nothing),
     eraser.safetensors (the gated concepts' gates, fmn.model.eraser; also in model/, where
     fmn.model.load.load_pipeline installs it), model/ (a diffusers pipeline with the patch
     applied) and merge.json (every concept, its patch hash and weight, how much of its edit
-    the merge kept; gated concepts with their gates' radius). `pipe` comes back unchanged.
+    the merge kept; gated concepts with their gates' radius; `patch_hash` is the delta
+    file's, or the eraser file's when there is no delta). `pipe` comes back unchanged.
     Returns the merge.json record."""
     with atomic_dir(out) as tmp:
-        save_patch(result.patch, tmp)
-        if not result.patch.deltas:
+        if not result.patch.deltas:  # every concept gated: no delta file, no LoRA
             lora = {"skipped": "the patch changes no weight (every concept is gated)"}
-        elif bad := not_lora(result.patch):
-            lora = {"skipped": f"{len(bad)} changed parameters are no 2-D weights: {bad[0]}, ..."}
         else:
-            done = export_lora(result.patch, tmp / "lora.safetensors", lora_rank)
-            lora = {"rank": done["rank"], "relative_error": done["relative_error"]}
+            save_patch(result.patch, tmp)
+            if bad := not_lora(result.patch):
+                n = len(bad)
+                lora = {"skipped": f"{n} changed parameters are no 2-D weights: {bad[0]}, ..."}
+            else:
+                done = export_lora(result.patch, tmp / "lora.safetensors", lora_rank)
+                lora = {"rank": done["rank"], "relative_error": done["relative_error"]}
         apply_patch(pipe, result.patch)
         try:
             pipe.save_pretrained(tmp / "model", safe_serialization=True)
@@ -591,7 +595,7 @@ def write_merged(
         record = {
             "method": result.patch.method,
             "base_fingerprint": result.patch.base_fingerprint,
-            "patch_hash": patch_hash(tmp),
+            "patch_hash": patch_hash(tmp if result.patch.deltas else tmp / gates.ERASER_FILE),
             "concepts": concepts,
             "gated": [
                 {"id": g.id, "radius": g.radius, "nearest": g.nearest}
