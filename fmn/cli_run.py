@@ -33,10 +33,16 @@ def _quiet_defaults() -> None:
 class _View:
     """Rows of a rich Progress, refreshed from the progress files by a thread."""
 
-    def __init__(self, console: Console, run: RunPaths, keys: list[str]) -> None:
+    def __init__(
+        self, console: Console, run: RunPaths, keys: list[str], first: dict[str, str]
+    ) -> None:
+        """keys: one row each; first: a row's first words where not "waiting"."""
         self.run, self.stop = run, threading.Event()
         self.bar = progress_columns(console)
-        self.rows = {k: self.bar.add_task(f"{k:<14} waiting", total=1, info="") for k in keys}
+        self.rows = {
+            k: self.bar.add_task(f"{k:<14} {first.get(k, 'waiting')}", total=1, info="")
+            for k in keys
+        }
 
     def _poll(self) -> None:
         while not self.stop.wait(0.5):
@@ -141,7 +147,10 @@ def run_manifest(
             ensure_device_slot()
             flow = forget.with_options(task_runner=task_runner(runner, run_dir, workers, address))
             keys = [c.id for c in m.concepts] + ["merge", "audit"]
-            with _View(console, rp, keys) as view:
+            gated = {
+                c.id: "gated in the merge" for c in m.concepts if m.resolve(c.id).erase == "gate"
+            }
+            with _View(console, rp, keys, gated) as view:
                 state = flow(str(manifest), str(run_dir), str(report_dir), return_state=True)
                 result = state.result(raise_on_failure=False)
                 done = result if isinstance(result, dict) else {}

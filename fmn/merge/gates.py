@@ -12,13 +12,14 @@ import torch
 from fmn.data.anchors import ERASE_ANCHORS, anchor_prompts
 from fmn.model.conditioning import CONCEPT_TEMPLATES, token_ids, whole_words
 from fmn.model.eraser import ConceptGate, Eraser, EraserError, installed, one_text_encoder
+from fmn.progress import Progress
 
 # The gate's reach as a share of the distance to the nearest other prompt, and how soft
 # its edge is (full at (1 - SOFT) * radius, nothing at radius). Chosen on tune identities
 # only (docs/mass.md "Gated erasure").
 RADIUS_SHARE = 0.5
 SOFT = 0.5
-MAP_RANK = 32  # the map's rank; the fitted map's spectrum falls off well before
+MAP_RANK = 32  # the map's rank: one concept's prompts span few directions
 MAP_RIDGE = 1e-3  # relative to the mean squared state norm
 WHITEN_RIDGE = 1e-4  # relative to the mean variance: directions no prompt spans count little
 
@@ -125,7 +126,7 @@ def fit(
     soft: float = SOFT,
     rank: int = MAP_RANK,
     templates: int | None = None,
-    progress=None,
+    progress: Progress | None = None,
 ) -> Eraser:
     """An eraser for `concepts` ((id, type, phrasings) each) on `pipe`'s text encoder.
     anchors: anchor text per concept id (others: their type's, ERASE_ANCHORS); preserve:
@@ -139,6 +140,8 @@ def fit(
     if bad:  # the map's alignment starts at the prompt's last concept token
         raise EraserError(f"templates must end with the concept: {bad}")
     kinds = sorted({k for _, k, _ in concepts})
+    if progress:
+        progress("vocabulary states", 0, len(concepts))  # once per text encoder and type
     vocab = {k: vocabulary_states(pipe, k) for k in kinds}
     mean, whiten = _whitening(torch.cat([v[1] for v in vocab.values()]))
 

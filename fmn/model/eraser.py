@@ -72,16 +72,19 @@ class Eraser:
 
     def fired(self, states: torch.Tensor) -> torch.Tensor:
         """[B, C]: how strongly each concept's gate fires on each prompt (0..1)."""
-        w = (states[:, 1:].float() - self.mean) @ self.whiten
-        out = torch.zeros(states.shape[0], len(self.gates))
+        dev = states.device
+        w = (states[:, 1:].float() - self.mean.to(dev)) @ self.whiten.to(dev)
+        out = torch.zeros(states.shape[0], len(self.gates), device=dev)
         for j, g in enumerate(self.gates):
-            d = torch.cdist(w, g.prototypes.expand(len(w), -1, -1)).amin(-1)  # [B, T-1]
+            protos = g.prototypes.to(dev).expand(len(w), -1, -1)
+            d = torch.cdist(w, protos).amin(-1)  # [B, T-1]
             reach = ((g.radius - d) / (self.soft * g.radius)).clamp(0, 1)
             out[:, j] = reach.amax(-1)
         return out
 
     def edit(self, states: torch.Tensor) -> torch.Tensor:
-        """The states with every fired concept's map applied (unfired prompts unchanged)."""
+        """The states with every fired concept's map applied; a prompt no gate fires on
+        comes back bit-exact (its change is an exact zero)."""
         fire = self.fired(states)
         if not bool((fire > 0).any()):
             return states
@@ -89,7 +92,8 @@ class Eraser:
         dx = torch.zeros_like(x)
         for j, g in enumerate(self.gates):
             if bool((fire[:, j] > 0).any()):
-                dx += fire[:, j, None, None] * ((x @ g.down) @ g.up)
+                mapped = (x @ g.down.to(x.device)) @ g.up.to(x.device)
+                dx += fire[:, j, None, None] * mapped
         out = states.clone()
         out[:, 1:] = (x + dx).to(states.dtype)
         return out
@@ -101,11 +105,6 @@ class Eraser:
             out |= {f"{j}.prototypes": g.prototypes, f"{j}.down": g.down, f"{j}.up": g.up}
             out[f"{j}.radius"] = torch.tensor([g.radius], dtype=torch.float64)
         return out
-
-    def merged_with(self, other: Eraser) -> Eraser:
-        if not torch.equal(self.whiten, other.whiten):
-            raise EraserError("erasers fitted on different text encoders cannot be merged")
-        return Eraser(self.mean, self.whiten, self.gates + other.gates, self.soft, self.config)
 
 
 # ---- installing it on a pipeline -----------------------------------------------------
@@ -188,7 +187,7 @@ def save(eraser: Eraser, path: Path | str) -> Path:
 
 
 def load(path: Path | str) -> Eraser:
-    """Read an eraser file written by `save`."""
+    """Read an eraser file written by `save`; any other file is refused by name."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -200,15 +199,21 @@ def load(path: Path | str) -> Eraser:
                     f"{path}: not an eraser file of format {FORMAT} (metadata {meta})"
                 )
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+        gates = [
+            ConceptGate(
+                g["id"],
+                t[f"{j}.prototypes"],
+                g["radius"],
+                g["nearest"],
+                t[f"{j}.down"],
+                t[f"{j}.up"],
+            )
+            for j, g in enumerate(json.loads(meta["gates"]))
+        ]
+        return Eraser(
+            t["mean"], t["whiten"], gates, float(t["soft"][0]), json.loads(meta["config"])
+        )
     except EraserError:
         raise
-    except Exception as e:  # safetensors' own error type, or a file that is not there
-        raise EraserError(f"{path}: cannot read the eraser file ({e})") from e
-    gates = [
-        ConceptGate(
-            g["id"], t[f"{j}.prototypes"], g["radius"], g["nearest"], t[f"{j}.down"], t[f"{j}.up"]
-        )
-        for j, g in enumerate(json.loads(meta["gates"]))
-    ]
-    soft = float(t["soft"][0])
-    return Eraser(t["mean"], t["whiten"], gates, soft, json.loads(meta["config"]))
+    except Exception as e:  # safetensors' own error, a missing file, a missing tensor or key
+        raise EraserError(f"{path}: cannot read the eraser file ({type(e).__name__}: {e})") from e
