@@ -787,21 +787,21 @@ class Manifest(_Strict):
         by_id = {c.id: c for c in self.concepts}
         if concept_id not in by_id:
             raise KeyError(f"no concept {concept_id!r} in manifest {self.name!r}; {list(by_id)}")
-        c = by_id[concept_id]
-        r = resolve_concept(c, self.defaults, self.base_dir)
-        if self.merge.method == "joint" and (c.erase or self.defaults.erase) == "auto":
-            r = r.model_copy(update={"erase": "resteer"})  # joint re-steers every concept
-        return r
+        joint = self.merge.method == "joint"  # one re-steering run over every concept
+        return resolve_concept(by_id[concept_id], self.defaults, self.base_dir, joint=joint)
 
     def resolved_concepts(self) -> list[ResolvedConcept]:
         """Every concept to forget, resolved, in manifest order."""
         return [self.resolve(c.id) for c in self.concepts]
 
 
-def resolve_concept(c: Concept, defaults: Defaults, base_dir: Path) -> ResolvedConcept:
+def resolve_concept(
+    c: Concept, defaults: Defaults, base_dir: Path, *, joint: bool = False
+) -> ResolvedConcept:
     """`c` with `defaults` overlaid by its overrides, and paths made absolute from
     `base_dir`: how a manifest resolves its concepts, and how `fmn forget` resolves its
-    options (with Defaults()), so that both build the same patch."""
+    options (with Defaults()), so that both build the same patch. joint: the manifest's
+    merge re-steers every concept in one run, so `erase: auto` re-steers them all."""
     invert = _overlay(defaults.invert, c.invert)
     resteer = _overlay(defaults.resteer, c.resteer)
     if isinstance(c.mask, str):
@@ -809,7 +809,7 @@ def resolve_concept(c: Concept, defaults: Defaults, base_dir: Path) -> ResolvedC
     folder = c.images if isinstance(c.images, Path) else None
     erase = c.erase or defaults.erase
     if erase == "auto":
-        gated = c.type == "id" and c.action == "forget" and not invert.enabled
+        gated = c.type == "id" and c.action == "forget" and not invert.enabled and not joint
         erase = "gate" if gated else "resteer"
     if isinstance(c.mask, MaskFolder):
         mask: MaskName | Path = _resolve(c.mask.folder, base_dir)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -587,7 +588,7 @@ def write_merged(
         concepts = list(result.patch.extra.get("concepts", []))
         if eraser is not None:
             gates.save(eraser, tmp / gates.ERASER_FILE)
-            gates.save(eraser, tmp / "model" / gates.ERASER_FILE)
+            shutil.copyfile(tmp / gates.ERASER_FILE, tmp / "model" / gates.ERASER_FILE)
             digest = patch_hash(tmp / gates.ERASER_FILE)
             concepts += [
                 {"id": g.id, "weight": 1.0, "hash": digest, "method": "gate"} for g in eraser.gates

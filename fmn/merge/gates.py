@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from fmn.data.anchors import ERASE_ANCHORS, anchor_prompts
-from fmn.model.conditioning import CONCEPT_TEMPLATES, token_ids, whole_words
+from fmn.model.conditioning import CONCEPT_TEMPLATES, concept_prompts, token_ids, whole_words
 from fmn.model.eraser import ConceptGate, Eraser, EraserError, installed, one_text_encoder
 from fmn.progress import Progress
 
@@ -41,6 +41,11 @@ def _encode(pipe, prompts: Sequence[str], length: int | None = None, batch: int 
     return torch.cat(out)
 
 
+def _word_position(pipe, template: str) -> int:
+    """The position of the first token `{}` stands for in `template` (start token = 0)."""
+    return _lengths(pipe, [template.split("{}")[0].strip()])[0] - 1
+
+
 _VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # text encoder -> negatives
 
 
@@ -48,7 +53,9 @@ def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor, torch.T
     """(words, [N, D] states, [N] word index) of "template {w}" for every whole word of the
     tokenizer in the type's first two templates: the states from the word on (the word,
     the end-of-text token and one pad after it), and the template's own words once (word
-    index -1). Computed once per text encoder and type."""
+    index -1). Computed once per text encoder and type. (The closed loop's watch list,
+    fmn.train.loop.vocabulary_states, keeps one template's name and end-of-text states
+    per word; the gate's radius needs every state a prompt of the word can show.)"""
     mine = _VOCAB.setdefault(pipe.text_encoder, {})
     if kind in mine:
         return mine[kind]
@@ -58,7 +65,7 @@ def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor, torch.T
         prompts = [template.format(w) for w in words]
         lens = _lengths(pipe, prompts)
         enc = _encode(pipe, prompts, length=max(lens) + 1)
-        at = _lengths(pipe, [template.split("{}")[0].strip()])[0] - 1  # the word's position
+        at = _word_position(pipe, template)
         states.append(enc[0, 1:at])  # the template's words: the same before every word
         owner += [-1] * (at - 1)
         for k, n in enumerate(lens):
@@ -95,14 +102,15 @@ def _prompt_states(pipe, prompts: list[str]) -> list[torch.Tensor]:
     return [enc[k, 1 : n + 1] for k, n in enumerate(lens)]
 
 
-def _map(pipe, prompts: list[str], anchor_prompts_: list[str], prefix: list[int], rank: int):
-    """(down [D, r], up [r, D]): a ridge fit of x -> x M sending each prompt's states from
-    its last token on to its anchor prompt's (aligned from there, the longer cut), and the
-    template words before the concept (positions 1 .. prefix-1) to themselves."""
-    old, new = _encode(pipe, prompts), _encode(pipe, anchor_prompts_)
-    lo, ln = _lengths(pipe, prompts), _lengths(pipe, anchor_prompts_)
+def _map(pipe, old: torch.Tensor, lo: list[int], anchor_prompts_: list[str], prefix: list[int],
+         rank: int):  # fmt: skip
+    """(down [D, r], up [r, D]): a ridge fit of x -> x M sending each concept prompt's
+    states (`old`, full length; `lo` their token counts) from its last token on to its
+    anchor prompt's (aligned from there, the longer cut), and the template words before
+    the concept (positions 1 .. prefix-1) to themselves."""
+    new, ln = _encode(pipe, anchor_prompts_), _lengths(pipe, anchor_prompts_)
     xs, ys = [], []
-    for k in range(len(prompts)):
+    for k in range(len(lo)):
         i, j = lo[k] - 2, ln[k] - 2  # the last concept token (templates end with it)
         far, length = max(i, j), old.shape[1]
         x, y = old[k, i : length - (far - i)], new[k, j : length - (far - j)]
@@ -150,7 +158,6 @@ def fit(
 
     white_vocab = {k: white(v[1]) for k, v in vocab.items()}  # once: the costly product
     square = {k: v.pow(2).sum(1, keepdim=True) for k, v in white_vocab.items()}
-    prefix_of: dict[str, int] = {}  # template -> the concept's position in it
     checked: dict[str, torch.Tensor] = {}  # prompt -> whitened states, encoded once
 
     def checked_states(prompts: list[str]) -> torch.Tensor:
@@ -159,30 +166,27 @@ def fit(
             checked.update(zip(new, map(white, _prompt_states(pipe, new)), strict=True))
         return torch.cat([checked[p] for p in prompts])
 
+    index = {k: {w: i for i, w in enumerate(v[0])} for k, v in vocab.items()}
     gates = []
     for n, (cid, kind, words) in enumerate(concepts):
         if progress:
             progress(f"gate {cid}", n, len(concepts))
         words = [words] if isinstance(words, str) else list(words)
         used = CONCEPT_TEMPLATES[kind][:templates]
-        prompts = [t.format(w) for t in used for w in words]
+        prompts = concept_prompts(words, kind)[: len(used) * len(words)]  # template-major
         lens = _lengths(pipe, prompts)
-        enc = _encode(pipe, prompts, length=max(lens) + 1)
+        enc = _encode(pipe, prompts)
         protos = white(torch.cat([enc[k, n_ - 2 : n_] for k, n_ in enumerate(lens)]))
-        names, _, owner = vocab[kind]
-        own = torch.tensor([i for i, w in enumerate(names) if w in {x.lower() for x in words}])
-        mine = torch.isin(owner, own) if len(own) else None  # its own words: not "others"
+        own = [index[kind][w.lower()] for w in words if w.lower() in index[kind]]
+        mine = torch.isin(vocab[kind][2], torch.tensor(own)) if own else None  # not "others"
         extra = checked_states(anchor_prompts(set(words), preserve=list(preserve)))
         nearest = min(
             _nearest(white_vocab[kind], protos, mine, square[kind]), _nearest(extra, protos)
         )
         anchor = (anchors or {}).get(cid, ERASE_ANCHORS[kind])
         paired = [t.format(anchor) for t in used for _ in words]
-        for t in used:
-            if t not in prefix_of:
-                prefix_of[t] = _lengths(pipe, [t.split("{}")[0].strip()])[0] - 1
-        prefix = [prefix_of[t] for t in used for _ in words]
-        down, up = _map(pipe, prompts, paired, prefix, rank)
+        prefix = [_word_position(pipe, t) for t in used for _ in words]
+        down, up = _map(pipe, enc, lens, paired, prefix, rank)
         gates.append(ConceptGate(cid, protos, radius_share * nearest, nearest, down, up))
     if progress:
         progress("gates", len(concepts), len(concepts))

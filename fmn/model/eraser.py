@@ -10,11 +10,11 @@ one person out without others (docs/mass.md). This eraser is not linear in the s
   concept's last token and at the first end-of-text token, in every template of its type
   and every phrasing. Distances are taken after whitening by the covariance of a
   vocabulary's states, so the directions in which prompts differ most count least;
-- the radius is `RADIUS_SHARE` of the distance from the prototypes to the nearest state of
-  any other prompt it is checked against: every whole word of the tokenizer in the type's
-  first two templates ("a photo of {w}"), the generic anchor prompts and the manifest's
-  preserved concepts. So no such prompt can fire the gate; prompts that never come near a
-  target pass through unchanged;
+- the radius is a share (fmn.merge.gates.RADIUS_SHARE) of the distance from the
+  prototypes to the nearest state of any other prompt it is checked against: every whole
+  word of the tokenizer in the type's first two templates ("a photo of {w}"), the generic
+  anchor prompts and the manifest's preserved concepts. So no such prompt can fire the
+  gate; prompts that never come near a target pass through unchanged;
 - a fired prompt's states (every position after the start token) go through x -> x + x D U,
   a low-rank map fitted (ridge) to send the concept's states from its last token on to the
   anchor prompt's ("a person" in the same template), aligned from the end, and the
@@ -175,9 +175,7 @@ def save(eraser: Eraser, path: Path | str) -> Path:
     tensors = eraser.tensors()
     meta = {
         "format": str(FORMAT),
-        "gates": json.dumps(
-            [{"id": g.id, "radius": g.radius, "nearest": g.nearest} for g in eraser.gates]
-        ),
+        "gates": json.dumps([{"id": g.id, "nearest": g.nearest} for g in eraser.gates]),
         "config": json.dumps(eraser.config, sort_keys=True),
     }
     path = Path(path)
@@ -203,7 +201,7 @@ def load(path: Path | str) -> Eraser:
             ConceptGate(
                 g["id"],
                 t[f"{j}.prototypes"],
-                g["radius"],
+                float(t[f"{j}.radius"][0]),
                 g["nearest"],
                 t[f"{j}.down"],
                 t[f"{j}.up"],
