@@ -12,9 +12,16 @@ other concepts whose base M-Score is at least 0.5. `seconds` is the forgetting a
 
 Methods:
 - fixed: the type's default rung without the loop (`resteer.loop: false`), mask auto.
-- loop: the closed loop (fmn.train.loop, the default of `fmn forget` and `fmn run`). A
-  concept it fails by name ships nothing: its row is the base model (ratios 1), with the
-  loop's reason; `seconds` includes the judging (`judge_seconds`).
+- loop: the closed loop (fmn.train.loop, the default of `fmn forget`; `fmn run`'s for
+  concepts it re-steers). A concept it fails by name ships nothing: its row is the base
+  model (ratios 1), with the loop's reason; `seconds` includes the judging
+  (`judge_seconds`).
+- gate: the gated text-state eraser (fmn.merge.gates, what `fmn run` does by default for
+  identities, objects and styles): fitted for the target alone, installed, scored. A
+  concept none of whose prompts fires the gate has every text state bit-identical to the
+  base model's, so it draws the base model's images exactly: it is not drawn again and its
+  ratio is 1 (`redrawn` counts the concepts that were). `seconds` is the fit; the
+  vocabulary's states, once per process and type, are in `vocab_seconds`.
 
 Targets (default): every held-out object and style, the first 24 held-out identities,
 and beside them every tune object and style and the first 8 tune identities.
@@ -38,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,7 +64,7 @@ SEEDS = (1000, 1001, 1002, 1003)  # the measuring rule: reported numbers at seed
 PROMPTS = 6  # 6 templates x 4 seeds = 24 images per concept
 SCORED_MIN_BASE = 0.5  # others count in the means only where the base model draws them
 PARTIAL = PARTIALS / "single.jsonl"
-METHODS = {"fixed": False, "loop": True}  # method -> resteer.loop
+METHODS = {"fixed": False, "loop": True, "gate": None}  # method -> resteer.loop (gate: none)
 OUT = ROOT / "bench" / "results" / "single.json"
 COLUMNS = [
     "method",
@@ -112,6 +120,35 @@ def forget(pipe, concept, method: str):
     return res, res.loop
 
 
+def gate_scores(pipe, detector, concept, everyone, base, size) -> tuple[dict, dict]:
+    """M-Scores with the concept's gate installed (only the concepts whose prompts it
+    changes are drawn again), and what it cost."""
+    from fmn.eval.mscore.prompts import concept_prompts
+    from fmn.merge.gates import fit, vocabulary_states
+    from fmn.model import eraser
+    from fmn.model.conditioning import encode_text
+
+    t0 = time.time()
+    vocabulary_states(pipe, concept.type)  # once per process and type
+    t1 = time.time()
+    gates = fit(pipe, [(concept.id, concept.type, [concept.text])])  # as the other methods
+    t2 = time.time()
+    prompts = {c.id: concept_prompts(c.text, c.type, size["prompts"]) for c in everyone}
+    flat = [p for ps in prompts.values() for p in ps]
+    before = encode_text(pipe, flat).embeds
+    with eraser.applied(pipe, gates):
+        after = encode_text(pipe, flat).embeds
+        same, k = {}, 0
+        for c in everyone:
+            n = len(prompts[c.id])
+            same[c.id] = torch.equal(before[k : k + n], after[k : k + n])
+            k += n
+        redraw = [c for c in everyone if not same[c.id]]
+        patched = score_all(pipe, detector, redraw, **size) if redraw else {}
+    cost = {"fit_seconds": t2 - t1, "vocab_seconds": t1 - t0, "redrawn": len(redraw)}
+    return {c.id: patched.get(c.id, base[c.id]) for c in everyone}, cost
+
+
 def row(method, concept, base, patched, steps, seconds, commit: str, loop=None) -> dict:
     ratio = {c: patched[c] / base[c] for c in base if base[c] > 0}
     others = {c: r for c, r in ratio.items() if c != concept.id and base[c] >= SCORED_MIN_BASE}
@@ -128,7 +165,7 @@ def row(method, concept, base, patched, steps, seconds, commit: str, loop=None) 
         "worst_ratio": others[worst] if others else float("nan"),
         "steps": steps,
         "seconds": round(seconds, 2),
-        "status": loop["status"] if loop else "fixed",
+        "status": loop["status"] if loop else method,
         "reason": loop["reason"] if loop else "",
         "judge_seconds": loop["judge_seconds"] if loop else 0.0,
         "commit": commit,
@@ -201,6 +238,13 @@ def main() -> None:
             if (method, c.id) in have:
                 continue
             t0 = time.time()
+            if method == "gate":
+                patched, cost = gate_scores(pipe, detector, c, everyone, base, size)
+                r = row(method, c, base, patched, 0, cost["fit_seconds"], commit) | cost
+                append_jsonl(args.partial, r)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                continue
             result, loop = forget(pipe, c, method)
             seconds = time.time() - t0
             if result is None:  # the loop failed it by name: nothing shipped, the base stays

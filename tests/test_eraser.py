@@ -22,8 +22,8 @@ from fmn.model.load import fingerprint, load_pipeline
 from tests.flow_helpers import TINY, run_flow
 from tests.tiny import build_tiny_pipeline
 
-TARGET = ["a photo of alice", "a portrait of alice"]
-OTHERS = ["a photo of bob", "a photo of a dog", "a picture in the style of monet", ""]
+TARGET = ["a photo of alice", "a portrait of alice", "alice in a red dress"]
+OTHERS = ["a photo of bob", "bob in a red dress", "a picture in the style of monet", ""]
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +45,16 @@ def _states(pipe, prompts: list[str]) -> torch.Tensor:
 
 def test_the_gate_moves_the_target_to_its_anchor_and_nothing_else(sd1, gate) -> None:
     before = _states(sd1, TARGET + OTHERS)
-    anchor = _states(sd1, ["a photo of a person"])[0]
+    anchor = _states(
+        sd1, ["a photo of a person", "a portrait of a person", "a person in a red dress"]
+    )
     with eraser.applied(sd1, gate):
         after = _states(sd1, TARGET + OTHERS)
     assert torch.equal(after[len(TARGET) :], before[len(TARGET) :])  # bit-exact
-    # "a photo of alice" from alice on, against "a photo of a person" from person on
-    far_before = (before[0, 4:76] - anchor[5:77]).norm()
-    far_after = (after[0, 4:76] - anchor[5:77]).norm()
-    assert far_after < 0.7 * far_before  # a linear map in this 32-wide space fits it in part
+    # the name, wherever it stands, is read as the anchor's words ("a person")
+    for k in range(len(TARGET)):
+        assert (before[k] - anchor[k]).norm() > 1
+        torch.testing.assert_close(after[k], anchor[k])
     assert torch.equal(_states(sd1, TARGET), before[: len(TARGET)])  # removed after the block
     (g,) = gate.gates
     assert 0 < g.radius < g.nearest
@@ -122,18 +124,17 @@ def _manifest(tmp_path, **extra):
     return path
 
 
-def test_identities_are_gated_by_default_and_the_rest_re_steered(tmp_path) -> None:
+def test_concepts_are_gated_by_default_unless_they_cannot_be(tmp_path) -> None:
     m = load_manifest(_manifest(tmp_path))
-    assert {r.id: r.erase for r in m.resolved_concepts()} == {
-        "carol": "gate",
-        "triangle": "resteer",
-    }
+    assert {r.id: r.erase for r in m.resolved_concepts()} == {"carol": "gate", "triangle": "gate"}
     inverted = load_manifest(_manifest(tmp_path, defaults={"invert": {"enabled": True}}))
     assert inverted.resolve("carol").erase == "resteer"  # learns tokens: re-steered
     joint = load_manifest(_manifest(tmp_path, merge={"method": "joint"}))
-    assert joint.resolve("carol").erase == "resteer"
-    everyone = load_manifest(_manifest(tmp_path, defaults={"erase": "gate"}))
-    assert everyone.resolve("triangle").erase == "gate"
+    assert joint.resolve("triangle").erase == "resteer"
+    nsfw = _manifest(tmp_path, concepts=[{"id": "nudity", "type": "nsfw"}])
+    assert load_manifest(nsfw).resolve("nudity").erase == "resteer"  # reached by unlisted words
+    chosen = load_manifest(_manifest(tmp_path, defaults={"erase": "resteer"}))
+    assert chosen.resolve("triangle").erase == "resteer"
 
 
 def test_a_gate_that_cannot_apply_is_refused_by_field(tmp_path) -> None:
@@ -156,7 +157,7 @@ def test_the_flow_gates_an_identity_and_re_steers_an_object(prefect_api, tmp_pat
         "defaults": {"resteer": TINY["defaults"]["resteer"]},  # erase: auto
         "concepts": [
             {"id": "carol", "type": "id"},
-            {"id": "triangle", "type": "object", "images": {"generate": 2}},
+            {"id": "triangle", "type": "object", "images": {"generate": 2}, "erase": "resteer"},
         ],
     }
     manifest = tmp_path / "gated.yaml"
@@ -180,7 +181,7 @@ def test_the_flow_gates_an_identity_and_re_steers_an_object(prefect_api, tmp_pat
     assert again["stages"] == {"merge": "cached", "audit": "cached"}
 
 
-def test_on_the_world_a_gated_identity_is_forgotten_and_the_rest_drawn_as_before() -> None:
+def test_on_the_world_gated_concepts_are_forgotten_wherever_named_and_the_rest_kept() -> None:
     from fmn.eval.mscore.detectors import WorldDetector
     from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
     from fmn.world import EMBEDDED_DIR, EMBEDDED_NAME
@@ -190,19 +191,32 @@ def test_on_the_world_a_gated_identity_is_forgotten_and_the_rest_drawn_as_before
     pipe, detector = load_pipeline(EMBEDDED_NAME), WorldDetector(EMBEDDED_DIR / "classifier")
     refs = [
         ConceptRef(c.id, c.type, c.text)
-        for c in map(get_concept, ["carol", "alice", "eve", "triangle"])
+        for c in map(get_concept, ["carol", "triangle", "alice", "eve", "outline"])
     ]
+    prompts = {  # the object inside longer prompts, and a style drawn on the object
+        "triangle": [
+            "a photo of a red triangle",
+            "an image of a blue triangle in the style of dots",
+        ],
+        "outline": [
+            "a photo of a triangle in the style of outline",
+            "an image in the style of outline",
+        ],
+    }
 
     def scores() -> dict[str, float]:
         rows, _ = score_concepts(
-            pipe, refs, detector, prompts_per_concept=4, seeds=(0, 1), steps=15
-        )
+            pipe, refs, detector, prompts_per_concept=2, seeds=(0, 1), steps=15,
+            prompts=prompts,
+        )  # fmt: skip
         return {c: s["mscore"] for c, s in summarise(rows).items()}
 
     base = scores()
-    with eraser.applied(pipe, fit(pipe, [("carol", "id", ["carol"])])):
+    gates = fit(pipe, [("carol", "id", ["carol"]), ("triangle", "object", ["triangle"])])
+    with eraser.applied(pipe, gates):
         after = scores()
-    assert base["carol"] > 0.5 and after["carol"] < 0.2 * base["carol"], (base, after)
-    assert {c: after[c] for c in ("alice", "eve", "triangle")} == {
-        c: base[c] for c in ("alice", "eve", "triangle")
-    }  # their prompts never reach the gate: the same images
+    for c in ("carol", "triangle"):
+        assert base[c] > 0.5 and after[c] < 0.2 * base[c], (c, base, after)
+    assert {c: after[c] for c in ("alice", "eve")} == {c: base[c] for c in ("alice", "eve")}
+    # their prompts never reach a gate: the same images; outline's name the triangle
+    assert after["outline"] >= 0.8 * base["outline"], (base, after)

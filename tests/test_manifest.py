@@ -20,7 +20,7 @@ from fmn.manifest import (
     manifest_schema,
     write_schema,
 )
-from fmn.world.concepts import get_concept
+from fmn.world.concepts import get_world
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "name: t\nconcepts:\n  - {id: circle, type: object}\n"
@@ -414,20 +414,20 @@ def test_resolve_unknown_concept(tmp_path: Path) -> None:
 def test_bundled_manifests_load_and_name_world_concepts(name: str) -> None:
     m = load_manifest(ROOT / "manifests" / f"{name}.yaml")
     assert m.name == name
-    assert m.base_model == "embedded:tiny-world"
+    assert m.base_model == "embedded:crowd-world"
+    world = get_world(m.base_model)
     for c in [*m.concepts, *m.preserve]:
-        assert get_concept(c.id).type == c.type, c.id
-    assert len(m.concepts) == {"demo": 3, "nightly": 8}[name]
+        assert world.get(c.id).type == c.type, c.id
+    assert len(m.concepts) == {"demo": 6, "nightly": 24}[name]
+    assert min(m.evaluate.seeds) >= 1000  # the measuring rule
 
 
-def test_demo_manifest_targets() -> None:
-    m = load_manifest(ROOT / "manifests" / "demo.yaml")
-    assert [(c.id, c.type, c.generate) for c in m.resolved_concepts()] == [
-        ("carol", "id", 16),
-        ("triangle", "object", 16),
-        ("outline", "style", 16),
-    ]
-    assert [p.id for p in m.preserve] == ["alice", "circle", "star", "dots", "stripes"]
+def test_the_nightly_build_removes_held_out_concepts_of_every_type() -> None:
+    m = load_manifest(ROOT / "manifests" / "nightly.yaml")
+    world = get_world(m.base_model)
+    assert {world.get(c.id).split for c in [*m.concepts, *m.preserve]} == {"heldout"}
+    assert {c.type for c in m.concepts} == {"id", "object", "style"}
+    assert {r.erase for r in m.resolved_concepts()} == {"gate"}
 
 
 def test_published_schema_is_current() -> None:

@@ -53,6 +53,10 @@ Positions = Literal["concept", "concept+eot", "all_eot", "concept+after"]
 # How a concept is forgotten: by a gate on the text states (fmn/model/eraser.py), fitted in
 # the merge, or by attention re-steering (its own patch); auto picks by type
 Erase = Literal["auto", "gate", "resteer"]
+# The types `erase: auto` gates. nsfw is re-steered: it stands for concepts reached through
+# words nobody lists, and a gate never fires on a word of the vocabulary it was not given
+# (its radius keeps every other word out, by construction).
+GATED_TYPES = ("id", "object", "style")
 
 # ---------------------------------------------------------------------------------------
 # Field types shared by the models (and by their per-concept overrides)
@@ -320,14 +324,14 @@ class Defaults(_Strict):
     # concept at 6 (bench/results/resteer.md); memory grows with it
     train_together: Count = 1
     """Concepts re-steered together in one batched pass, each still into its own patch."""
-    # auto: identities by the gate, which forgot every target and kept every other concept
-    # where re-steering and the closed-form peers took other people with them (chosen on
-    # tune identities, docs/mass.md "Gated erasure"); objects and styles are re-steered:
-    # on tune ones the gate reached only prompts shaped like its own templates
+    # auto: the gate, which forgot every target and kept every other concept where
+    # re-steering and the closed-form peers took others with them (chosen on tune
+    # identities, objects and styles: docs/mass.md "Gated erasure")
     erase: Erase = "auto"
     """How concepts are forgotten: gate (a gate on the text states, fitted at merge time,
-    no images), resteer (attention re-steering), or auto: gate for identities (unless they
-    learn tokens first: invert.enabled), resteer for the other types."""
+    no images), resteer (attention re-steering), or auto: gate for identities, objects and
+    styles that are forgotten (unless they learn tokens first: invert.enabled, or the merge
+    is joint), resteer for nsfw and corrections."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -809,7 +813,8 @@ def resolve_concept(
     folder = c.images if isinstance(c.images, Path) else None
     erase = c.erase or defaults.erase
     if erase == "auto":
-        gated = c.type == "id" and c.action == "forget" and not invert.enabled and not joint
+        gated = c.type in GATED_TYPES and c.action == "forget" and not invert.enabled
+        gated = gated and not joint
         erase = "gate" if gated else "resteer"
     if isinstance(c.mask, MaskFolder):
         mask: MaskName | Path = _resolve(c.mask.folder, base_dir)

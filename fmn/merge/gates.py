@@ -41,6 +41,13 @@ def _encode(pipe, prompts: Sequence[str], length: int | None = None, batch: int 
     return torch.cat(out)
 
 
+def _words(pipe, text: str) -> int:
+    """How many words the tokenizer sees in `text` (its tokens that end a word)."""
+    ids = pipe.tokenizer(text, add_special_tokens=False).input_ids
+    ends = pipe.tokenizer.convert_ids_to_tokens(ids)
+    return max(1, sum(t.endswith("</w>") for t in ends))
+
+
 def _word_position(pipe, template: str) -> int:
     """The position of the first token `{}` stands for in `template` (start token = 0)."""
     return _lengths(pipe, [template.split("{}")[0].strip()])[0] - 1
@@ -187,7 +194,11 @@ def fit(
         paired = [t.format(anchor) for t in used for _ in words]
         prefix = [_word_position(pipe, t) for t in used for _ in words]
         down, up = _map(pipe, enc, lens, paired, prefix, rank)
-        gates.append(ConceptGate(cid, protos, radius_share * nearest, nearest, down, up))
+        longest = max(_words(pipe, w) for w in words)
+        gates.append(
+            ConceptGate(cid, protos, radius_share * nearest, nearest, down, up,
+                        anchor, CONCEPT_TEMPLATES[kind][0], longest)
+        )  # fmt: skip
     if progress:
         progress("gates", len(concepts), len(concepts))
     config = {

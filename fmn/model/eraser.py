@@ -18,7 +18,16 @@ one person out without others (docs/mass.md). This eraser is not linear in the s
 - a fired prompt's states (every position after the start token) go through x -> x + x D U,
   a low-rank map fitted (ridge) to send the concept's states from its last token on to the
   anchor prompt's ("a person" in the same template), aligned from the end, and the
-  template's words before the concept to themselves.
+  template's words before the concept to themselves;
+- **words anywhere**: a concept's word inside a longer prompt ("a photo of a red circle in
+  the style of dots") moves both prototype states out of reach, because every state of a
+  causal text encoder depends on the words before it. So each word of a prompt (and each
+  run of up to as many words as the concept's longest phrasing) is also checked on its
+  own, in the concept's first template ("a photo of a {}"), against the same prototypes
+  and radius (the radius was measured in that template, so again no other word of the
+  vocabulary can fire). A word that fires is replaced by the concept's anchor words
+  ("circle" -> "thing") and the prompt is encoded again: the rest of the prompt, and so
+  every other concept it names, keeps its words.
 
 Nothing here reads an image or a detector. The gate sits on the text encoder's output (a
 forward hook), so it acts on whatever reads the text states; SD 1.x / 2.x pipelines (one
@@ -39,7 +48,8 @@ from pathlib import Path
 import torch
 
 ERASER_FILE = "eraser.safetensors"
-FORMAT = 1
+FORMAT = 2
+_CACHE = 100_000  # checked words kept per installed eraser (prompts repeat across images)
 
 
 class EraserError(ValueError):
@@ -54,6 +64,13 @@ class ConceptGate:
     nearest: float  # distance to the nearest other prompt's state (radius = share of it)
     down: torch.Tensor  # [D, r]
     up: torch.Tensor  # [r, D]
+    anchor: str = "a person"  # the words a fired word of the concept is replaced with
+    template: str = "{}"  # where a prompt's words are checked: its type's first template
+    words: int = 1  # the most words any of its phrasings has (longest run checked)
+
+    def meta(self) -> dict:
+        return {"id": self.id, "nearest": self.nearest, "anchor": self.anchor,
+                "template": self.template, "words": self.words}  # fmt: skip
 
 
 @dataclass
@@ -70,16 +87,28 @@ class Eraser:
     def concepts(self) -> list[str]:
         return [g.id for g in self.gates]
 
+    def reach(self, states: torch.Tensor, template: str) -> torch.Tensor:
+        """[B, C] each gate's reach (0..1) on states [B, T, D], counting only the gates
+        checked in `template` (the others read 0)."""
+        dev = states.device
+        w = (states.float() - self.mean.to(dev)) @ self.whiten.to(dev)
+        out = torch.zeros(states.shape[0], len(self.gates), device=dev)
+        for j, g in enumerate(self.gates):
+            if g.template == template:
+                out[:, j] = self._reach(w, g)
+        return out
+
+    def _reach(self, w: torch.Tensor, g: ConceptGate) -> torch.Tensor:
+        d = torch.cdist(w, g.prototypes.to(w.device).expand(len(w), -1, -1)).amin(-1)
+        return ((g.radius - d) / (self.soft * g.radius)).clamp(0, 1).amax(-1)
+
     def fired(self, states: torch.Tensor) -> torch.Tensor:
         """[B, C]: how strongly each concept's gate fires on each prompt (0..1)."""
         dev = states.device
         w = (states[:, 1:].float() - self.mean.to(dev)) @ self.whiten.to(dev)
         out = torch.zeros(states.shape[0], len(self.gates), device=dev)
         for j, g in enumerate(self.gates):
-            protos = g.prototypes.to(dev).expand(len(w), -1, -1)
-            d = torch.cdist(w, protos).amin(-1)  # [B, T-1]
-            reach = ((g.radius - d) / (self.soft * g.radius)).clamp(0, 1)
-            out[:, j] = reach.amax(-1)
+            out[:, j] = self._reach(w, g)
         return out
 
     def edit(self, states: torch.Tensor) -> torch.Tensor:
@@ -107,6 +136,117 @@ class Eraser:
         return out
 
 
+# ---- words anywhere in a prompt ----------------------------------------------------------
+
+
+class WordCheck:
+    """An eraser bound to a pipeline's tokenizer and text encoder: finds the words of a
+    prompt's ids (CLIP's BPE marks a word's last token with "</w>"; a token added by a
+    textual inversion is a word of its own), checks each run of words in its gates'
+    templates, and replaces the fired ones by their anchors."""
+
+    def __init__(self, eraser: Eraser, tokenizer, text_encoder):
+        self.eraser, self.text_encoder = eraser, text_encoder
+        vocab = tokenizer.get_vocab()
+        self.word_end = torch.ones(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
+        for token, i in vocab.items():
+            if i not in tokenizer.added_tokens_decoder:
+                self.word_end[i] = token.endswith("</w>")
+        self.start, self.end = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end
+
+        def ids(text: str) -> list[int]:
+            return tokenizer(text.strip(), add_special_tokens=False).input_ids
+
+        self.templates = {}  # template -> (ids before the word, ids after it)
+        for g in eraser.gates:
+            before, after = g.template.split("{}")
+            self.templates[g.template] = (ids(before), ids(after))
+        self.anchors = [ids(g.anchor) for g in eraser.gates]
+        self.longest = max((g.words for g in eraser.gates), default=1)
+        self.cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self.busy = False  # re-encoding inside the hook must not be edited again
+
+    def runs(self, row: list[int]) -> list[tuple[int, int]]:
+        """(start, stop) token positions of every run of 1..longest words of a prompt."""
+        stop = row.index(self.end, 1) if self.end in row[1:] else len(row)
+        ends = [i + 1 for i in range(1, stop) if self.word_end[row[i]] or i == stop - 1]
+        starts = [1, *ends[:-1]]
+        return [
+            (starts[a], ends[b])
+            for a in range(len(ends))
+            for b in range(a, min(a + self.longest, len(ends)))
+        ]
+
+    def _encode(self, rows: list[list[int]], length: int, device) -> torch.Tensor:
+        ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
+        for k, r in enumerate(rows):
+            r = [*r[: length - 1], self.end] if len(r) > length else r
+            ids[k, : len(r)] = torch.tensor(r)
+        self.busy = True
+        try:
+            with torch.no_grad():
+                return self.text_encoder(ids.to(device))[0]
+        finally:
+            self.busy = False
+
+    def check(self, spans: list[tuple[int, ...]], device) -> torch.Tensor:
+        """[S, C] each gate's reach on each run of words, alone in the gate's template."""
+        todo = [(t, s) for s in dict.fromkeys(spans) for t in self.templates
+                if (t, s) not in self.cache]  # fmt: skip
+        for template in {t for t, _ in todo}:
+            before, after = self.templates[template]
+            mine = [s for t, s in todo if t == template]
+            rows = [[self.start, *before, *s, *after, self.end] for s in mine]
+            states = self._encode(rows, max(map(len, rows)) + 1, device)
+            at = 1 + len(before)  # the word's first token; its states run to one pad after
+            reach = self.eraser.reach(states[:, at:], template).cpu()
+            if len(self.cache) + len(mine) > _CACHE:
+                self.cache.clear()
+            self.cache.update({(template, s): r for s, r in zip(mine, reach, strict=True)})
+        out = torch.zeros(len(spans), len(self.eraser.gates))
+        for i, s in enumerate(spans):  # a gate reads 0 in every template but its own
+            for t in self.templates:
+                out[i] = torch.maximum(out[i], self.cache[(t, s)])
+        return out
+
+    def edit(self, states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """`states` of prompts `ids` with every fired run of words replaced by its anchor
+        (blended by the gate's reach) and encoded again; rows without one are untouched."""
+        rows = ids.tolist()
+        runs = [self.runs(r) for r in rows]
+        spans = [tuple(r[a:b]) for r, rs in zip(rows, runs, strict=True) for a, b in rs]
+        reach = self.check(spans, states.device)
+        new, blend, k = {}, {}, 0
+        for b, (r, rs) in enumerate(zip(rows, runs, strict=True)):
+            hits = []
+            for a, e in rs:
+                j = int(reach[k].argmax())
+                if reach[k, j] > 0:
+                    hits.append((float(reach[k, j]), e - a, a, e, j))
+                k += 1
+            if not hits:
+                continue
+            taken: list[tuple[int, int, int]] = []
+            for _, _, a, e, j in sorted(hits, reverse=True):  # strongest, then longest
+                if all(e <= a2 or a >= e2 for a2, e2, _ in taken):
+                    taken.append((a, e, j))
+            out, last = [], 0
+            for a, e, j in sorted(taken):
+                out += r[last:a] + self.anchors[j]
+                last = e
+            stop = r.index(self.end, 1) if self.end in r[1:] else len(r)
+            new[b] = out + r[last:stop] + [self.end]
+            blend[b] = max(h[0] for h in hits)
+        if not new:
+            return states
+        enc = self._encode(list(new.values()), states.shape[1], states.device)
+        out = states.clone()
+        for (b, r), x in zip(blend.items(), enc, strict=True):
+            out[b] = (states[b].float() + r * (x.float() - states[b].float())).to(states.dtype)
+        return out
+
+
 # ---- installing it on a pipeline -----------------------------------------------------
 
 # text encoder -> (hook handle, eraser)
@@ -118,12 +258,18 @@ def install(pipe, eraser: Eraser) -> None:
     one_text_encoder(pipe)
     if pipe.text_encoder in _HOOKS:
         raise EraserError("this pipeline already has an eraser installed; remove it first")
+    words = WordCheck(eraser, pipe.tokenizer, pipe.text_encoder)
 
-    def hook(module, args, output):
-        output.last_hidden_state = eraser.edit(output.last_hidden_state)
+    def hook(module, args, kwargs, output):
+        if words.busy:
+            return output
+        ids = args[0] if args else kwargs.get("input_ids")
+        states = output.last_hidden_state if ids is None else words.edit(output[0], ids)
+        output.last_hidden_state = eraser.edit(states)
         return output
 
-    _HOOKS[pipe.text_encoder] = (pipe.text_encoder.register_forward_hook(hook), eraser)
+    handle = pipe.text_encoder.register_forward_hook(hook, with_kwargs=True)
+    _HOOKS[pipe.text_encoder] = (handle, eraser)
 
 
 def one_text_encoder(pipe) -> None:
@@ -175,7 +321,7 @@ def save(eraser: Eraser, path: Path | str) -> Path:
     tensors = eraser.tensors()
     meta = {
         "format": str(FORMAT),
-        "gates": json.dumps([{"id": g.id, "nearest": g.nearest} for g in eraser.gates]),
+        "gates": json.dumps([g.meta() for g in eraser.gates]),
         "config": json.dumps(eraser.config, sort_keys=True),
     }
     path = Path(path)
@@ -205,6 +351,9 @@ def load(path: Path | str) -> Eraser:
                 g["nearest"],
                 t[f"{j}.down"],
                 t[f"{j}.up"],
+                g["anchor"],
+                g["template"],
+                g["words"],
             )
             for j, g in enumerate(json.loads(meta["gates"]))
         ]

@@ -162,6 +162,7 @@ def fingerprint(pipe: DiffusionPipeline) -> str:
         for name, t in gates.tensors().items():
             h.update(f"eraser.{name}:{tuple(t.shape)}\n".encode())
             h.update(t.detach().to(dtype=torch.float32).contiguous().numpy().data)
+        h.update(repr([g.meta() for g in gates.gates]).encode())  # anchors and templates
     return "sha256:" + h.hexdigest()[:16]
 
 

@@ -56,10 +56,10 @@ def score_concepts(
 ) -> tuple[list[ScoreRow], dict[str, np.ndarray]]:
     """Rows (one per concept x prompt x seed) and the generated images per concept, in
     prompt-major order. `detector`: one for all, or one per concept type; `prompts`: the
-    prompts per concept id (default: `prompts_per_concept` world templates)."""
+    prompts per concept id (a concept not in it: `prompts_per_concept` world templates)."""
     jobs = []
     for c in concepts:
-        mine = prompts[c.id] if prompts is not None else None
+        mine = prompts.get(c.id) if prompts is not None else None
         for p in mine or concept_prompts(c.text, c.type, prompts_per_concept):
             jobs += [(c, p, s) for s in seeds]
     all_images = generate(
