@@ -8,9 +8,10 @@ held-out objects and styles. Images at seeds 1000-1001, 4 prompts per concept.
 
 Modes:
 - base: the base model, nothing removed (what each attack gets where nothing was done);
-- default: what `fmn run` builds by default from a manifest of the targets (the closed loop,
-  the default merge); a target the loop refuses by name ships nothing and is attacked as
-  the base model draws it;
+- default: what `fmn run` builds by default from a manifest of the targets (`erase: auto`:
+  since commit 2d53636 every identity, object and style is gated, fmn.model.eraser; before
+  it, the closed loop, where a target the loop refused by name shipped nothing and was
+  attacked as the base model draws it);
 - robust: not built yet, so not run.
 
 Attacks (`fmn audit`'s, fmn.eval.audit): inversion-100 and inversion-500 (the recovery
@@ -21,8 +22,10 @@ back to at least half their base M-Score (over targets the base model draws, M-S
 `acc_s_ratio` the preserved concepts' mean top-1 accuracy on the mode's model over the base
 model's, `seconds` the attack's time for all targets. The `fmn run` build resumes by stage.
 
-Usage: python bench/robust.py [--quick] [--threads 1]
-Writes bench/results/robust.json and .md (--quick: plumbing only, to build/bench/).
+Usage: python bench/robust.py [--quick] [--threads 1] [--attacks ...]
+Each finished row is appended to bench/partial/robust.jsonl (tracked, with its commit and
+the targets' model fingerprint), so a later session resumes; when every row is in it writes
+bench/results/robust.json and .md (--quick: plumbing only, to build/bench/).
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, git_commit, machine, markdown_table, write_results
+from bench.common import (
+    PARTIALS,
+    ROOT,
+    append_jsonl,
+    git_commit,
+    machine,
+    markdown_table,
+    read_jsonl,
+    write_results,
+)
 
 OUT = ROOT / "bench" / "results" / "robust.json"
 WORK = ROOT / "build" / "bench" / "robust"
@@ -147,14 +159,31 @@ def main() -> None:
     t0 = time.time()
     merged = build(manifest, work / "run")
     build_seconds = time.time() - t0
+    from fmn.model.load import fingerprint, load_pipeline
+
+    partial = work / "robust.jsonl" if args.quick else PARTIALS / "robust.jsonl"
+    if args.quick:
+        partial.unlink(missing_ok=True)
+    models = {"base": "embedded:crowd-world", "default": str(merged)}
+    prints = {mode: fingerprint(load_pipeline(spec)) for mode, spec in models.items()}
+    done = {  # rows of these very models (a rebuilt default model is attacked again)
+        (r["mode"], r["attack"]): r
+        for r in read_jsonl(partial)
+        if r.get("model_fingerprint") == prints[r["mode"]]
+    }
     rows = []
-    for mode, model in (("base", "embedded:crowd-world"), ("default", str(merged))):
+    for mode, model in models.items():
         for name in args.attacks:
-            r = {"mode": mode, **attack(manifest, model, name, args.quick)}
+            r = done.get((mode, name))
+            if r is None:
+                r = {"mode": mode, **attack(manifest, model, name, args.quick)}
+                r |= {"model_fingerprint": prints[mode], "commit": commit}
+                append_jsonl(partial, r)
             print(r, flush=True)
             rows.append(r)
+    commits = sorted({r.pop("commit") for r in rows})
     result = {
-        "commit": commit,
+        "commit": commits[0] if len(commits) == 1 else commits,
         "machine": machine(args.threads),
         "quick": args.quick,
         "targets": [c.id for c in targets],

@@ -60,6 +60,22 @@ def test_the_gate_moves_the_target_to_its_anchor_and_nothing_else(sd1, gate) -> 
     assert 0 < g.radius < g.nearest
 
 
+def test_a_token_learned_after_install_is_checked_as_a_word(clip_tokenizer_dir) -> None:
+    # the inversion attack adds a token to the installed pipeline's tokenizer
+    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
+    with eraser.applied(pipe, fit(pipe, [("alice", "id", ["alice"])])):
+        pipe.tokenizer.add_tokens(["<learned>"])
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+        emb = pipe.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():  # the learned row: alice's own, which must fire her gate
+            emb[-1] = emb[pipe.tokenizer.convert_tokens_to_ids("alice</w>")]
+        got = _states(pipe, ["a photo of <learned>", "a photo of alice", "a photo of bob"])
+        anchor = _states(pipe, ["a photo of a person"])[0]
+    torch.testing.assert_close(got[0], anchor)
+    torch.testing.assert_close(got[1], anchor)
+    assert (got[2] - anchor).norm() > 1
+
+
 def test_eraser_file_and_model_folder_carry_the_gate(sd1, gate, tmp_path) -> None:
     path = eraser.save(gate, tmp_path / "g.safetensors")
     back = eraser.load(path)

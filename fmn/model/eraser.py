@@ -170,7 +170,10 @@ class WordCheck:
     def runs(self, row: list[int]) -> list[tuple[int, int]]:
         """(start, stop) token positions of every run of 1..longest words of a prompt."""
         stop = row.index(self.end, 1) if self.end in row[1:] else len(row)
-        ends = [i + 1 for i in range(1, stop) if self.word_end[row[i]] or i == stop - 1]
+        n = len(self.word_end)  # a token added after install (a textual inversion's) is a word
+        ends = [
+            i + 1 for i in range(1, stop) if row[i] >= n or self.word_end[row[i]] or i == stop - 1
+        ]
         starts = [1, *ends[:-1]]
         return [
             (starts[a], ends[b])
