@@ -32,8 +32,8 @@ bench/partial/single.jsonl (tracked, so a later session resumes it) with the com
 on; a re-run skips what is there.
 When every row is in, it writes bench/results/single.json and single.md.
 
-Usage: python bench/single.py [--methods fixed loop] [--ids 24] [--tune-ids 8]
-       [--targets james circle ...] [--threads 1] [--quick]
+Usage: python bench/single.py [--methods fixed loop gate] [--ids 24] [--tune-ids 8]
+       [--targets james circle ...] [--threads 1] [--redo gate] [--quick]
 """
 
 from __future__ import annotations
@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--tune-ids", type=int, default=8)
     ap.add_argument("--targets", nargs="+", help="these concept ids instead")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--redo", nargs="+", default=[], help="run these methods' rows again")
     ap.add_argument("--quick", action="store_true", help="plumbing: 2 targets, 3 others, 2 steps")
     ap.add_argument("--partial", type=Path, default=PARTIAL)
     ap.add_argument("--out", type=Path, default=OUT)
@@ -231,7 +232,9 @@ def main() -> None:
         base = score_all(pipe, detector, everyone, **size)
         append_jsonl(args.partial, {"base": base, "commit": commit})
         print(f"base M-Scores of {len(base)} concepts: {time.time() - t0:.0f} s", flush=True)
-    rows = [d for d in done if "method" in d]
+    # a later row of the same (method, concept) replaces an earlier one (--redo)
+    latest = {(d["method"], d["concept"]): d for d in done if "method" in d}
+    rows = [r for k, r in latest.items() if k[0] not in args.redo]
     have = {(r["method"], r["concept"]) for r in rows}
     for method in args.methods:
         for c in chosen:

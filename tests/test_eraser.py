@@ -51,11 +51,15 @@ def test_the_gate_moves_the_target_to_its_anchor_and_nothing_else(sd1, gate) -> 
     with eraser.applied(sd1, gate):
         after = _states(sd1, TARGET + OTHERS)
     assert torch.equal(after[len(TARGET) :], before[len(TARGET) :])  # bit-exact
-    # the name, wherever it stands, is read as the anchor's words ("a person")
+    # the name, wherever it stands, is read as the anchor's words ("a person"), and by
+    # default a step past them, away from the name
     for k in range(len(TARGET)):
         assert (before[k] - anchor[k]).norm() > 1
-        torch.testing.assert_close(after[k], anchor[k])
+        assert (after[k] - before[k]).norm() > 1.5 * (anchor[k] - before[k]).norm()
     assert torch.equal(_states(sd1, TARGET), before[: len(TARGET)])  # removed after the block
+    with eraser.applied(sd1, fit(sd1, [("alice", "id", ["alice"])], overshoot=0.0)):
+        exact = _states(sd1, TARGET)
+    torch.testing.assert_close(exact, anchor)
     (g,) = gate.gates
     assert 0 < g.radius < g.nearest
 
@@ -63,7 +67,7 @@ def test_the_gate_moves_the_target_to_its_anchor_and_nothing_else(sd1, gate) -> 
 def test_a_token_learned_after_install_is_checked_as_a_word(clip_tokenizer_dir) -> None:
     # the inversion attack adds a token to the installed pipeline's tokenizer
     pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
-    with eraser.applied(pipe, fit(pipe, [("alice", "id", ["alice"])])):
+    with eraser.applied(pipe, fit(pipe, [("alice", "id", ["alice"])], overshoot=0.0)):
         pipe.tokenizer.add_tokens(["<learned>"])
         pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
         emb = pipe.text_encoder.get_input_embeddings().weight

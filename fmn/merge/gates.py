@@ -19,6 +19,10 @@ from fmn.progress import Progress
 # only (docs/mass.md "Gated erasure").
 RADIUS_SHARE = 0.5
 SOFT = 0.5
+# How far past its anchor a replaced word's states go, away from the concept's (ESD's
+# negative guidance, one step): chosen on tune objects and styles, where the anchors are
+# words the world never learned and draw some targets themselves (docs/mass.md).
+OVERSHOOT = 1.0
 MAP_RANK = 32  # the map's rank: one concept's prompts span few directions
 MAP_RIDGE = 1e-3  # relative to the mean squared state norm
 WHITEN_RIDGE = 1e-4  # relative to the mean variance: directions no prompt spans count little
@@ -140,6 +144,7 @@ def fit(
     radius_share: float = RADIUS_SHARE,
     soft: float = SOFT,
     rank: int = MAP_RANK,
+    overshoot: float = OVERSHOOT,
     templates: int | None = None,
     progress: Progress | None = None,
 ) -> Eraser:
@@ -205,7 +210,8 @@ def fit(
         "radius_share": radius_share,
         "soft": soft,
         "rank": rank,
+        "overshoot": overshoot,
         "templates": templates,
         "anchors": anchors or {},
     }
-    return Eraser(mean, whiten, gates, soft, config)
+    return Eraser(mean, whiten, gates, soft, config, overshoot)

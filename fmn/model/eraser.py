@@ -27,7 +27,11 @@ one person out without others (docs/mass.md). This eraser is not linear in the s
   and radius (the radius was measured in that template, so again no other word of the
   vocabulary can fire). A word that fires is replaced by the concept's anchor words
   ("circle" -> "thing") and the prompt is encoded again: the rest of the prompt, and so
-  every other concept it names, keeps its words.
+  every other concept it names, keeps its words. Where the rewritten prompt's tokens
+  align with the original's (every token outside the word, the anchor's last token for
+  the word's last, the end of text and the pads), its states go `overshoot` further, away
+  from the original's: an anchor that itself draws the concept a little does not bring it
+  back.
 
 Nothing here reads an image or a detector. The gate sits on the text encoder's output (a
 forward hook), so it acts on whatever reads the text states; SD 1.x / 2.x pipelines (one
@@ -82,6 +86,7 @@ class Eraser:
     gates: list[ConceptGate]
     soft: float  # the gate's edge: full within (1 - soft) * radius, nothing beyond radius
     config: dict = field(default_factory=dict)
+    overshoot: float = 0.0  # a replaced word's states go this far past the anchor's
 
     @property
     def concepts(self) -> list[str]:
@@ -130,6 +135,7 @@ class Eraser:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything the eraser computes with, by name (its file, its fingerprint)."""
         out = {"mean": self.mean, "whiten": self.whiten, "soft": torch.tensor([self.soft])}
+        out["overshoot"] = torch.tensor([self.overshoot])
         for j, g in enumerate(self.gates):
             out |= {f"{j}.prototypes": g.prototypes, f"{j}.down": g.down, f"{j}.up": g.up}
             out[f"{j}.radius"] = torch.tensor([g.radius], dtype=torch.float64)
@@ -220,7 +226,7 @@ class WordCheck:
         runs = [self.runs(r) for r in rows]
         spans = [tuple(r[a:b]) for r, rs in zip(rows, runs, strict=True) for a, b in rs]
         reach = self.check(spans, states.device)
-        new, blend, k = {}, {}, 0
+        new, blend, pairs, k = {}, {}, {}, 0
         for b, (r, rs) in enumerate(zip(rows, runs, strict=True)):
             hits = []
             for a, e in rs:
@@ -234,20 +240,41 @@ class WordCheck:
             for _, _, a, e, j in sorted(hits, reverse=True):  # strongest, then longest
                 if all(e <= a2 or a >= e2 for a2, e2, _ in taken):
                     taken.append((a, e, j))
-            out, last = [], 0
-            for a, e, j in sorted(taken):
-                out += r[last:a] + self.anchors[j]
-                last = e
-            stop = r.index(self.end, 1) if self.end in r[1:] else len(r)
-            new[b] = out + r[last:stop] + [self.end]
+            new[b], pairs[b] = self._rewrite(r, sorted(taken), states.shape[1])
             blend[b] = max(h[0] for h in hits)
         if not new:
             return states
         enc = self._encode(list(new.values()), states.shape[1], states.device)
         out = states.clone()
+        g = self.eraser.overshoot
         for (b, r), x in zip(blend.items(), enc, strict=True):
-            out[b] = (states[b].float() + r * (x.float() - states[b].float())).to(states.dtype)
+            s, x = states[b].float(), x.float()
+            if g:  # past the anchor, away from the concept, where the two prompts align
+                to, at = (torch.tensor(i) for i in zip(*pairs[b], strict=True))
+                x = x.clone()
+                x[to] += g * (x[to] - s[at])
+            out[b] = (s + r * (x - s)).to(states.dtype)
         return out
+
+    def _rewrite(self, row: list[int], taken: list[tuple[int, int, int]], length: int):
+        """(the prompt's ids with each taken run (start, stop, gate) replaced by its gate's
+        anchor, [(new position, old position)] of the tokens the two share: every token
+        outside the runs, each anchor's last token for its run's last, and the end-of-text
+        token and the pads after it)."""
+        stop = row.index(self.end, 1) if self.end in row[1:] else len(row)
+        out: list[int] = []
+        pairs: list[tuple[int, int]] = []
+        last = 0
+        for a, e, j in [*taken, (stop, stop, -1)]:
+            pairs += [(len(out) + k, i) for k, i in enumerate(range(last, a))]
+            out += row[last:a]
+            if j >= 0:
+                out += self.anchors[j]
+                pairs.append((len(out) - 1, e - 1))
+            last = e
+        shift = len(out) - stop
+        pairs += [(i + shift, i) for i in range(stop, length) if 0 <= i + shift < length]
+        return [*out, self.end], pairs
 
 
 # ---- installing it on a pipeline -----------------------------------------------------
@@ -360,9 +387,9 @@ def load(path: Path | str) -> Eraser:
             )
             for j, g in enumerate(json.loads(meta["gates"]))
         ]
-        return Eraser(
-            t["mean"], t["whiten"], gates, float(t["soft"][0]), json.loads(meta["config"])
-        )
+        config = json.loads(meta["config"])
+        overshoot = float(t["overshoot"][0])
+        return Eraser(t["mean"], t["whiten"], gates, float(t["soft"][0]), config, overshoot)
     except EraserError:
         raise
     except Exception as e:  # safetensors' own error, a missing file, a missing tensor or key
