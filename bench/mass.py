@@ -12,10 +12,10 @@ only the product's generic anchor prompts (the empty prompt and plain words in t
 templates, fmn.data.anchors.anchor_prompts), never a measured concept. Methods:
 
 - ours: what `fmn run` does by default for a manifest of these identities (`erase: auto`,
-  which gates identities): the merge stage's gated text-state eraser (fmn.model.eraser,
-  fitted by fmn.merge.gates) from the targets' names, their type's templates and the
-  tokenizer's vocabulary. The vocabulary's states are computed once per process, and every
-  row's time includes that once (stage "vocabulary").
+  which gates identities, objects and styles): the merge stage's gated text-state eraser
+  (fmn.model.eraser, fitted by fmn.merge.gates) from the targets' names, their type's
+  templates and the tokenizer's vocabulary. The vocabulary's states are computed once per
+  process, and every row's time includes that once (stage "vocabulary").
 - ours-2tpl: the same, fitted on 2 of the type's 4 templates, so half the audit's prompts
   are ones the gates never saw (how far a gate reaches beyond its own prompts).
 - loop: what `fmn run` did by default before the gate (`erase: resteer`): per concept the

@@ -15,8 +15,8 @@ FMN = [sys.executable, "-m", "fmn.cli"]
 # tiny but real: 2 generated images, 2 re-steering steps, 1 prompt x 1 seed x 2 DDIM steps;
 # no closed loop, which judges every rung with generated images (tens of seconds a
 # concept): test_loop.py covers it, through the library and through `fmn run`. Every
-# concept is re-steered, carol too (identities are gated by default: test_eraser.py runs
-# that path through the flow)
+# concept is re-steered, carol too (identities, objects and styles are gated by default:
+# test_eraser.py runs that path through the flow)
 TINY = {
     "defaults": {"resteer": {"steps": 2, "mask": "none", "loop": False}, "erase": "resteer"},
     "preserve": [{"id": "alice", "type": "id"}],

@@ -20,9 +20,10 @@ from fmn.progress import Progress
 RADIUS_SHARE = 0.5
 SOFT = 0.5
 # How far past its anchor a replaced word's states go, away from the concept's (ESD's
-# negative guidance, one step): chosen on tune objects and styles, where the anchors are
-# words the world never learned and draw some targets themselves (docs/mass.md).
-OVERSHOOT = 1.0
+# negative guidance, half a step): chosen on tune objects and styles, where the anchors are
+# words the world never learned and draw some targets themselves, and where a whole step
+# also harmed objects drawn in a removed style (docs/mass.md).
+OVERSHOOT = 0.5
 MAP_RANK = 32  # the map's rank: one concept's prompts span few directions
 MAP_RIDGE = 1e-3  # relative to the mean squared state norm
 WHITEN_RIDGE = 1e-4  # relative to the mean variance: directions no prompt spans count little
