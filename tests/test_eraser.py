@@ -71,11 +71,16 @@ def test_a_token_learned_after_install_is_checked_as_a_word(clip_tokenizer_dir) 
         pipe.tokenizer.add_tokens(["<learned>"])
         pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
         emb = pipe.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():  # the learned row: alice's own, which must fire her gate
-            emb[-1] = emb[pipe.tokenizer.convert_tokens_to_ids("alice</w>")]
+        row = pipe.tokenizer.convert_tokens_to_ids
+        with torch.no_grad():  # while training, the learned row is bob's: nothing fires
+            emb[-1] = emb[row("bob</w>")]
+        bob = _states(pipe, ["a photo of <learned>", "a photo of bob"])
+        with torch.no_grad():  # then it becomes alice's own, which must fire her gate
+            emb[-1] = emb[row("alice</w>")]
         got = _states(pipe, ["a photo of <learned>", "a photo of alice", "a photo of bob"])
         anchor = _states(pipe, ["a photo of a person"])[0]
-    torch.testing.assert_close(got[0], anchor)
+    torch.testing.assert_close(bob[0], bob[1])
+    torch.testing.assert_close(got[0], anchor)  # checked again, not remembered as bob's
     torch.testing.assert_close(got[1], anchor)
     assert (got[2] - anchor).norm() > 1
 

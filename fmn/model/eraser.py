@@ -203,6 +203,8 @@ class WordCheck:
         """[S, C] each gate's reach on each run of words, alone in the gate's template."""
         todo = [(t, s) for s in dict.fromkeys(spans) for t in self.templates
                 if (t, s) not in self.cache]  # fmt: skip
+        known = len(self.word_end)  # a token added after install may still be training
+        fresh: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         for template in {t for t, _ in todo}:
             before, after = self.templates[template]
             mine = [s for t, s in todo if t == template]
@@ -210,13 +212,14 @@ class WordCheck:
             states = self._encode(rows, max(map(len, rows)) + 1, device)
             at = 1 + len(before)  # the word's first token; its states run to one pad after
             reach = self.eraser.reach(states[:, at:], template).cpu()
-            if len(self.cache) + len(mine) > _CACHE:
-                self.cache.clear()
-            self.cache.update({(template, s): r for s, r in zip(mine, reach, strict=True)})
+            fresh.update({(template, s): r for s, r in zip(mine, reach, strict=True)})
+        if len(self.cache) + len(fresh) > _CACHE:
+            self.cache.clear()
+        self.cache.update({k: r for k, r in fresh.items() if max(k[1]) < known})
         out = torch.zeros(len(spans), len(self.eraser.gates))
         for i, s in enumerate(spans):  # a gate reads 0 in every template but its own
             for t in self.templates:
-                out[i] = torch.maximum(out[i], self.cache[(t, s)])
+                out[i] = torch.maximum(out[i], fresh.get((t, s), self.cache.get((t, s))))
         return out
 
     def edit(self, states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
