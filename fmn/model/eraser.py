@@ -173,9 +173,13 @@ class WordCheck:
         self.cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.busy = False  # re-encoding inside the hook must not be edited again
 
+    def _stop(self, row: list[int]) -> int:
+        """The position of a prompt's end-of-text token (its length if it has none)."""
+        return row.index(self.end, 1) if self.end in row[1:] else len(row)
+
     def runs(self, row: list[int]) -> list[tuple[int, int]]:
         """(start, stop) token positions of every run of 1..longest words of a prompt."""
-        stop = row.index(self.end, 1) if self.end in row[1:] else len(row)
+        stop = self._stop(row)
         n = len(self.word_end)  # a token added after install (a textual inversion's) is a word
         ends = [
             i + 1 for i in range(1, stop) if row[i] >= n or self.word_end[row[i]] or i == stop - 1
@@ -264,7 +268,7 @@ class WordCheck:
         anchor, [(new position, old position)] of the tokens the two share: every token
         outside the runs, each anchor's last token for its run's last, and the end-of-text
         token and the pads after it)."""
-        stop = row.index(self.end, 1) if self.end in row[1:] else len(row)
+        stop = self._stop(row)
         out: list[int] = []
         pairs: list[tuple[int, int]] = []
         last = 0
