@@ -64,6 +64,19 @@ def test_the_gate_moves_the_target_to_its_anchor_and_nothing_else(sd1, gate) -> 
     assert 0 < g.radius < g.nearest
 
 
+def test_a_gated_style_is_dropped_with_its_lead_in_unless_given_an_anchor(sd1) -> None:
+    said = ["a photo of bob in the style of monet", "monet style", "a photo of bob"]
+    plain = _states(sd1, ["a photo of bob", "style", "a photo of bob"])
+    with eraser.applied(sd1, fit(sd1, [("monet", "style", ["monet"])], dropped_overshoot=0.0)):
+        dropped = _states(sd1, said)
+    # "a photo of bob" is what the user asked for, less the style: bob keeps his words
+    torch.testing.assert_close(dropped, plain)
+    gate = fit(sd1, [("monet", "style", ["monet"])], overshoot=0.0, anchors={"monet": "art"})
+    with eraser.applied(sd1, gate):
+        named = _states(sd1, said[:1])
+    torch.testing.assert_close(named, _states(sd1, ["a photo of bob in the style of art"]))
+
+
 def test_a_token_learned_after_install_is_checked_as_a_word(clip_tokenizer_dir) -> None:
     # the inversion attack adds a token to the installed pipeline's tokenizer
     pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)

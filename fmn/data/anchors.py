@@ -89,6 +89,13 @@ ERASE_ANCHORS: dict[str, str] = {
     "nsfw": "a person",
 }
 
+# What a gate does with a fired word of these types instead of replacing it by its anchor:
+# it drops the word, with these words when they come right before it ("a cat in the style
+# of dots" -> "a cat"), as UCE and ESD map an artist's style to the empty prompt. Chosen on
+# tune styles and objects drawn in them (docs/mass.md). A concept's own `merge.anchors`
+# entry replaces the word by that anchor instead.
+GATE_DROPS: dict[str, str] = {"style": "in the style of"}
+
 ANCHOR_TEMPLATES: dict[str, list[str]] = {
     "id": ["a photo of {}", "a portrait of {}"],
     "object": ["a photo of a {}", "a picture of a {}"],

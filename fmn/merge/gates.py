@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fmn.data.anchors import ERASE_ANCHORS, anchor_prompts
+from fmn.data.anchors import ERASE_ANCHORS, GATE_DROPS, anchor_prompts
 from fmn.model.conditioning import CONCEPT_TEMPLATES, concept_prompts, token_ids, whole_words
 from fmn.model.eraser import ConceptGate, Eraser, EraserError, installed, one_text_encoder
 from fmn.progress import Progress
@@ -24,6 +24,10 @@ SOFT = 0.5
 # words the world never learned and draw some targets themselves, and where a whole step
 # also harmed objects drawn in a removed style (docs/mass.md).
 OVERSHOOT = 0.5
+# The same for a prompt whose gated word was dropped (a style: fmn.data.anchors.GATE_DROPS),
+# past the prompt without it: chosen on tune styles and tune objects drawn in them (docs/
+# mass.md); no push left a tune style drawn on some seeds, half a step harmed the objects.
+DROPPED_OVERSHOOT = 0.25
 MAP_RANK = 32  # the map's rank: one concept's prompts span few directions
 MAP_RIDGE = 1e-3  # relative to the mean squared state norm
 WHITEN_RIDGE = 1e-4  # relative to the mean variance: directions no prompt spans count little
@@ -146,15 +150,20 @@ def fit(
     soft: float = SOFT,
     rank: int = MAP_RANK,
     overshoot: float = OVERSHOOT,
+    dropped_overshoot: float = DROPPED_OVERSHOOT,
     templates: int | None = None,
+    drops: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> Eraser:
     """An eraser for `concepts` ((id, type, phrasings) each) on `pipe`'s text encoder.
     anchors: anchor text per concept id (others: their type's, ERASE_ANCHORS); preserve:
     (text, type) of concepts the gates must never fire on (their prompts join the checked
     prompts). templates: fit on the first this many of each type's templates (default:
-    all). progress(label, done, total) is called per concept."""
+    all). drops: per type, the lead-in words a fired word is dropped with (default
+    GATE_DROPS; a concept named in `anchors` is replaced by its anchor instead).
+    progress(label, done, total) is called per concept."""
     one_text_encoder(pipe)
+    drops = GATE_DROPS if drops is None else drops
     if installed(pipe):
         raise EraserError("fit an eraser on the base model, without an eraser installed")
     bad = [t for _, k, _ in concepts for t in CONCEPT_TEMPLATES[k] if not t.endswith("{}")]
@@ -197,13 +206,14 @@ def fit(
             _nearest(white_vocab[kind], protos, mine, square[kind]), _nearest(extra, protos)
         )
         anchor = (anchors or {}).get(cid, ERASE_ANCHORS[kind])
+        lead = None if cid in (anchors or {}) else drops.get(kind)
         paired = [t.format(anchor) for t in used for _ in words]
         prefix = [_word_position(pipe, t) for t in used for _ in words]
         down, up = _map(pipe, enc, lens, paired, prefix, rank)
         longest = max(_words(pipe, w) for w in words)
         gates.append(
             ConceptGate(cid, protos, radius_share * nearest, nearest, down, up,
-                        anchor, CONCEPT_TEMPLATES[kind][0], longest)
+                        anchor, CONCEPT_TEMPLATES[kind][0], longest, lead)
         )  # fmt: skip
     if progress:
         progress("gates", len(concepts), len(concepts))
@@ -212,7 +222,9 @@ def fit(
         "soft": soft,
         "rank": rank,
         "overshoot": overshoot,
+        "dropped_overshoot": dropped_overshoot,
         "templates": templates,
         "anchors": anchors or {},
+        "drops": drops,
     }
-    return Eraser(mean, whiten, gates, soft, config, overshoot)
+    return Eraser(mean, whiten, gates, soft, config, overshoot, dropped_overshoot)

@@ -31,7 +31,9 @@ one person out without others (docs/mass.md). This eraser is not linear in the s
   align with the original's (every token outside the word, the anchor's last token for
   the word's last, the end of text and the pads), its states go `overshoot` further, away
   from the original's: an anchor that itself draws the concept a little does not bring it
-  back.
+  back. A style's word is dropped instead, with its lead-in ("a cat in the style of
+  dots" -> "a cat"; fmn.data.anchors.GATE_DROPS), and such a prompt's states go
+  `dropped` further.
 
 Nothing here reads an image or a detector. The gate sits on the text encoder's output (a
 forward hook), so it acts on whatever reads the text states; SD 1.x / 2.x pipelines (one
@@ -52,7 +54,7 @@ from pathlib import Path
 import torch
 
 ERASER_FILE = "eraser.safetensors"
-FORMAT = 2
+FORMAT = 3
 _CACHE = 100_000  # checked words kept per installed eraser (prompts repeat across images)
 
 
@@ -71,10 +73,13 @@ class ConceptGate:
     anchor: str = "a person"  # the words a fired word of the concept is replaced with
     template: str = "{}"  # where a prompt's words are checked: its type's first template
     words: int = 1  # the most words any of its phrasings has (longest run checked)
+    # None: a fired word is replaced by `anchor`. Else the word is dropped, with these words
+    # when they come right before it ("a cat in the style of dots" -> "a cat").
+    lead: str | None = None
 
     def meta(self) -> dict:
         return {"id": self.id, "nearest": self.nearest, "anchor": self.anchor,
-                "template": self.template, "words": self.words}  # fmt: skip
+                "template": self.template, "words": self.words, "lead": self.lead}  # fmt: skip
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Eraser:
     soft: float  # the gate's edge: full within (1 - soft) * radius, nothing beyond radius
     config: dict = field(default_factory=dict)
     overshoot: float = 0.0  # a replaced word's states go this far past the anchor's
+    dropped: float = 0.0  # a dropped word's: this far past the prompt without it
 
     @property
     def concepts(self) -> list[str]:
@@ -135,7 +141,7 @@ class Eraser:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything the eraser computes with, by name (its file, its fingerprint)."""
         out = {"mean": self.mean, "whiten": self.whiten, "soft": torch.tensor([self.soft])}
-        out["overshoot"] = torch.tensor([self.overshoot])
+        out["overshoot"] = torch.tensor([self.overshoot, self.dropped])
         for j, g in enumerate(self.gates):
             out |= {f"{j}.prototypes": g.prototypes, f"{j}.down": g.down, f"{j}.up": g.up}
             out[f"{j}.radius"] = torch.tensor([g.radius], dtype=torch.float64)
@@ -168,7 +174,8 @@ class WordCheck:
         for g in eraser.gates:
             before, after = g.template.split("{}")
             self.templates[g.template] = (ids(before), ids(after))
-        self.anchors = [ids(g.anchor) for g in eraser.gates]
+        self.anchors = [[] if g.lead is not None else ids(g.anchor) for g in eraser.gates]
+        self.leads = [ids(g.lead) if g.lead else [] for g in eraser.gates]
         self.longest = max((g.words for g in eraser.gates), default=1)
         self.cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.busy = False  # re-encoding inside the hook must not be edited again
@@ -233,12 +240,15 @@ class WordCheck:
         runs = [self.runs(r) for r in rows]
         spans = [tuple(r[a:b]) for r, rs in zip(rows, runs, strict=True) for a, b in rs]
         reach = self.check(spans, states.device)
-        new, blend, pairs, k = {}, {}, {}, 0
+        new, blend, pairs, push, k = {}, {}, {}, {}, 0
         for b, (r, rs) in enumerate(zip(rows, runs, strict=True)):
             hits = []
             for a, e in rs:
                 j = int(reach[k].argmax())
                 if reach[k, j] > 0:
+                    lead = self.leads[j]
+                    if lead and a > len(lead) and r[a - len(lead) : a] == lead:
+                        a -= len(lead)  # dropped with the word
                     hits.append((float(reach[k, j]), e - a, a, e, j))
                 k += 1
             if not hits:
@@ -249,13 +259,14 @@ class WordCheck:
                     taken.append((a, e, j))
             new[b], pairs[b] = self._rewrite(r, sorted(taken), states.shape[1])
             blend[b] = max(h[0] for h in hits)
+            e = self.eraser  # past an anchor if one came in, else past the prompt without
+            push[b] = e.overshoot if any(self.anchors[j] for *_, j in taken) else e.dropped
         if not new:
             return states
         enc = self._encode(list(new.values()), states.shape[1], states.device)
         out = states.clone()
-        g = self.eraser.overshoot
         for (b, r), x in zip(blend.items(), enc, strict=True):
-            s, x = states[b].float(), x.float()
+            s, x, g = states[b].float(), x.float(), push[b]
             if g:  # past the anchor, away from the concept, where the two prompts align
                 to, at = (torch.tensor(i) for i in zip(*pairs[b], strict=True))
                 x = x.clone()
@@ -265,9 +276,9 @@ class WordCheck:
 
     def _rewrite(self, row: list[int], taken: list[tuple[int, int, int]], length: int):
         """(the prompt's ids with each taken run (start, stop, gate) replaced by its gate's
-        anchor, [(new position, old position)] of the tokens the two share: every token
-        outside the runs, each anchor's last token for its run's last, and the end-of-text
-        token and the pads after it)."""
+        anchor (or dropped), [(new position, old position)] of the tokens the two share:
+        every token outside the runs, each anchor's last token for its run's last, and the
+        end-of-text token and the pads after it)."""
         stop = self._stop(row)
         out: list[int] = []
         pairs: list[tuple[int, int]] = []
@@ -275,7 +286,7 @@ class WordCheck:
         for a, e, j in [*taken, (stop, stop, -1)]:
             pairs += [(len(out) + k, i) for k, i in enumerate(range(last, a))]
             out += row[last:a]
-            if j >= 0:
+            if j >= 0 and self.anchors[j]:
                 out += self.anchors[j]
                 pairs.append((len(out) - 1, e - 1))
             last = e
@@ -391,12 +402,15 @@ def load(path: Path | str) -> Eraser:
                 g["anchor"],
                 g["template"],
                 g["words"],
+                g["lead"],
             )
             for j, g in enumerate(json.loads(meta["gates"]))
         ]
         config = json.loads(meta["config"])
-        overshoot = float(t["overshoot"][0])
-        return Eraser(t["mean"], t["whiten"], gates, float(t["soft"][0]), config, overshoot)
+        overshoot, dropped = t["overshoot"].tolist()
+        return Eraser(
+            t["mean"], t["whiten"], gates, float(t["soft"][0]), config, overshoot, dropped
+        )
     except EraserError:
         raise
     except Exception as e:  # safetensors' own error, a missing file, a missing tensor or key
