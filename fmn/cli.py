@@ -443,11 +443,18 @@ def forget(
         "fail by name when a watched concept moves (docs/resteer.md).",
         show_default=_default(ResteerOptions, "loop"),
     ),
+    erase: str = typer.Option(
+        "auto",
+        help="gate | resteer | auto: how the concept is forgotten, as a manifest's `erase` "
+        "(auto gates identities, objects and styles that learn no tokens: docs/mass.md).",
+    ),
     threads: int = typer.Option(1),
 ) -> None:
-    """Re-steer one concept out of a model and write its patch (for researchers). The
-    options are resolved like a manifest concept's: the patch is the one `fmn run` makes
-    of the same concept."""
+    """Forget one concept and write its patch: a gate (eraser.safetensors) or a
+    re-steering patch (delta.safetensors), with how far it went in gate.json or
+    resteer.json. The options are resolved like a manifest concept's: the patch is the one
+    `fmn run` makes of the same concept, and `fmn audit --patch` and `fmn apply` take
+    either."""
     from fmn.manifest import Concept, Defaults, resolve_concept
     from fmn.model.patch import save_patch
     from fmn.train.correct import correct_resolved
@@ -466,6 +473,7 @@ def forget(
     }
     # every option is checked before the model loads, with the manifest's rules and hints
     concept = {"id": concept_id, "type": concept_type, "text": text, "words": word or None}
+    concept["erase"] = erase
     if correct_to:
         folders = [c for c in correct_to if Path(c).is_dir()]
         if folders and len(correct_to) > 1:
@@ -483,8 +491,21 @@ def forget(
         spec["mask"] = mask if mask in get_args(MaskName) else {"folder": mask}
     resolved = resolve_concept(Concept.model_validate(spec), Defaults(), Path.cwd())
     kept = [_id_type(p, "--preserve") for p in preserve]
+    if resolved.erase == "gate":
+        unused = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+        unused += [o for o, v in (("--mask", mask), ("--images", images)) if v is not None]
+        unused += ["--generate"] if generate is not None else []
+        if unused:
+            _exit_on_problems([
+                f"{o}: {concept_id} is gated, so it is not re-steered and draws no images "
+                "(hint: --erase resteer, or drop it)"
+                for o in unused
+            ])  # fmt: skip
     _threads(threads)
     pipe = _load_model_or_exit(model)
+    if resolved.erase == "gate":
+        _forget_gated(pipe, resolved, kept, out)
+        return
     with _bar() as update:
         try:
             if resolved.action == "correct":
@@ -511,6 +532,30 @@ def forget(
         f"{concept_id}: {how}attention on its tokens {r.attention_before:.4f} -> "
         f"{r.attention_after:.4f} in {r.seconds:.1f} s; patch: {path}"
     )
+
+
+def _forget_gated(pipe, resolved, kept: list[tuple[str, str]], out: Path) -> None:
+    """`fmn forget` of a gated concept: its gate, written to <out>/eraser.safetensors, and
+    how far it reaches in <out>/gate.json; refused by name when a kept concept's prompts
+    read the same as its own."""
+    from fmn.merge.gates import fit
+    from fmn.model import eraser
+
+    t = time.time()
+    with _bar() as update:
+        try:
+            found = fit(pipe, [(resolved.id, resolved.type, resolved.words)], preserve=kept,
+                        progress=update)  # fmt: skip
+        except eraser.EraserError as e:
+            console.print(f"[red]{resolved.id}: {e}[/red]")
+            raise typer.Exit(1) from None
+    path = eraser.save(found, out / eraser.ERASER_FILE)
+    (gate,) = found.gates
+    log = {"concept": resolved.id, "erase": "gate", "reason": gate.reason(),
+           "radius": gate.radius, "nearest": gate.nearest, "near": gate.near,
+           "seconds": round(time.time() - t, 2)}  # fmt: skip
+    write_json(out / "gate.json", log)
+    console.print(f"{resolved.id}: {gate.reason()}; patch: {path}")
 
 
 def _forget_problems(concept, resteer, generate, images, mask, ti_steps, ti_tokens) -> list[str]:
@@ -604,6 +649,10 @@ def apply(
         raise typer.Exit(2) from None
     with atomic_dir(out) as tmp:  # the old folder stays until the new one is whole
         pipe.save_pretrained(tmp)
+        if the_patch.eraser is not None:  # fmn.model.load installs it with the model
+            from fmn.model import eraser
+
+            eraser.save(the_patch.eraser, tmp / eraser.ERASER_FILE)
     console.print(f"wrote {out}")
 
 
@@ -700,6 +749,15 @@ def merge(
     if cfg.method == "joint":
         typer.echo("joint trains all concepts in one run: use `fmn run`, not merge", err=True)
         raise typer.Exit(2)
+    gates = [str(g) for g in _gate_folders(patches)]
+    if gates:  # the gates of many concepts are fitted together, on one vocabulary
+        typer.echo(
+            f"merge: {', '.join(gates)}: a gate (eraser.safetensors), not a re-steering patch "
+            "(hint: list the concepts in a manifest and `fmn run` it, which fits their gates "
+            "together, or forget them with `fmn forget --erase resteer`)",
+            err=True,
+        )
+        raise typer.Exit(2)
     try:
         files = [f for p in patches for f in (concept_patches(p) if _is_patch_dir(p) else [p])]
         merged = [patch_concept(f) for f in files]  # metadata only: checked before any work
@@ -743,9 +801,21 @@ def merge(
     )
 
 
+def _gate_folders(paths: list[Path]) -> list[Path]:
+    """The folders among `paths` (or their concept folders) that hold a gate alone."""
+    from fmn.model.eraser import ERASER_FILE
+
+    folders = [q for p in paths if p.is_dir() for q in (p, *sorted(p.iterdir())) if q.is_dir()]
+    return [q for q in folders if (q / ERASER_FILE).is_file() and not _has_delta(q)]
+
+
+def _has_delta(folder: Path) -> bool:
+    return (folder / "delta.safetensors").exists()
+
+
 def _is_patch_dir(path: Path) -> bool:
     """A folder of concept folders (not itself a patch folder)."""
-    return path.is_dir() and not (path / "delta.safetensors").exists()
+    return path.is_dir() and not _has_delta(path)
 
 
 def _id_type(value: str, option: str) -> tuple[str, str]:

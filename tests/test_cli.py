@@ -47,6 +47,7 @@ def test_forget_apply_export(model_dirs, tmp_path) -> None:
     base, other = model_dirs
     out = tmp_path / "star"
     args = ["forget", "--model", str(base), "--id", "star", "--type", "object", "--generate", "2"]
+    args += ["--erase", "resteer"]  # objects are gated by default: test_eraser.py
     # the closed loop judges rungs with generated images: tests/test_loop.py runs it
     result = runner.invoke(
         app, [*args, "--steps", "2", "--lr", "1e-2", "--no-loop", "--out", str(out)]

@@ -8,6 +8,7 @@ its type's templates and the tokenizer's vocabulary."""
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 
@@ -129,6 +130,59 @@ def test_a_merge_of_gated_concepts_only_writes_the_eraser_and_a_model_that_carri
     assert eraser.installed(loaded) and not eraser.installed(sd1)
 
 
+def test_fmn_forget_writes_a_gate_that_apply_and_audit_take_and_says_how_far_it_went(
+    sd1, tmp_path
+) -> None:
+    from typer.testing import CliRunner
+
+    from fmn.cli import app
+    from fmn.model.patch import apply_patch, load_patch, revert_patch
+
+    base = tmp_path / "base"
+    sd1.save_pretrained(base, safe_serialization=True)
+    run = CliRunner().invoke
+    forget = ["forget", "--model", str(base), "--id", "alice", "--type", "id"]
+    said = run(app, [*forget, "--preserve", "bob:id", "--out", str(tmp_path / "o")])
+    assert said.exit_code == 0, said.output
+    log = json.loads((tmp_path / "o" / "gate.json").read_text())
+    assert log["erase"] == "gate" and 0 < log["radius"] < log["nearest"] and log["near"]
+    assert log["near"] in log["reason"] and "gated: fires within" in " ".join(said.output.split())
+    assert not (tmp_path / "o" / "delta.safetensors").exists()
+
+    # `fmn audit --patch` and `fmn apply` read the folder as a patch that installs the gate
+    patch, pipe = load_patch(tmp_path / "o"), load_pipeline(base)
+    before = _states(pipe, TARGET + OTHERS)
+    apply_patch(pipe, patch)
+    after = _states(pipe, TARGET + OTHERS)
+    gated_print = fingerprint(pipe)
+    revert_patch(pipe, patch)
+    assert not eraser.installed(pipe) and torch.equal(_states(pipe, TARGET), before[:3])
+    assert torch.equal(after[3:], before[3:]) and not torch.equal(after[:3], before[:3])
+    applied = run(app, ["apply", "--model", str(base), "--patch", str(tmp_path / "o"),
+                        "--out", str(tmp_path / "m")])  # fmt: skip
+    assert applied.exit_code == 0, applied.output
+    assert fingerprint(load_pipeline(tmp_path / "m")) == gated_print
+
+    # a re-steering option, a kept concept that reads the same, a merge: refused by name
+    wrong = run(app, [*forget, "--steps", "3", "--out", str(tmp_path / "x")])
+    assert wrong.exit_code == 2 and "--steps: alice is gated" in " ".join(wrong.output.split())
+    twin = run(app, [*forget, "--preserve", "alice:id", "--out", str(tmp_path / "x")])
+    text = " ".join(twin.output.split())
+    assert (
+        twin.exit_code == 1
+        and "'alice' cannot be gated" in text
+        and "of alice' (distance 0)" in text
+    )
+    assert not (tmp_path / "x").exists()
+    merged = run(
+        app, ["merge", str(tmp_path / "o"), "--model", str(base), "--out", str(tmp_path / "y")]
+    )
+    assert merged.exit_code == 2 and "a gate (eraser.safetensors)" in merged.output
+    lora = run(app, ["export", "--patch", str(tmp_path / "o"), "--out", str(tmp_path / "l.st")])
+    assert lora.exit_code == 2 and "no LoRA holds" in " ".join(lora.output.split())
+    assert not (tmp_path / "l.st").exists()
+
+
 def test_a_broken_eraser_file_is_refused_by_name(sd1, tmp_path) -> None:
     folder = tmp_path / "model"
     sd1.save_pretrained(folder, safe_serialization=True)
@@ -212,8 +266,11 @@ def test_the_flow_gates_an_identity_and_re_steers_an_object(prefect_api, tmp_pat
     record = json.loads((out / "merged.json").read_text())
     assert fingerprint(load_pipeline(merged / "model")) == record["model_fingerprint"]
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert summary["concepts"]["carol"]["gate"]["radius"] > 0
-    assert "text-state gate" in (out / "report" / "index.html").read_text()
+    gate = summary["concepts"]["carol"]["gate"]
+    assert gate["radius"] > 0 and "nearest other prompt" in gate["reason"]
+    # the audit shows how far the gate reaches and which prompt stopped it
+    shown = f"text-state gate: {html.escape(gate['reason'])}"
+    assert shown in (out / "report" / "index.html").read_text()
     again, _ = run_flow(manifest, out)
     assert again["concepts"] == {"carol": "cached", "triangle": "cached"}
     assert again["stages"] == {"merge": "cached", "audit": "cached"}

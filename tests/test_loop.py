@@ -118,6 +118,7 @@ def test_fmn_forget_fails_by_name_a_concept_that_destroys_a_neighbour(tmp_path) 
     torch.set_num_threads(1)
     runner = CliRunner()
     args = ["forget", "--model", EMBEDDED_NAME, "--id", "carol", "--type", "id"]
+    args += ["--erase", "resteer"]  # identities are gated by default
     looped = runner.invoke(app, [*args, "--out", str(tmp_path / "loop")])
     assert looped.exit_code == 1, looped.output
     said = " ".join(looped.output.split())

@@ -328,6 +328,8 @@ def test_outputs_hold_no_environment_secrets(tmp_path: Path, monkeypatch) -> Non
             "--steps",
             "1",
             "--no-loop",
+            "--erase",
+            "resteer",
         ],
         ["merge", "patches", "--out", "merged", "--method", "sum"],
         ["audit", "--manifest", "m.yaml", "--patch", "patches/circle", "--out", "report"],

@@ -78,13 +78,14 @@ def test_fmn_forget_and_fmn_run_make_the_same_patch(tmp_path: Path, concept, cli
     cid, kind = concept
     out = tmp_path / "forget"
     args = ["forget", "--id", cid, "--type", kind, "--generate", "2", *cli, "--out", str(out)]
+    args += ["--erase", "resteer"]  # gated by default otherwise (test_eraser.py)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
 
     manifest = tmp_path / "one.yaml"
     manifest.write_text(
         "name: one\nbase_model: embedded:tiny-world\nconcepts:\n"
-        f"  - {{id: {cid}, type: {kind}, images: {{generate: 2}}, {yaml}}}\n"
+        f"  - {{id: {cid}, type: {kind}, erase: resteer, images: {{generate: 2}}, {yaml}}}\n"
     )
     run = tmp_path / "run"
     prep = stage_prepare(manifest, cid, run)

@@ -373,10 +373,7 @@ def _concept_section(
         line += f"; closed loop: {e(c['loop']['reason'])}"
     if "gate" in c:
         g = c["gate"]
-        line += (
-            f"; erased by its text-state gate (reach {_num(g['radius'])}, nearest other "
-            f"prompt {_num(g['nearest'])})"
-        )
+        line += f"; erased by its text-state gate: {e(g['reason'])}"
     out = [f'<section id="c-{cid}"><h3>{cid}</h3>', f"<p>{line}</p>"]
     if "shares" in c:  # a correction's diversity: who its images show, before and after
         who = ", ".join(

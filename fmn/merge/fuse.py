@@ -599,7 +599,7 @@ def write_merged(
             "patch_hash": patch_hash(tmp if result.patch.deltas else tmp / gates.ERASER_FILE),
             "concepts": concepts,
             "gated": [
-                {"id": g.id, "radius": g.radius, "nearest": g.nearest}
+                {"id": g.id, "radius": g.radius, "nearest": g.nearest, "reason": g.reason()}
                 for g in (eraser.gates if eraser else [])
             ],
             "kept": result.kept,

@@ -12,6 +12,7 @@ import torch
 from fmn.data.anchors import ERASE_ANCHORS, GATE_DROPS, anchor_prompts
 from fmn.model.conditioning import CONCEPT_TEMPLATES, concept_prompts, token_ids, whole_words
 from fmn.model.eraser import ConceptGate, Eraser, EraserError, installed, one_text_encoder
+from fmn.model.load import fingerprint
 from fmn.progress import Progress
 
 # The gate's reach as a share of the distance to the nearest other prompt, and how soft
@@ -31,6 +32,9 @@ DROPPED_OVERSHOOT = 0.25
 MAP_RANK = 32  # the map's rank: one concept's prompts span few directions
 MAP_RIDGE = 1e-3  # relative to the mean squared state norm
 WHITEN_RIDGE = 1e-4  # relative to the mean variance: directions no prompt spans count little
+# A kept prompt this close (whitened) to a concept's states reads the same as the concept
+# (the same words, up to float error): no radius can keep it out.
+MIN_NEAREST = 1e-3
 
 
 def _lengths(pipe, prompts: Sequence[str]) -> list[int]:
@@ -100,15 +104,19 @@ def _whitening(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, vecs @ torch.diag(ev.rsqrt()) @ vecs.T
 
 
-def _nearest(points: torch.Tensor, prototypes: torch.Tensor, skip=None, sq=None) -> float:
-    """Smallest distance from any of `points` (but the rows in `skip`) to any prototype, as
-    |x|^2 - 2 x.p + |p|^2 (sq: the points' |x|^2 if known): one matrix product, and the
-    points are never copied."""
+def _nearest(
+    points: torch.Tensor, prototypes: torch.Tensor, skip=None, sq=None
+) -> tuple[float, int]:
+    """(smallest distance, its row) from any of `points` (but the rows in `skip`) to any
+    prototype, as |x|^2 - 2 x.p + |p|^2 (sq: the points' |x|^2 if known): one matrix
+    product, and the points are never copied."""
     sq = points.pow(2).sum(1, keepdim=True) if sq is None else sq
     d2 = sq - 2 * points @ prototypes.T + prototypes.pow(2).sum(1)
     if skip is not None:
         d2[skip] = float("inf")
-    return d2.min().clamp_min(0).sqrt().item()
+    best = d2.min(1).values
+    row = int(best.argmin())
+    return best[row].clamp_min(0).sqrt().item(), row
 
 
 def _prompt_states(pipe, prompts: list[str]) -> list[torch.Tensor]:
@@ -182,11 +190,12 @@ def fit(
     square = {k: v.pow(2).sum(1, keepdim=True) for k, v in white_vocab.items()}
     checked: dict[str, torch.Tensor] = {}  # prompt -> whitened states, encoded once
 
-    def checked_states(prompts: list[str]) -> torch.Tensor:
+    def checked_states(prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
         new = [p for p in dict.fromkeys(prompts) if p not in checked]
         if new:
             checked.update(zip(new, map(white, _prompt_states(pipe, new)), strict=True))
-        return torch.cat([checked[p] for p in prompts])
+        rows = [checked[p] for p in prompts]
+        return torch.cat(rows), [p for p, r in zip(prompts, rows, strict=True) for _ in r]
 
     index = {k: {w: i for i, w in enumerate(v[0])} for k, v in vocab.items()}
     gates = []
@@ -201,10 +210,22 @@ def fit(
         protos = white(torch.cat([enc[k, n_ - 2 : n_] for k, n_ in enumerate(lens)]))
         own = [index[kind][w.lower()] for w in words if w.lower() in index[kind]]
         mine = torch.isin(vocab[kind][2], torch.tensor(own)) if own else None  # not "others"
-        extra = checked_states(anchor_prompts(set(words), preserve=list(preserve)))
-        nearest = min(
+        extra, said = checked_states(anchor_prompts(set(words), preserve=list(preserve)))
+        (d_vocab, i_vocab), (d_extra, i_extra) = (
             _nearest(white_vocab[kind], protos, mine, square[kind]), _nearest(extra, protos)
-        )
+        )  # fmt: skip
+        if d_vocab <= d_extra:
+            k = int(vocab[kind][2][i_vocab])
+            near = repr(vocab[kind][0][k]) if k >= 0 else "its template's own words"
+        else:
+            near = repr(said[i_extra])
+        nearest = min(d_vocab, d_extra)
+        if nearest < MIN_NEAREST:
+            raise EraserError(
+                f"{cid!r} cannot be gated: its prompts read the same as {near} (distance "
+                f"{nearest:.2g}), so any gate on it would erase that too; drop it from "
+                "preserve, or forget both"
+            )
         anchor = (anchors or {}).get(cid, ERASE_ANCHORS[kind])
         lead = None if cid in (anchors or {}) else drops.get(kind)
         paired = [t.format(anchor) for t in used for _ in words]
@@ -213,7 +234,7 @@ def fit(
         longest = max(_words(pipe, w) for w in words)
         gates.append(
             ConceptGate(cid, protos, radius_share * nearest, nearest, down, up,
-                        anchor, CONCEPT_TEMPLATES[kind][0], longest, lead)
+                        anchor, CONCEPT_TEMPLATES[kind][0], longest, lead, near)
         )  # fmt: skip
     if progress:
         progress("gates", len(concepts), len(concepts))
@@ -226,5 +247,6 @@ def fit(
         "templates": templates,
         "anchors": anchors or {},
         "drops": drops,
+        "base_fingerprint": fingerprint(pipe),  # the text encoder it was fitted on
     }
     return Eraser(mean, whiten, gates, soft, config, overshoot, dropped_overshoot)

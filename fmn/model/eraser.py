@@ -76,10 +76,20 @@ class ConceptGate:
     # None: a fired word is replaced by `anchor`. Else the word is dropped, with these words
     # when they come right before it ("a cat in the style of dots" -> "a cat").
     lead: str | None = None
+    near: str = ""  # the nearest other prompt, which bounds the radius ("'jeff'")
 
     def meta(self) -> dict:
         return {"id": self.id, "nearest": self.nearest, "anchor": self.anchor,
-                "template": self.template, "words": self.words, "lead": self.lead}  # fmt: skip
+                "template": self.template, "words": self.words, "lead": self.lead,
+                "near": self.near}  # fmt: skip
+
+    def reason(self) -> str:
+        """How far the gate reaches and what stopped it, for logs and reports."""
+        return (
+            f"gated: fires within {self.radius:.3g} of its prompts' states, "
+            f"{self.radius / self.nearest:.2g} of the way to the nearest other prompt, "
+            f"{self.near or '?'} ({self.nearest:.3g})"
+        )
 
 
 @dataclass
@@ -403,6 +413,7 @@ def load(path: Path | str) -> Eraser:
                 g["template"],
                 g["words"],
                 g["lead"],
+                g["near"],
             )
             for j, g in enumerate(json.loads(meta["gates"]))
         ]

@@ -60,6 +60,8 @@ class Patch:
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # free metadata, e.g. merged concepts' hashes
     created: str | None = None  # UTC ISO time; set when first saved
+    # the gated concepts' text-state eraser (fmn.model.eraser) that came in the patch's folder
+    eraser: Any = None
 
     @property
     def config_hash(self) -> str:
@@ -111,7 +113,34 @@ def save_patch(patch: Patch, directory: Path | str, *, dtype: torch.dtype = torc
 
 
 def load_patch(path: Path | str) -> Patch:
-    """Read a patch from its folder or its `.safetensors` file; deltas come back float32."""
+    """Read a patch from its folder or its `.safetensors` file; deltas come back float32.
+    A folder that also carries gated concepts' eraser (fmn.model.eraser.ERASER_FILE: a
+    merge's folder, or `fmn forget` of a gated concept) comes with it, and one that
+    carries the eraser alone is a patch that changes no weight."""
+    from fmn.model import eraser as gates
+
+    gate_file = Path(path) / gates.ERASER_FILE if Path(path).is_dir() else None
+    if gate_file is None or not gate_file.is_file():
+        return _load_deltas(path)
+    try:
+        found = gates.load(gate_file)
+    except gates.EraserError as e:
+        raise PatchError(str(e)) from e
+    if (Path(path) / PATCH_FILE).exists():
+        patch = _load_deltas(path)
+        patch.eraser = found
+        return patch
+    return Patch(
+        concept=",".join(found.concepts),
+        method="gate",
+        deltas={},
+        config=found.config,
+        base_fingerprint=found.config.get("base_fingerprint", ""),
+        eraser=found,
+    )
+
+
+def _load_deltas(path: Path | str) -> Patch:
     file = _patch_file(path)
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -287,6 +316,10 @@ def apply_patch(
     if keep_original:
         record = _Applied(patch.deltas, scale, originals, _digest(params))
         _APPLIED.setdefault(pipe.unet, []).append(record)
+    if patch.eraser is not None:
+        from fmn.model import eraser as gates
+
+        gates.install(pipe, patch.eraser)
 
 
 def revert_patch(pipe: DiffusionPipeline, patch: Patch, scale: float = 1.0) -> None:
@@ -296,6 +329,10 @@ def revert_patch(pipe: DiffusionPipeline, patch: Patch, scale: float = 1.0) -> N
     changed since, the original values are put back exactly, and so is the fingerprint.
     Otherwise `scale * delta` is subtracted, which is exact up to float rounding.
     """
+    if patch.eraser is not None:
+        from fmn.model import eraser as gates
+
+        gates.remove(pipe)
     params = _target_params(pipe.unet, patch)
     stack = _APPLIED.get(pipe.unet, [])
     top = stack[-1] if stack else None
@@ -432,6 +469,12 @@ def _factorize(patch: Patch, rank: int | None) -> tuple[list[_Factor], list[str]
     """Truncated SVD of every nonzero delta: W = U S Vh, B = U_r sqrt(S_r), A = sqrt(S_r) Vh_r."""
     if rank is not None and rank < 1:
         raise PatchError(f"rank must be a positive integer or None (full rank), got {rank}")
+    if patch.eraser is not None:  # a LoRA of the rest would ship without the gated concepts
+        raise PatchError(
+            f"it carries the gates of {', '.join(patch.eraser.concepts)} (eraser.safetensors), "
+            "which act on the text encoder's output and no LoRA holds (hint: ship the model "
+            "folder that `fmn apply` writes, or forget them with --erase resteer)"
+        )
     _check_keys(patch)
     _check_finite(patch.deltas, patch.concept)
     nonzero = {k: d for k, d in sorted(patch.deltas.items()) if d.count_nonzero() > 0}

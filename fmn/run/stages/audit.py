@@ -58,7 +58,8 @@ def mark_gates(summary: dict, rp: RunPaths) -> dict:
     gated = json.loads(merge.read_text()).get("gated", []) if merge.is_file() else []
     for g in gated:
         if g["id"] in summary["concepts"]:
-            summary["concepts"][g["id"]]["gate"] = {"radius": g["radius"], "nearest": g["nearest"]}
+            gate = {k: g[k] for k in ("radius", "nearest", "reason")}
+            summary["concepts"][g["id"]]["gate"] = gate
     return summary
 
 
