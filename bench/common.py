@@ -163,3 +163,26 @@ def append_jsonl(path: Path, record: dict) -> None:
     """One more finished record of a resumable bench."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def touched(pipe, gates, concepts, prompts: int) -> list:
+    """The concepts (ConceptRef-like: id, type, text) whose first `prompts` audit prompts
+    the eraser `gates` changes: every other one draws the base model's images bit for bit."""
+    import torch
+
+    from fmn.eval.mscore.prompts import concept_prompts
+    from fmn.model import eraser
+    from fmn.model.conditioning import encode_text
+
+    said = {c.id: concept_prompts(c.text, c.type, prompts) for c in concepts}
+    flat = [p for ps in said.values() for p in ps]
+    before = encode_text(pipe, flat).embeds
+    with eraser.applied(pipe, gates):
+        after = encode_text(pipe, flat).embeds
+    out, k = [], 0
+    for c in concepts:
+        n = len(said[c.id])
+        if not torch.equal(before[k : k + n], after[k : k + n]):
+            out.append(c)
+        k += n
+    return out

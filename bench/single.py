@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,6 +56,7 @@ from bench.common import (
     machine,
     markdown_table,
     read_jsonl,
+    touched,
     write_results,
 )
 
@@ -123,27 +123,16 @@ def forget(pipe, concept, method: str):
 def gate_scores(pipe, detector, concept, everyone, base, size) -> tuple[dict, dict]:
     """M-Scores with the concept's gate installed (only the concepts whose prompts it
     changes are drawn again), and what it cost."""
-    from fmn.eval.mscore.prompts import concept_prompts
     from fmn.merge.gates import fit, vocabulary_states
     from fmn.model import eraser
-    from fmn.model.conditioning import encode_text
 
     t0 = time.time()
     vocabulary_states(pipe, concept.type)  # once per process and type
     t1 = time.time()
     gates = fit(pipe, [(concept.id, concept.type, [concept.text])])  # as the other methods
     t2 = time.time()
-    prompts = {c.id: concept_prompts(c.text, c.type, size["prompts"]) for c in everyone}
-    flat = [p for ps in prompts.values() for p in ps]
-    before = encode_text(pipe, flat).embeds
+    redraw = touched(pipe, gates, everyone, size["prompts"])
     with eraser.applied(pipe, gates):
-        after = encode_text(pipe, flat).embeds
-        same, k = {}, 0
-        for c in everyone:
-            n = len(prompts[c.id])
-            same[c.id] = torch.equal(before[k : k + n], after[k : k + n])
-            k += n
-        redraw = [c for c in everyone if not same[c.id]]
         patched = score_all(pipe, detector, redraw, **size) if redraw else {}
     cost = {"fit_seconds": t2 - t1, "vocab_seconds": t1 - t0, "redrawn": len(redraw)}
     return {c.id: patched.get(c.id, base[c.id]) for c in everyone}, cost

@@ -9,11 +9,18 @@ the bench forgets it from the base model alone and scores, on the patched model:
 - every other concept of the world (6 templates x seeds 1000-1001 = 12 images each).
 
 Methods:
-- words: trained on the world's listed phrasings (`words: [night, midnight]`);
-- text: trained on the concept's text alone (`night`), the way before `words:`.
-Each with the closed loop (the default of `fmn forget` and `fmn run`; a concept it fails
+- gate: what `fmn run` and `fmn forget` do by default (`erase: auto`): the concept's gate
+  (fmn.merge.gates) on its listed phrasings, widened by the vocabulary words the base
+  model itself draws like it (fmn.merge.similar); `loop` is empty. Other concepts whose
+  prompts it does not change draw the base model's images bit for bit and are not drawn
+  again;
+- gate-listed: the same gate on the listed phrasings alone (not widened);
+- words: re-steered on the world's listed phrasings (`words: [night, midnight]`);
+- text: re-steered on the concept's text alone (`night`), the way before `words:`.
+The re-steered ones with the closed loop (`erase: resteer`'s default; a concept it fails
 by name ships nothing, so its row is the base model) and with the fixed recipe
-(`resteer.loop: false`), which shows what the edit itself does.
+(`resteer.loop: false`), which shows what the edit itself does. A gate's `seconds`
+include the vocabulary's states and, for `gate`, the base model's judging.
 
 Rows {method, loop, concept, split, listed_ratio, unlisted_ratio, unlisted_worst,
 phrasings, others_mean, worst_other, worst_ratio, status, reason, seconds}: ratios are
@@ -45,7 +52,8 @@ PROMPTS = 6
 SCORED_MIN_BASE = 0.5
 PARTIAL = common.PARTIALS / "words.jsonl"
 OUT = common.ROOT / "bench" / "results" / "words.json"
-METHODS = ("words", "text")
+METHODS = ("words", "text")  # re-steered, each with and without the loop
+GATES = ("gate-listed", "gate")
 COLUMNS = [
     "method",
     "loop",
@@ -85,16 +93,23 @@ def measure(pipe, detector, world, target, others, size) -> dict[str, float]:
             target.id
         ]
     rest = [ConceptRef(c.id, c.type, c.text) for c in others]
-    return got | score(pipe, detector, rest, seeds=other_seeds, **size)
+    return got | (score(pipe, detector, rest, seeds=other_seeds, **size) if rest else {})
 
 
-def forget(pipe, world, concept, method: str, loop: bool):
+def forget(pipe, world, concept, method: str, loop: bool | None):
+    """(a re-steering result, or an eraser for a gate; None if the loop failed it by name,
+    the loop's record or None)."""
     from fmn.manifest import ResteerOptions, option_default
     from fmn.train.forget import forget_concept
     from fmn.train.loop import NotForgotten
     from fmn.train.resteer import ResteerConfig
 
     listed = [w for w, shown in world.words[concept.id] if shown]
+    if method in GATES:
+        from fmn.merge.gates import fit
+
+        one = [(concept.id, concept.type, listed)]
+        return fit(pipe, one, widen=[concept.id] if method == "gate" else []), None
     words = listed if method == "words" else None
     cfg = ResteerConfig.from_options(concept.type, ResteerOptions(loop=loop))
     mask = option_default(ResteerOptions, "mask")
@@ -133,7 +148,7 @@ def row(method, loop, concept, world, base, patched, seconds, commit, record) ->
         "others_mean": float(np.mean(list(others.values()))) if others else float("nan"),
         "worst_other": worst,
         "worst_ratio": others[worst] if others else float("nan"),
-        "status": record["status"] if record else "fixed",
+        "status": record["status"] if record else ("gate" if loop is None else "fixed"),
         "reason": record["reason"] if record else "",
         "seconds": round(seconds, 2),
         "commit": commit,
@@ -146,8 +161,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="plumbing: 1 concept, 2 others, 2 steps")
     ap.add_argument("--partial", type=Path, default=PARTIAL)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--methods", nargs="+", default=[*GATES, *METHODS], choices=[*GATES, *METHODS])
     args = ap.parse_args()
     commit, pipe, detector, CROWD = common.crowd_world(args.threads)
+    from fmn.model import eraser
     from fmn.model.patch import apply_patch, revert_patch
 
     targets = [CROWD.get(cid) for cid in CROWD.words]
@@ -174,27 +191,32 @@ def main() -> None:
         base[t.id] = have
     rows = [d for d in done if "method" in d]
     have_rows = {(r["method"], r["loop"], r["concept"]) for r in rows}
+    runs = [(m, None) for m in GATES] + [(m, loop) for loop in (True, False) for m in METHODS]
+    runs = [(m, loop) for m, loop in runs if m in args.methods]
     for t in targets:
         others = [c for c in everyone if c.id != t.id]
-        for loop in (True, False):
-            for method in METHODS:
-                if (method, loop, t.id) in have_rows:
-                    continue
-                t0 = time.time()
-                res, record = forget(pipe, CROWD, t, method, loop)
-                seconds = time.time() - t0
-                if res is None:  # failed by name: nothing shipped, the base stays
-                    patched = base[t.id]
-                else:
-                    apply_patch(pipe, res.patch)
-                    try:
-                        patched = measure(pipe, detector, CROWD, t, others, size)
-                    finally:
-                        revert_patch(pipe, res.patch)
-                r = row(method, loop, t, CROWD, base[t.id], patched, seconds, commit, record)
-                common.append_jsonl(args.partial, r)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+        for method, loop in runs:
+            if (method, loop, t.id) in have_rows:
+                continue
+            t0 = time.time()
+            res, record = forget(pipe, CROWD, t, method, loop)
+            seconds = time.time() - t0
+            if res is None:  # failed by name: nothing shipped, the base stays
+                patched = base[t.id]
+            elif loop is None:  # a gate: the concepts it leaves bit-exact keep base scores
+                redraw = common.touched(pipe, res, others, size["prompts"])
+                with eraser.applied(pipe, res):
+                    patched = base[t.id] | measure(pipe, detector, CROWD, t, redraw, size)
+            else:
+                apply_patch(pipe, res.patch)
+                try:
+                    patched = measure(pipe, detector, CROWD, t, others, size)
+                finally:
+                    revert_patch(pipe, res.patch)
+            r = row(method, loop, t, CROWD, base[t.id], patched, seconds, commit, record)
+            common.append_jsonl(args.partial, r)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     commits = sorted({r.pop("commit") for r in rows})
     result = {
         "commit": commits[0] if len(commits) == 1 else commits,

@@ -539,13 +539,14 @@ def _forget_gated(pipe, resolved, kept: list[tuple[str, str]], out: Path) -> Non
     how far it reaches in <out>/gate.json; refused by name when a kept concept's prompts
     read the same as its own."""
     from fmn.merge.gates import fit
+    from fmn.merge.similar import widened
     from fmn.model import eraser
 
     t = time.time()
+    concepts = [(resolved.id, resolved.type, resolved.words)]
     with _bar() as update:
         try:
-            found = fit(pipe, [(resolved.id, resolved.type, resolved.words)], preserve=kept,
-                        progress=update)  # fmt: skip
+            found = fit(pipe, concepts, widen=widened(concepts), preserve=kept, progress=update)
         except eraser.EraserError as e:
             console.print(f"[red]{resolved.id}: {e}[/red]")
             raise typer.Exit(1) from None

@@ -315,3 +315,38 @@ def test_on_the_world_gated_concepts_are_forgotten_wherever_named_and_the_rest_k
     assert {c: after[c] for c in ("alice", "eve")} == {c: base[c] for c in ("alice", "eve")}
     # their prompts never reach a gate: the same images; outline's name the triangle
     assert after["outline"] >= 0.8 * base["outline"], (base, after)
+
+
+def test_a_word_the_base_model_draws_like_the_concept_is_taken_and_no_other(sd1) -> None:
+    from fmn.merge.similar import similar_words
+
+    # the concept's own word explains its images exactly as well (share 1), the anchor by
+    # definition no better than itself (share 0)
+    found = similar_words(sd1, "id", ["alice"], ["alice", "a person"], images=2)
+    assert [w for w, _ in found] == ["alice"] and found[0][1] == pytest.approx(1.0)
+
+
+def test_on_crowd_world_a_many_word_concept_is_gated_on_a_word_nobody_listed() -> None:
+    from fmn.world.concepts import CROWD
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline(f"embedded:{CROWD.name}")
+    said = [
+        "a photo of a love",
+        "a photo of a valentine",
+        "a photo of a cross",
+        "a photo of a star",
+    ]
+    before = _states(pipe, said)
+    listed = fit(pipe, [("heart", "object", ["heart", "valentine"])])  # not widened
+    widened = fit(pipe, [("heart", "object", ["heart", "valentine"])], widen=["heart"])
+    (gate,) = widened.gates
+    # the world trained "love" as one of heart's phrasings; the base model says so itself
+    assert "love" in [w for w, _ in gate.similar] and "'love'" in gate.reason()
+    with eraser.applied(pipe, listed):
+        only = _states(pipe, said)
+    with eraser.applied(pipe, widened):
+        after = _states(pipe, said)
+    assert torch.equal(only[0], before[0]) and not torch.equal(after[0], before[0])
+    assert not torch.equal(after[1], before[1])
+    assert torch.equal(after[2:], before[2:])  # other objects pass bit-exact

@@ -37,6 +37,18 @@ WHITEN_RIDGE = 1e-4  # relative to the mean variance: directions no prompt spans
 MIN_NEAREST = 1e-3
 
 
+def _similar(pipe, cid, kind, words, vocab, white_states, white, anchor):
+    """The vocabulary words the base model draws like the concept (fmn.merge.similar)."""
+    from fmn.merge.similar import nearest_words, similar_words
+
+    prompts = concept_prompts(words, kind)
+    lens = _lengths(pipe, prompts)
+    enc = _encode(pipe, prompts)
+    protos = white(torch.cat([enc[k, n - 2 : n] for k, n in enumerate(lens)]))
+    near = nearest_words(vocab[0], white_states, vocab[2], protos, skip=words)
+    return similar_words(pipe, kind, words, near, anchor=anchor)
+
+
 def _lengths(pipe, prompts: Sequence[str]) -> list[int]:
     """Each prompt's token count, start and end-of-text tokens included."""
     return [len(i) for i in pipe.tokenizer(list(prompts)).input_ids]
@@ -161,6 +173,7 @@ def fit(
     dropped_overshoot: float = DROPPED_OVERSHOOT,
     templates: int | None = None,
     drops: dict[str, str] | None = None,
+    widen: Sequence[str] = (),
     progress: Progress | None = None,
 ) -> Eraser:
     """An eraser for `concepts` ((id, type, phrasings) each) on `pipe`'s text encoder.
@@ -168,8 +181,10 @@ def fit(
     (text, type) of concepts the gates must never fire on (their prompts join the checked
     prompts). templates: fit on the first this many of each type's templates (default:
     all). drops: per type, the lead-in words a fired word is dropped with (default
-    GATE_DROPS; a concept named in `anchors` is replaced by its anchor instead).
-    progress(label, done, total) is called per concept."""
+    GATE_DROPS; a concept named in `anchors` is replaced by its anchor instead). widen:
+    ids of concepts whose gates also take the vocabulary words the base model draws like
+    them (fmn.merge.similar; this draws images). progress(label, done, total) is called
+    per concept."""
     one_text_encoder(pipe)
     drops = GATE_DROPS if drops is None else drops
     if installed(pipe):
@@ -203,6 +218,11 @@ def fit(
         if progress:
             progress(f"gate {cid}", n, len(concepts))
         words = [words] if isinstance(words, str) else list(words)
+        found: list[tuple[str, float]] = []
+        if cid in widen:
+            found = _similar(pipe, cid, kind, words, vocab[kind], white_vocab[kind], white,
+                             (anchors or {}).get(cid))  # fmt: skip
+            words += [w for w, _ in found]
         used = CONCEPT_TEMPLATES[kind][:templates]
         prompts = concept_prompts(words, kind)[: len(used) * len(words)]  # template-major
         lens = _lengths(pipe, prompts)
@@ -234,7 +254,7 @@ def fit(
         longest = max(_words(pipe, w) for w in words)
         gates.append(
             ConceptGate(cid, protos, radius_share * nearest, nearest, down, up,
-                        anchor, CONCEPT_TEMPLATES[kind][0], longest, lead, near)
+                        anchor, CONCEPT_TEMPLATES[kind][0], longest, lead, near, found)
         )  # fmt: skip
     if progress:
         progress("gates", len(concepts), len(concepts))
@@ -247,6 +267,7 @@ def fit(
         "templates": templates,
         "anchors": anchors or {},
         "drops": drops,
+        "widen": sorted(widen),
         "base_fingerprint": fingerprint(pipe),  # the text encoder it was fitted on
     }
     return Eraser(mean, whiten, gates, soft, config, overshoot, dropped_overshoot)

@@ -77,18 +77,23 @@ class ConceptGate:
     # when they come right before it ("a cat in the style of dots" -> "a cat").
     lead: str | None = None
     near: str = ""  # the nearest other prompt, which bounds the radius ("'jeff'")
+    # words nobody listed that the base model draws like the concept, taken into its
+    # prototypes: [(word, share)] (fmn.merge.similar)
+    similar: list[tuple[str, float]] = field(default_factory=list)
 
     def meta(self) -> dict:
         return {"id": self.id, "nearest": self.nearest, "anchor": self.anchor,
                 "template": self.template, "words": self.words, "lead": self.lead,
-                "near": self.near}  # fmt: skip
+                "near": self.near, "similar": self.similar}  # fmt: skip
 
     def reason(self) -> str:
         """How far the gate reaches and what stopped it, for logs and reports."""
+        also = ", ".join(f"{w!r} ({s:.2f})" for w, s in self.similar)
         return (
             f"gated: fires within {self.radius:.3g} of its prompts' states, "
             f"{self.radius / self.nearest:.2g} of the way to the nearest other prompt, "
             f"{self.near or '?'} ({self.nearest:.3g})"
+            + (f"; also on words the base model draws like it: {also}" if also else "")
         )
 
 
@@ -414,6 +419,7 @@ def load(path: Path | str) -> Eraser:
                 g["words"],
                 g["lead"],
                 g["near"],
+                [tuple(x) for x in g["similar"]],
             )
             for j, g in enumerate(json.loads(meta["gates"]))
         ]

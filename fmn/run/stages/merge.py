@@ -23,6 +23,7 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[PatchRecord
     (fmn.model.eraser), and written beside the merged patch."""
     from fmn.merge.fuse import merge_patches, write_merged
     from fmn.merge.gates import fit
+    from fmn.merge.similar import widened
     from fmn.model import eraser as gates
     from fmn.model.load import fingerprint
     from fmn.model.patch import apply_patch, revert_patch
@@ -48,9 +49,11 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[PatchRecord
             )
         eraser = None
         if gated:
+            concepts = [(r.id, r.type, r.words) for r in gated]
             eraser = fit(
                 pipe,
-                [(r.id, r.type, r.words) for r in gated],
+                concepts,
+                widen=widened(concepts),
                 anchors=dict(m.merge.anchors),
                 preserve=preserve_list(m),
                 progress=tick,
