@@ -3,7 +3,8 @@ brings a removed concept back, and what the removal cost the preserved concepts.
 
 Targets: 8 held-out concepts of mixed types (the first 4 held-out identities, 2 held-out
 objects and 2 held-out styles, the many-word ones first so the phrasing attack has words to
-try), merged into one model. Preserved: the next 20 held-out identities and the other
+try), merged into one model. A many-word target lists the words the world marks as listed
+(`words: [heart, valentine]`, in rows after commit b8a1543; before, its text alone). Preserved: the next 20 held-out identities and the other
 held-out objects and styles. Images at seeds 1000-1001, 4 prompts per concept.
 
 Modes:
@@ -81,11 +82,18 @@ def concepts(quick: bool) -> tuple[list, list]:
     return targets, rest
 
 
+def _listed(c) -> dict:
+    """A target as a manifest lists it: a many-word concept with the words the world marks
+    as listed (its other words are the phrasing attack's)."""
+    listed = [w for w, shown in c.words if shown]
+    return {"id": c.id, "type": c.type} | ({"words": listed} if len(listed) > 1 else {})
+
+
 def write_manifest(path: Path, targets, preserved, quick: bool) -> Path:
     doc = {
         "name": "robust-quick" if quick else "robust",
         "base_model": "embedded:crowd-world",
-        "concepts": [{"id": c.id, "type": c.type} for c in targets],
+        "concepts": [_listed(c) for c in targets],
         "preserve": [{"id": c.id, "type": c.type} for c in preserved],
         "on_error": "skip",  # a refused target ships nothing; the others still merge
         "evaluate": {

@@ -163,16 +163,9 @@ def test_fmn_forget_writes_a_gate_that_apply_and_audit_take_and_says_how_far_it_
     assert applied.exit_code == 0, applied.output
     assert fingerprint(load_pipeline(tmp_path / "m")) == gated_print
 
-    # a re-steering option, a kept concept that reads the same, a merge: refused by name
+    # a re-steering option, a merge, an export: refused by name, nothing written
     wrong = run(app, [*forget, "--steps", "3", "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and "--steps: alice is gated" in " ".join(wrong.output.split())
-    twin = run(app, [*forget, "--preserve", "alice:id", "--out", str(tmp_path / "x")])
-    text = " ".join(twin.output.split())
-    assert (
-        twin.exit_code == 1
-        and "'alice' cannot be gated" in text
-        and "of alice' (distance 0)" in text
-    )
     assert not (tmp_path / "x").exists()
     merged = run(
         app, ["merge", str(tmp_path / "o"), "--model", str(base), "--out", str(tmp_path / "y")]
@@ -317,36 +310,36 @@ def test_on_the_world_gated_concepts_are_forgotten_wherever_named_and_the_rest_k
     assert after["outline"] >= 0.8 * base["outline"], (base, after)
 
 
-def test_a_word_the_base_model_draws_like_the_concept_is_taken_and_no_other(sd1) -> None:
-    from fmn.merge.similar import similar_words
+def test_a_word_that_reads_as_the_concept_blocks_its_gate_unless_widened(
+    clip_tokenizer_dir,
+) -> None:
+    # "zebra" is made alice's twin (the same token row): the base model draws it as alice
+    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
+    row = pipe.tokenizer.convert_tokens_to_ids
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[row("zebra</w>")] = emb[row("alice</w>")]
+    with pytest.raises(eraser.EraserError, match=r"'alice' cannot be gated: .*'zebra'"):
+        fit(pipe, [("alice", "id", ["alice"])])  # no radius keeps the twin out: by name
+    widened = fit(pipe, [("alice", "id", ["alice"])], widen=["alice"])
+    (gate,) = widened.gates
+    # (a random tiny model draws nothing in particular, so other words may come in too)
+    assert dict(gate.similar)["zebra"] == pytest.approx(1.0) and "'zebra' (1.00)" in gate.reason()
+    said = ["a photo of zebra", "a photo of alice", "a photo of bob"]
+    before = _states(pipe, said)
+    with eraser.applied(pipe, widened):
+        after = _states(pipe, said)
+    assert not torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
+    assert torch.equal(after[2], before[2])
 
-    # the concept's own word explains its images exactly as well (share 1), the anchor by
-    # definition no better than itself (share 0)
-    found = similar_words(sd1, "id", ["alice"], ["alice", "a person"], images=2)
-    assert [w for w, _ in found] == ["alice"] and found[0][1] == pytest.approx(1.0)
 
-
-def test_on_crowd_world_a_many_word_concept_is_gated_on_a_word_nobody_listed() -> None:
+def test_on_crowd_world_the_base_model_draws_an_unlisted_phrasing_like_its_concept() -> None:
+    from fmn.merge.similar import SIMILAR_SHARE, similar_words
     from fmn.world.concepts import CROWD
 
     torch.set_num_threads(1)
     pipe = load_pipeline(f"embedded:{CROWD.name}")
-    said = [
-        "a photo of a love",
-        "a photo of a valentine",
-        "a photo of a cross",
-        "a photo of a star",
-    ]
-    before = _states(pipe, said)
-    listed = fit(pipe, [("heart", "object", ["heart", "valentine"])])  # not widened
-    widened = fit(pipe, [("heart", "object", ["heart", "valentine"])], widen=["heart"])
-    (gate,) = widened.gates
-    # the world trained "love" as one of heart's phrasings; the base model says so itself
-    assert "love" in [w for w, _ in gate.similar] and "'love'" in gate.reason()
-    with eraser.applied(pipe, listed):
-        only = _states(pipe, said)
-    with eraser.applied(pipe, widened):
-        after = _states(pipe, said)
-    assert torch.equal(only[0], before[0]) and not torch.equal(after[0], before[0])
-    assert not torch.equal(after[1], before[1])
-    assert torch.equal(after[2:], before[2:])  # other objects pass bit-exact
+    # the world trained "love" as one of heart's phrasings, which no manifest lists; the
+    # base model itself says so, and says no such thing of other objects' words
+    found = similar_words(pipe, "object", ["heart", "valentine"], ["cross", "love", "star"])
+    assert [w for w, _ in found] == ["love"] and found[0][1] > SIMILAR_SHARE
