@@ -12,12 +12,12 @@ other concepts whose base M-Score is at least 0.5. `seconds` is the forgetting a
 
 Methods:
 - fixed: the type's default rung without the loop (`resteer.loop: false`), mask auto.
-- loop: the closed loop (fmn.train.loop, the default of `fmn forget`; `fmn run`'s for
-  concepts it re-steers). A concept it fails by name ships nothing: its row is the base
+- loop: the closed loop (fmn.train.loop: what `fmn forget` and `fmn run` do for concepts
+  they re-steer, `erase: resteer`). A concept it fails by name ships nothing: its row is the base
   model (ratios 1), with the loop's reason; `seconds` includes the judging
   (`judge_seconds`).
-- gate: the gated text-state eraser (fmn.merge.gates, what `fmn run` does by default for
-  identities, objects and styles): fitted for the target alone, installed, scored. A
+- gate: the gated text-state eraser (fmn.merge.gates, what `fmn run` and `fmn forget` do
+  by default for identities, objects and styles): fitted for the target alone, installed, scored. A
   concept none of whose prompts fires the gate has every text state bit-identical to the
   base model's, so it draws the base model's images exactly: it is not drawn again and its
   ratio is 1 (`redrawn` counts the concepts that were). `seconds` is the fit; the

@@ -13,7 +13,7 @@ Methods:
   (fmn.merge.gates) on its listed phrasings, widened by the vocabulary words the base
   model itself draws like it (fmn.merge.similar); `loop` is empty. Other concepts whose
   prompts it does not change draw the base model's images bit for bit and are not drawn
-  again;
+  again; `taken` lists the words the base model drew like it;
 - gate-listed: the same gate on the listed phrasings alone (not widened);
 - words: re-steered on the world's listed phrasings (`words: [night, midnight]`);
 - text: re-steered on the concept's text alone (`night`), the way before `words:`.
@@ -67,6 +67,7 @@ COLUMNS = [
     "worst_ratio",
     "status",
     "seconds",
+    "taken",
 ]
 
 
@@ -214,6 +215,8 @@ def main() -> None:
                 finally:
                     revert_patch(pipe, res.patch)
             r = row(method, loop, t, CROWD, base[t.id], patched, seconds, commit, record)
+            if loop is None:  # the words the base model drew like the concept, if widened
+                r["taken"] = ", ".join(w for w, _ in res.gates[0].similar)
             common.append_jsonl(args.partial, r)
             rows.append(r)
             print(json.dumps(r), flush=True)
