@@ -4,8 +4,9 @@ brings a removed concept back, and what the removal cost the preserved concepts.
 Targets: 8 held-out concepts of mixed types (the first 4 held-out identities, 2 held-out
 objects and 2 held-out styles, the many-word ones first so the phrasing attack has words to
 try), merged into one model. A many-word target lists the words the world marks as listed
-(`words: [heart, valentine]`, in rows after commit b8a1543; before, its text alone). Preserved: the next 20 held-out identities and the other
-held-out objects and styles. Images at seeds 1000-1001, 4 prompts per concept.
+(`words: [heart, valentine]`, in rows after commit b8a1543; before, its text alone).
+Preserved: the next 20 held-out identities and the other held-out objects and styles.
+Images at seeds 1000-1001, 4 prompts per concept.
 
 Modes:
 - base: the base model, nothing removed (what each attack gets where nothing was done);
