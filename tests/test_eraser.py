@@ -319,7 +319,7 @@ def test_a_word_that_reads_as_the_concept_blocks_its_gate_unless_widened(
     emb = pipe.text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         emb[row("zebra</w>")] = emb[row("alice</w>")]
-    with pytest.raises(eraser.EraserError, match=r"'alice' cannot be gated: .*'zebra'"):
+    with pytest.raises(eraser.EraserError, match=r"'alice' cannot be gated: .*'zebra'.*its words"):
         fit(pipe, [("alice", "id", ["alice"])])  # no radius keeps the twin out: by name
     widened = fit(pipe, [("alice", "id", ["alice"])], widen=["alice"])
     (gate,) = widened.gates

@@ -237,14 +237,15 @@ def fit(
         if d_vocab <= d_extra:
             k = int(vocab[kind][2][i_vocab])
             near = repr(vocab[kind][0][k]) if k >= 0 else "its template's own words"
+            hint = "list that word among its words if it means the concept, or re-steer it"
         else:
             near = repr(said[i_extra])
+            hint = "drop that concept from preserve, or forget both"
         nearest = min(d_vocab, d_extra)
         if nearest < MIN_NEAREST:
             raise EraserError(
                 f"{cid!r} cannot be gated: its prompts read the same as {near} (distance "
-                f"{nearest:.2g}), so any gate on it would erase that too; drop it from "
-                "preserve, or forget both"
+                f"{nearest:.2g}), so any gate on it would erase that too (hint: {hint})"
             )
         anchor = (anchors or {}).get(cid, ERASE_ANCHORS[kind])
         lead = None if cid in (anchors or {}) else drops.get(kind)
@@ -268,6 +269,6 @@ def fit(
         "anchors": anchors or {},
         "drops": drops,
         "widen": sorted(widen),
-        "base_fingerprint": fingerprint(pipe),  # the text encoder it was fitted on
+        "base_fingerprint": fingerprint(pipe),  # the model it was fitted on
     }
     return Eraser(mean, whiten, gates, soft, config, overshoot, dropped_overshoot)

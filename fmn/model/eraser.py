@@ -274,8 +274,8 @@ class WordCheck:
                     taken.append((a, e, j))
             new[b], pairs[b] = self._rewrite(r, sorted(taken), states.shape[1])
             blend[b] = max(h[0] for h in hits)
-            e = self.eraser  # past an anchor if one came in, else past the prompt without
-            push[b] = e.overshoot if any(self.anchors[j] for *_, j in taken) else e.dropped
+            replaced = any(self.anchors[j] for *_, j in taken)  # else every word dropped
+            push[b] = self.eraser.overshoot if replaced else self.eraser.dropped
         if not new:
             return states
         enc = self._encode(list(new.values()), states.shape[1], states.device)
