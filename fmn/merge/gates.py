@@ -66,6 +66,20 @@ def _encode(pipe, prompts: Sequence[str], length: int | None = None, batch: int 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def _encode_ids(pipe, ids: list[list[int]], length: int, batch: int = 256) -> torch.Tensor:
+    """[P, length, D] last hidden states of token ids (start and end included), padded as
+    the tokenizer pads; the same as `_encode` of their prompts, without tokenising again."""
+    te, pad = pipe.text_encoder, pipe.tokenizer.pad_token_id
+    out = []
+    for i in range(0, len(ids), batch):
+        rows = torch.full((len(ids[i : i + batch]), length), pad, dtype=torch.long)
+        for k, r in enumerate(ids[i : i + batch]):
+            rows[k, : len(r)] = torch.tensor(r[:length])
+        out.append(te(rows.to(te.device))[0].float().cpu())
+    return torch.cat(out)
+
+
 def _words(pipe, text: str) -> int:
     """How many words the tokenizer sees in `text` (its tokens that end a word)."""
     ids = pipe.tokenizer(text, add_special_tokens=False).input_ids
@@ -94,9 +108,9 @@ def vocabulary_states(pipe, kind: str) -> tuple[list[str], torch.Tensor, torch.T
     words = list(whole_words(pipe.tokenizer))
     states, owner = [], []
     for template in CONCEPT_TEMPLATES[kind][:2]:
-        prompts = [template.format(w) for w in words]
-        lens = _lengths(pipe, prompts)
-        enc = _encode(pipe, prompts, length=max(lens) + 1)
+        ids = pipe.tokenizer([template.format(w) for w in words]).input_ids  # tokenised once
+        lens = [len(i) for i in ids]
+        enc = _encode_ids(pipe, ids, max(lens) + 1)
         at = _word_position(pipe, template)
         states.append(enc[0, 1:at])  # the template's words: the same before every word
         owner += [-1] * (at - 1)
