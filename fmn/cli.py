@@ -495,6 +495,9 @@ def forget(
         unused = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
         unused += [o for o, v in (("--mask", mask), ("--images", images)) if v is not None]
         unused += ["--generate"] if generate is not None else []
+        unused += [o for o, v in (("--ti-steps", ti_steps), ("--ti-tokens", ti_tokens)) if v]
+        unused += ["--invert"] if invert else []
+        unused += ["--correct-to"] if correct_to else []
         if unused:
             _exit_on_problems([
                 f"{o}: {concept_id} is gated, so it is not re-steered and draws no images "

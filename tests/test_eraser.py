@@ -166,6 +166,8 @@ def test_fmn_forget_writes_a_gate_that_apply_and_audit_take_and_says_how_far_it_
     # a re-steering option, a merge, an export: refused by name, nothing written
     wrong = run(app, [*forget, "--steps", "3", "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and "--steps: alice is gated" in " ".join(wrong.output.split())
+    wrong = run(app, [*forget, "--erase", "gate", "--invert", "--out", str(tmp_path / "x")])
+    assert wrong.exit_code == 2 and "--invert: alice is gated" in " ".join(wrong.output.split())
     assert not (tmp_path / "x").exists()
     merged = run(
         app, ["merge", str(tmp_path / "o"), "--model", str(base), "--out", str(tmp_path / "y")]
