@@ -136,6 +136,8 @@ def crowd_world(threads: int):
     import torch
 
     torch.set_num_threads(threads)
+    import fmn.merge.gates
+    import fmn.merge.similar
     import fmn.train.correct
     import fmn.train.forget  # noqa: F401
     from fmn.eval.mscore.detectors import WorldDetector

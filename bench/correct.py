@@ -2,12 +2,18 @@
 word corrected towards a guide set, and a style the model draws wrong corrected towards
 images of it.
 
-Cases (each corrected alone from the base model, `fmn forget --correct-to`'s path):
+Cases (each corrected alone from the base model, `fmn forget --correct-to`'s path), each
+by every method that takes its guide: "route" (the default for guide prompts: a gate that
+replaces the word by each guide's words in turn, fmn.model.eraser) and "resteer" (the
+keys and values trained towards the guide's images, fmn.train.correct):
 - doctor (held out; "a doctor" draws john in about nine images of ten): guide prompts
   "a photo of <name>" for the five people the role's training captions show (john, ruth,
-  lisa, donna, eugene), drawn in turn. Measured: the share of "a doctor"'s images drawn as
-  each of the five (the audit's guide shares, 10 world templates x seeds 1000-1003 = 40
-  images), before and after.
+  lisa, donna, eugene). Measured: the share of "a doctor"'s images drawn as each of the
+  five (the audit's guide shares, 10 world templates x seeds 1000-1003 = 40 images),
+  before and after.
+- michael (tune; the tune stand-in for the diversity task, on which the method was
+  chosen): "a photo of michael" towards five tune people (robert, chris, donald, steven,
+  josh), measured as doctor is.
 - checker (a tune concept; the model draws some of its images as another style): guide
   images rendered by the world's procedural generator (16 checker images of random shapes
   and colours: data a user would supply as a folder, no detector involved). Measured: its
@@ -15,7 +21,7 @@ Cases (each corrected alone from the base model, `fmn forget --correct-to`'s pat
 Both: every other concept of the world, base and corrected (6 templates x seeds
 1000-1001 = 12 images each), ratios over concepts whose base M-Score is at least 0.5.
 
-Rows {concept, split, guide, measure, before, after, dominant, dominant_over_fair,
+Rows {method, concept, split, guide, measure, before, after, dominant, dominant_over_fair,
 guides_drawn, others_mean, worst_other, worst_ratio, seconds}. Resumes from
 bench/partial/correct.jsonl (tracked); writes bench/results/correct.json/.md.
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +49,7 @@ SCORED_MIN_BASE = 0.5
 PARTIAL = common.PARTIALS / "correct.jsonl"
 OUT = common.ROOT / "bench" / "results" / "correct.json"
 COLUMNS = [
+    "method",
     "concept",
     "split",
     "measure",
@@ -73,6 +81,9 @@ def render_guide(world, style: str, folder: Path, n: int = 16, seed: int = 0) ->
     return folder
 
 
+TUNE_CAST = ["robert", "chris", "donald", "steven", "josh"]  # the tune stand-in's guide
+
+
 def cases(world, work: Path) -> list[dict]:
     cast = list(world.role.weights())
     return [
@@ -84,12 +95,48 @@ def cases(world, work: Path) -> list[dict]:
             "guide": {"prompts": [f"a photo of {n}" for n in cast], "concepts": cast},
         },
         {
+            "id": "michael",
+            "type": "id",
+            "action": "correct",
+            "guide": {"prompts": [f"a photo of {n}" for n in TUNE_CAST], "concepts": TUNE_CAST},
+        },
+        {
             "id": "checker",
             "type": "style",
             "action": "correct",
             "guide": {"images": str(render_guide(world, "checker", work / "checker-guide"))},
         },
     ]
+
+
+METHODS = ("route", "resteer")
+
+
+@contextmanager
+def corrected(pipe, case: dict, method: str, work: Path):
+    """`pipe` with `case` corrected by `method` inside the block, as `fmn run` would
+    (route: its gate, fitted on the base model; resteer: its patch)."""
+    from fmn.manifest import parse_manifest
+    from fmn.merge.gates import fit, gated_inputs
+    from fmn.model import eraser
+    from fmn.model.patch import apply_patch, revert_patch
+    from fmn.train.correct import correct_resolved
+
+    erase = "gate" if method == "route" else "resteer"
+    doc = {"name": "correct", "base_model": "embedded:crowd-world",
+           "concepts": [case | {"erase": erase}]}  # fmt: skip
+    r = parse_manifest(doc, base_dir=work).resolve(case["id"])
+    if method == "route":
+        concepts, guides = gated_inputs([r])
+        with eraser.applied(pipe, fit(pipe, concepts, guides=guides)):
+            yield
+        return
+    patch = correct_resolved(pipe, r).patch
+    apply_patch(pipe, patch)
+    try:
+        yield
+    finally:
+        revert_patch(pipe, patch)
 
 
 def measure(pipe, detector, world, case: dict, others, size: dict) -> dict:
@@ -119,9 +166,9 @@ def measure(pipe, detector, world, case: dict, others, size: dict) -> dict:
     return out
 
 
-def row(case, world, before, after, seconds, commit) -> dict:
+def row(method, case, world, before, after, seconds, commit) -> dict:
     c = world.get(case["id"])
-    out = {"concept": case["id"], "split": c.split, "guide": case["guide"]}
+    out = {"method": method, "concept": case["id"], "split": c.split, "guide": case["guide"]}
     if "shares" in after:
         from fmn.eval.audit import _diversity
 
@@ -158,9 +205,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="plumbing: 2 others, 2 steps")
     args = ap.parse_args()
     commit, pipe, detector, world = common.crowd_world(args.threads)
-    from fmn.manifest import parse_manifest
-    from fmn.model.patch import apply_patch, revert_patch
-    from fmn.train.correct import correct_resolved
 
     work = common.ROOT / "build" / "bench" / "correct"
     partial, out = PARTIAL, OUT
@@ -177,24 +221,23 @@ def main() -> None:
     done = common.read_jsonl(partial)
     rows = [d for d in done if "concept" in d]
     for case in cases(world, work):
-        if any(r["concept"] == case["id"] for r in rows):
+        methods = [m for m in METHODS if m == "resteer" or "prompts" in case["guide"]]
+        todo = [m for m in methods if not any(
+            r["concept"] == case["id"] and r.get("method", "resteer") == m for r in rows
+        )]  # fmt: skip
+        if not todo:
             continue
-        doc = {"name": "correct", "base_model": f"embedded:{world.name}", "concepts": [case]}
-        r = parse_manifest(doc, base_dir=work).resolve(case["id"])
         others = [c for c in everyone if c.id != case["id"]]
         before = measure(pipe, detector, world, case, others, size)
-        t0 = time.time()
-        res = correct_resolved(pipe, r)
-        seconds = time.time() - t0
-        apply_patch(pipe, res.patch)
-        try:
-            after = measure(pipe, detector, world, case, others, size)
-        finally:
-            revert_patch(pipe, res.patch)
-        got = row(case, world, before, after, seconds, commit)
-        common.append_jsonl(partial, got)
-        rows.append(got)
-        print(got, flush=True)
+        for method in todo:
+            t0 = time.time()
+            with corrected(pipe, case, method, work):
+                seconds = time.time() - t0
+                after = measure(pipe, detector, world, case, others, size)
+            got = row(method, case, world, before, after, seconds, commit)
+            common.append_jsonl(partial, got)
+            rows.append(got)
+            print(got, flush=True)
     commits = sorted({r.pop("commit") for r in rows})
     result = {
         "commit": commits[0] if len(commits) == 1 else commits,

@@ -497,7 +497,6 @@ def forget(
         unused += ["--generate"] if generate is not None else []
         unused += [o for o, v in (("--ti-steps", ti_steps), ("--ti-tokens", ti_tokens)) if v]
         unused += ["--invert"] if invert else []
-        unused += ["--correct-to"] if correct_to else []
         if unused:
             _exit_on_problems([
                 f"{o}: {concept_id} is gated, so it is not re-steered and draws no images "
@@ -541,15 +540,16 @@ def _forget_gated(pipe, resolved, kept: list[tuple[str, str]], out: Path) -> Non
     """`fmn forget` of a gated concept: its gate, written to <out>/eraser.safetensors, and
     how far it reaches in <out>/gate.json; refused by name when a kept concept's prompts
     read the same as its own."""
-    from fmn.merge.gates import fit
+    from fmn.merge.gates import fit, gated_inputs
     from fmn.merge.similar import widened
     from fmn.model import eraser
 
     t = time.time()
-    concepts = [(resolved.id, resolved.type, resolved.words)]
+    concepts, guides = gated_inputs([resolved])
     with _bar() as update:
         try:
-            found = fit(pipe, concepts, widen=widened(concepts), preserve=kept, progress=update)
+            found = fit(pipe, concepts, widen=widened(concepts), guides=guides, preserve=kept,
+                        progress=update)  # fmt: skip
         except eraser.EraserError as e:
             console.print(f"[red]{resolved.id}: {e}[/red]")
             raise typer.Exit(1) from None

@@ -6,6 +6,7 @@ turn): the audit measures carol's images as alice and as bob, and no target gate
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,12 @@ def _manifest(concepts, **extra):
         (CAROL, {"merge": {"method": "joint"}}, "concepts.0.action", "jointly|with the others"),
         ({**CAROL, "images": {"generate": 4}}, {}, "concepts.0.images", "guide's images"),
         ({**CAROL, "invert": {"enabled": True}}, {}, "concepts.0.invert", "no textual inversion"),
+        (
+            {**CAROL, "guide": {"images": str(PICTURES)}, "erase": "gate"},
+            {},
+            "concepts.0.erase",
+            "a folder has none",
+        ),
     ],
 )
 def test_a_correction_needs_a_guide_and_nothing_that_would_undo_it(
@@ -59,6 +66,12 @@ def test_a_correction_needs_a_guide_and_nothing_that_would_undo_it(
 ) -> None:
     with pytest.raises(ManifestError, match=rf"{where}: .*({message})"):
         _manifest([concept], **extra)
+
+
+def test_guide_prompts_are_routed_and_guide_images_trained_by_default() -> None:
+    assert _manifest([CAROL]).resolve("carol").erase == "gate"
+    pictures = {**CAROL, "guide": {"images": str(PICTURES)}}
+    assert _manifest([pictures]).resolve("carol").erase == "resteer"
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +93,32 @@ def corrected(world, tmp_path_factory) -> Path:
     return save_patch(res.patch, tmp_path_factory.mktemp("carol"))
 
 
-def test_the_audit_reports_whom_the_corrected_word_draws(corrected, tmp_path) -> None:
+def test_fmn_forget_routes_a_word_to_its_guides_and_the_audit_reports_whom_it_draws(
+    tmp_path,
+) -> None:
+    """The default for guide prompts: a route (a gate that puts each guide's words in the
+    word's place in turn), written by `fmn forget` and audited as a patch folder."""
+    out = tmp_path / "carol"
+    args = ["forget", "--id", "carol", "--type", "id", "--out", str(out), "--threads", "1"]
+    args += ["--correct-to", "a photo of alice", "--correct-to", "a photo of bob"]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert "routed" in run.output and "replaced in turn by 'alice', 'bob'" in run.output
+    assert json.loads((out / "gate.json").read_text())["reason"].startswith("routed")
     m = _manifest(
         [CAROL],
         preserve=[{"id": "dots", "type": "style"}],
         evaluate={"prompts_per_concept": 4, "seeds": [0, 1], "steps": 15},
     )
-    res = audit(m, patch=corrected, out=tmp_path / "report")
+    res = audit(m, patch=out, out=tmp_path / "report")
     carol = res.summary["concepts"]["carol"]
     assert carol["role"] == "correct"
     assert carol["shares_base"] == {"alice": 0.0, "bob": 0.0}  # the base draws carol
-    assert carol["shares"]["alice"] + carol["shares"]["bob"] >= 0.5  # now alice or bob
-    assert carol["guides_drawn"] >= 1 and carol["dominant"] in ("alice", "bob")
+    # now alice and bob in turn, each about half of the images
+    assert carol["guides_drawn"] == 2 and carol["dominant_over_fair"] <= 1.5
+    assert carol["shares"]["alice"] + carol["shares"]["bob"] >= 0.75
     assert carol["ratio"] < 0.5  # no longer drawn as carol herself
+    assert res.summary["concepts"]["dots"]["ratio"] == pytest.approx(1.0)  # bit-exact
     gates = res.summary["gates"]
     assert not [f for f in gates["failures"] if f["concept"] == "carol"]  # no target gate
     html = (tmp_path / "report" / "index.html").read_text()
@@ -120,17 +146,15 @@ def test_fmn_forget_correct_to_refuses_a_folder_with_prompts(tmp_path) -> None:
 
 
 def test_fmn_run_stages_correct_a_concept_and_log_it(tmp_path) -> None:
-    """The run's per-concept stages: prepare draws the guide's images (not the word's),
-    the re-steering stage trains the correction and writes its patch and log."""
-    import json
-
+    """The run's per-concept stages of a re-steered correction: prepare draws the guide's
+    images (not the word's), the re-steering stage trains it and writes its patch and log."""
     from fmn.model.patch import load_patch
     from fmn.run.stages import stage_prepare, stage_resteer
 
     doc = {
         "name": "correct-stages",
         "base_model": EMBEDDED_NAME,
-        "defaults": {"correct": {"steps": 2, "generate": 2}},
+        "defaults": {"correct": {"steps": 2, "generate": 2}, "erase": "resteer"},
         "concepts": [CAROL],
     }
     manifest = tmp_path / "m.yaml"

@@ -192,6 +192,23 @@ def test_sdxl_is_refused_before_any_work(clip_tokenizer_dir) -> None:
         fit(pipe, [("alice", "id", ["alice"])])
 
 
+def test_a_route_draws_the_guides_in_turn_and_keeps_them_in_its_file(sd1, tmp_path) -> None:
+    """A correction's gate (`action: correct` with guide prompts): every prompt that names
+    the word gets the next guide's words, the others pass bit-exact."""
+    route = fit(sd1, [("carol", "id", ["carol"])], guides={"carol": ["alice", "bob"]})
+    asked = ["a photo of carol", "a photo of carol", "carol in a red dress", *OTHERS]
+    before = _states(sd1, asked)
+    with eraser.applied(sd1, route):
+        after = _states(sd1, asked)
+        again = _states(sd1, asked[:1])  # the turn goes on across calls
+    meant = ["a photo of alice", "a photo of bob", "alice in a red dress", "a photo of bob"]
+    torch.testing.assert_close(torch.cat([after[:3], again]), _states(sd1, meant))
+    assert torch.equal(after[3:], before[3:])
+    (g,) = eraser.load(eraser.save(route, tmp_path / "r.safetensors")).gates
+    assert g.guides == ["alice", "bob"] and g.reason().startswith("routed")
+    assert "replaced in turn by 'alice', 'bob'" in g.reason()
+
+
 # ---- the manifest: who is gated --------------------------------------------------------
 
 

@@ -329,9 +329,11 @@ class Defaults(_Strict):
     # identities, objects and styles: docs/mass.md "Gated erasure")
     erase: Erase = "auto"
     """How concepts are forgotten: gate (a gate on the text states, fitted at merge time,
-    no images), resteer (attention re-steering), or auto: gate for identities, objects and
-    styles that are forgotten (unless they learn tokens first: invert.enabled, or the merge
-    is joint), resteer for nsfw and corrections."""
+    no images; for a correction, a route to its guide prompts' words in turn), resteer
+    (attention re-steering; a correction trains towards its guide's images), or auto: gate
+    for identities, objects and styles (unless they learn tokens first: invert.enabled, or
+    the merge is joint; a correction only with guide prompts), resteer for nsfw and for
+    corrections towards a folder of images."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,8 +404,10 @@ class Guide(_Strict):
     """What a corrected concept should draw: prompts, or a folder of images (one of them)."""
 
     prompts: list[Text] | None = Field(None, min_length=1)
-    """Prompts the base model draws the guide images from, in turn, e.g. [a photo of john,
-    a photo of mary]."""
+    """Prompts of what the word should draw, in turn, e.g. [a photo of john, a photo of
+    mary]. Gated (the default), each without its type's template ("john") replaces the
+    word in the next prompt it fires on; re-steered, the base model draws the guide images
+    from them."""
     images: ImageFolder | None = None
     """Or: a folder of guide images (relative paths start at the manifest's folder)."""
     concepts: list[Slug] = []  # none: the audit measures the word as itself only
@@ -423,7 +427,8 @@ class Concept(PreservedConcept):
     """A concept to forget (or, with `action: correct`, to correct)."""
 
     action: Literal["forget", "correct"] = "forget"
-    """forget: re-steer the concept away; correct: train it to draw its `guide` instead."""
+    """forget: take the concept out; correct: make it draw its `guide` instead (erase
+    says how: a route to the guide prompts' words, or training towards the guide)."""
     guide: Guide | None = None  # only with action: correct
     """What a corrected concept should draw: {prompts: [...]} or {images: folder}."""
 
@@ -734,9 +739,10 @@ class Manifest(_Strict):
             if (c.erase or self.defaults.erase) != "gate":
                 continue
             where = ("concepts", i, "erase") if c.erase else ("defaults", "erase")
-            if c.action == "correct":
-                msg = "a corrected concept is trained towards its guide, not gated"
-                out.append(("gate_correct", where, msg, "set erase: resteer for it"))
+            if c.action == "correct" and c.guide is not None and c.guide.images is not None:
+                msg = "a gate routes a corrected word to its guide's words; a folder has none"
+                hint = "set erase: resteer for it, or give guide prompts"
+                out.append(("gate_correct", where, msg, hint))
             elif self.merge.method == "joint":
                 msg = "merge.method joint re-steers every concept; the gate is fitted in the merge"
                 out.append(("gate_joint", where, msg, "use merge.method closed-form or sum"))
@@ -813,7 +819,8 @@ def resolve_concept(
     folder = c.images if isinstance(c.images, Path) else None
     erase = c.erase or defaults.erase
     if erase == "auto":
-        gated = c.type in GATED_TYPES and c.action == "forget" and not invert.enabled
+        routed = c.action == "correct" and c.guide is not None and c.guide.prompts is not None
+        gated = c.type in GATED_TYPES and (c.action == "forget" or routed) and not invert.enabled
         gated = gated and not joint
         erase = "gate" if gated else "resteer"
     if isinstance(c.mask, MaskFolder):

@@ -37,6 +37,29 @@ WHITEN_RIDGE = 1e-4  # relative to the mean variance: directions no prompt spans
 MIN_NEAREST = 1e-3
 
 
+def guide_words(prompts: Sequence[str], kind: str) -> list[str]:
+    """A correction's guide prompts as the words its route puts in place of the concept's:
+    each prompt without its type's template ("a photo of john" -> "john"), or whole where
+    no template of the type fits it."""
+    out = []
+    for p in prompts:
+        for t in CONCEPT_TEMPLATES[kind]:
+            before, after = t.split("{}")
+            if p.startswith(before) and p.endswith(after) and len(p) > len(before) + len(after):
+                p = p[len(before) : len(p) - len(after)]
+                break
+        out.append(p.strip())
+    return out
+
+
+def gated_inputs(resolved) -> tuple[list[tuple[str, str, tuple[str, ...]]], dict]:
+    """(concepts, guides) for `fit` from resolved concepts (fmn.manifest.ResolvedConcept)
+    whose `erase` is gate: (id, type, words) each, and the corrected ones' guide words."""
+    concepts = [(r.id, r.type, r.words) for r in resolved]
+    routes = {r.id: guide_words(r.guide_prompts, r.type) for r in resolved if r.action == "correct"}
+    return concepts, routes
+
+
 def _similar(pipe, cid, kind, words, vocab, white_states, white, anchor):
     """The vocabulary words the base model draws like the concept (fmn.merge.similar)."""
     from fmn.merge.similar import nearest_words, similar_words
@@ -188,6 +211,7 @@ def fit(
     templates: int | None = None,
     drops: dict[str, str] | None = None,
     widen: Sequence[str] = (),
+    guides: dict[str, Sequence[str]] | None = None,
     progress: Progress | None = None,
 ) -> Eraser:
     """An eraser for `concepts` ((id, type, phrasings) each) on `pipe`'s text encoder.
@@ -197,8 +221,9 @@ def fit(
     all). drops: per type, the lead-in words a fired word is dropped with (default
     GATE_DROPS; a concept named in `anchors` is replaced by its anchor instead). widen:
     ids of concepts whose gates also take the vocabulary words the base model draws like
-    them (fmn.merge.similar; this draws images). progress(label, done, total) is called
-    per concept."""
+    them (fmn.merge.similar; this draws images). guides: per corrected concept id, its
+    guide's words (`guide_words`): its gate is a route, replacing a fired word by each in
+    turn. progress(label, done, total) is called per concept."""
     one_text_encoder(pipe)
     drops = GATE_DROPS if drops is None else drops
     if installed(pipe):
@@ -261,15 +286,19 @@ def fit(
                 f"{cid!r} cannot be gated: its prompts read the same as {near} (distance "
                 f"{nearest:.2g}), so any gate on it would erase that too (hint: {hint})"
             )
-        anchor = (anchors or {}).get(cid, ERASE_ANCHORS[kind])
-        lead = None if cid in (anchors or {}) else drops.get(kind)
-        paired = [t.format(anchor) for t in used for _ in words]
-        prefix = [_word_position(pipe, t) for t in used for _ in words]
-        down, up = _map(pipe, enc, lens, paired, prefix, rank)
+        route = list((guides or {}).get(cid, ()))
+        anchor = route[0] if route else (anchors or {}).get(cid, ERASE_ANCHORS[kind])
+        lead = None if route or cid in (anchors or {}) else drops.get(kind)
+        if route:  # a route acts on words only: one linear map cannot pick a guide per prompt
+            down, up = torch.zeros(enc.shape[-1], 1), torch.zeros(1, enc.shape[-1])
+        else:
+            paired = [t.format(anchor) for t in used for _ in words]
+            prefix = [_word_position(pipe, t) for t in used for _ in words]
+            down, up = _map(pipe, enc, lens, paired, prefix, rank)
         longest = max(_words(pipe, w) for w in words)
         gates.append(
             ConceptGate(cid, protos, radius_share * nearest, nearest, down, up,
-                        anchor, CONCEPT_TEMPLATES[kind][0], longest, lead, near, found)
+                        anchor, CONCEPT_TEMPLATES[kind][0], longest, lead, near, found, route)
         )  # fmt: skip
     if progress:
         progress("gates", len(concepts), len(concepts))
@@ -283,6 +312,7 @@ def fit(
         "anchors": anchors or {},
         "drops": drops,
         "widen": sorted(widen),
+        "guides": {k: list(v) for k, v in (guides or {}).items()},
         "base_fingerprint": fingerprint(pipe),  # the model it was fitted on
     }
     return Eraser(mean, whiten, gates, soft, config, overshoot, dropped_overshoot)

@@ -33,7 +33,13 @@ one person out without others (docs/mass.md). This eraser is not linear in the s
   from the original's: an anchor that itself draws the concept a little does not bring it
   back. A style's word is dropped instead, with its lead-in ("a cat in the style of
   dots" -> "a cat"; fmn.data.anchors.GATE_DROPS), and such a prompt's states go
-  `dropped` further.
+  `dropped` further;
+- **routes** (a correction, `action: correct` with guide prompts): a fired word is
+  replaced by its guide's words, each in turn ("a photo of a doctor" -> "a photo of john",
+  then "... of ruth", ...: one guide per prompt the text encoder is given, so a pipeline
+  call with one prompt per image draws the guides in proportion), with no push: the guide
+  is drawn as its own words draw it. A route acts on words only (its whole-prompt map is
+  zero).
 
 Nothing here reads an image or a detector. The gate sits on the text encoder's output (a
 forward hook), so it acts on whatever reads the text states; SD 1.x / 2.x pipelines (one
@@ -54,7 +60,8 @@ from pathlib import Path
 import torch
 
 ERASER_FILE = "eraser.safetensors"
-FORMAT = 3
+FORMAT = 4
+READS = ("3", "4")  # format 3: no routes
 _CACHE = 100_000  # checked words kept per installed eraser (prompts repeat across images)
 
 
@@ -80,20 +87,27 @@ class ConceptGate:
     # words nobody listed that the base model draws like the concept, taken into its
     # prototypes: [(word, share)] (fmn.merge.similar)
     similar: list[tuple[str, float]] = field(default_factory=list)
+    # a correction's route: a fired word is replaced by these words in turn, not by `anchor`
+    guides: list[str] = field(default_factory=list)
 
     def meta(self) -> dict:
-        return {"id": self.id, "nearest": self.nearest, "anchor": self.anchor,
-                "template": self.template, "words": self.words, "lead": self.lead,
-                "near": self.near, "similar": self.similar}  # fmt: skip
+        out = {"id": self.id, "nearest": self.nearest, "anchor": self.anchor,
+               "template": self.template, "words": self.words, "lead": self.lead,
+               "near": self.near, "similar": self.similar}  # fmt: skip
+        # only where routed: a gate without a route keeps the fingerprint it had in format 3
+        return out | ({"guides": self.guides} if self.guides else {})
 
     def reason(self) -> str:
         """How far the gate reaches and what stopped it, for logs and reports."""
         also = ", ".join(f"{w!r} ({s:.2f})" for w, s in self.similar)
+        routed = ", ".join(map(repr, self.guides))
         return (
-            f"gated: fires within {self.radius:.3g} of its prompts' states, "
+            ("routed" if self.guides else "gated")
+            + f": fires within {self.radius:.3g} of its prompts' states, "
             f"{self.radius / self.nearest:.2g} of the way to the nearest other prompt, "
             f"{self.near or '?'} ({self.nearest:.3g})"
             + (f"; also on words the base model draws like it: {also}" if also else "")
+            + (f"; replaced in turn by {routed}" if routed else "")
         )
 
 
@@ -190,6 +204,8 @@ class WordCheck:
             before, after = g.template.split("{}")
             self.templates[g.template] = (ids(before), ids(after))
         self.anchors = [[] if g.lead is not None else ids(g.anchor) for g in eraser.gates]
+        self.routes = [[ids(w) for w in g.guides] for g in eraser.gates]
+        self.turn = 0  # the next guide of a route: counts routed prompts since install
         self.leads = [ids(g.lead) if g.lead else [] for g in eraser.gates]
         self.longest = max((g.words for g in eraser.gates), default=1)
         self.cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
@@ -272,10 +288,13 @@ class WordCheck:
             for _, _, a, e, j in sorted(hits, reverse=True):  # strongest, then longest
                 if all(e <= a2 or a >= e2 for a2, e2, _ in taken):
                     taken.append((a, e, j))
-            new[b], pairs[b] = self._rewrite(r, sorted(taken), states.shape[1])
+            words = [(a, e, self._words(j)) for a, e, j in sorted(taken)]
+            new[b], pairs[b] = self._rewrite(r, words, states.shape[1])
             blend[b] = max(h[0] for h in hits)
             replaced = any(self.anchors[j] for *_, j in taken)  # else every word dropped
             push[b] = self.eraser.overshoot if replaced else self.eraser.dropped
+            if any(self.routes[j] for *_, j in taken):
+                push[b] = 0.0  # a guide is drawn as its own words draw it
         if not new:
             return states
         enc = self._encode(list(new.values()), states.shape[1], states.device)
@@ -289,20 +308,28 @@ class WordCheck:
             out[b] = (s + r * (x - s)).to(states.dtype)
         return out
 
-    def _rewrite(self, row: list[int], taken: list[tuple[int, int, int]], length: int):
-        """(the prompt's ids with each taken run (start, stop, gate) replaced by its gate's
-        anchor (or dropped), [(new position, old position)] of the tokens the two share:
-        every token outside the runs, each anchor's last token for its run's last, and the
-        end-of-text token and the pads after it)."""
+    def _words(self, j: int) -> list[int]:
+        """The ids a fired word of gate j becomes: its anchor's (none: dropped), or for a
+        route the next guide's."""
+        if not self.routes[j]:
+            return self.anchors[j]
+        self.turn += 1
+        return self.routes[j][(self.turn - 1) % len(self.routes[j])]
+
+    def _rewrite(self, row: list[int], taken: list[tuple[int, int, list[int]]], length: int):
+        """(the prompt's ids with each taken run (start, stop, its new ids) replaced by
+        those ids (none: dropped), [(new position, old position)] of the tokens the two
+        share: every token outside the runs, each new run's last token for its run's last,
+        and the end-of-text token and the pads after it)."""
         stop = self._stop(row)
         out: list[int] = []
         pairs: list[tuple[int, int]] = []
         last = 0
-        for a, e, j in [*taken, (stop, stop, -1)]:
+        for a, e, ids in [*taken, (stop, stop, [])]:
             pairs += [(len(out) + k, i) for k, i in enumerate(range(last, a))]
             out += row[last:a]
-            if j >= 0 and self.anchors[j]:
-                out += self.anchors[j]
+            if ids:
+                out += ids
                 pairs.append((len(out) - 1, e - 1))
             last = e
         shift = len(out) - stop
@@ -401,9 +428,9 @@ def load(path: Path | str) -> Eraser:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != str(FORMAT):
+            if meta.get("format") not in READS:
                 raise EraserError(
-                    f"{path}: not an eraser file of format {FORMAT} (metadata {meta})"
+                    f"{path}: not an eraser file of format {' or '.join(READS)} (metadata {meta})"
                 )
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
         gates = [
@@ -420,6 +447,7 @@ def load(path: Path | str) -> Eraser:
                 g["lead"],
                 g["near"],
                 [tuple(x) for x in g["similar"]],
+                g.get("guides", []),
             )
             for j, g in enumerate(json.loads(meta["gates"]))
         ]

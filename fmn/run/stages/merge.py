@@ -19,10 +19,11 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[PatchRecord
     are instead re-steered together in one run here (fmn.train.forget.forget_joint), and
     `patches` is empty. Also records the merged model's fingerprint, so that the model
     folder can be checked later (`fmn.model.load.fingerprint` of it must match).
-    Concepts the manifest erases by their gates (`erase: gate`) are fitted here, together
-    (fmn.model.eraser), and written beside the merged patch."""
+    Concepts the manifest erases by their gates (`erase: gate`; a correction's gate is a
+    route to its guide) are fitted here, together (fmn.model.eraser), and written beside
+    the merged patch."""
     from fmn.merge.fuse import merge_patches, write_merged
-    from fmn.merge.gates import fit
+    from fmn.merge.gates import fit, gated_inputs
     from fmn.merge.similar import widened
     from fmn.model import eraser as gates
     from fmn.model.load import fingerprint
@@ -49,11 +50,12 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[PatchRecord
             )
         eraser = None
         if gated:
-            concepts = [(r.id, r.type, r.words) for r in gated]
+            concepts, guides = gated_inputs(gated)
             eraser = fit(
                 pipe,
                 concepts,
                 widen=widened(concepts),
+                guides=guides,
                 anchors=dict(m.merge.anchors),
                 preserve=preserve_list(m),
                 progress=tick,
