@@ -18,8 +18,10 @@ keys and values trained towards the guide's images, fmn.train.correct):
   images rendered by the world's procedural generator (16 checker images of random shapes
   and colours: data a user would supply as a folder, no detector involved). Measured: its
   top-1 accuracy (share of images the world's classifier reads as checker), 40 images.
-Both: every other concept of the world, base and corrected (6 templates x seeds
-1000-1001 = 12 images each), ratios over concepts whose base M-Score is at least 0.5.
+All: every other concept of the world, base and corrected (6 templates x seeds
+1000-1001 = 12 images each), ratios over concepts whose base M-Score is at least 0.5. The
+base model's are drawn once for every case; a route leaves every prompt it does not change
+bit-exact, so only the concepts whose prompts it changes are drawn again (`others_drawn`).
 
 Rows {method, concept, split, guide, measure, before, after, dominant, dominant_over_fair,
 guides_drawn, others_mean, worst_other, worst_ratio, seconds}. Resumes from
@@ -113,9 +115,11 @@ METHODS = ("route", "resteer")
 
 
 @contextmanager
-def corrected(pipe, case: dict, method: str, work: Path):
+def corrected(pipe, case: dict, method: str, work: Path, others: list, prompts: int):
     """`pipe` with `case` corrected by `method` inside the block, as `fmn run` would
-    (route: its gate, fitted on the base model; resteer: its patch)."""
+    (route: its gate, fitted on the base model; resteer: its patch). Yields the `others`
+    whose first `prompts` audit prompts it may change: a gate leaves every prompt it does
+    not change bit-exact (bench.common.touched), a patch may change any."""
     from fmn.manifest import parse_manifest
     from fmn.merge.gates import fit, gated_inputs
     from fmn.model import eraser
@@ -128,20 +132,22 @@ def corrected(pipe, case: dict, method: str, work: Path):
     r = parse_manifest(doc, base_dir=work).resolve(case["id"])
     if method == "route":
         concepts, guides = gated_inputs([r])
-        with eraser.applied(pipe, fit(pipe, concepts, guides=guides)):
-            yield
+        gates = fit(pipe, concepts, guides=guides)
+        redraw = common.touched(pipe, gates, others, prompts)
+        with eraser.applied(pipe, gates):
+            yield redraw
         return
     patch = correct_resolved(pipe, r).patch
     apply_patch(pipe, patch)
     try:
-        yield
+        yield others
     finally:
         revert_patch(pipe, patch)
 
 
-def measure(pipe, detector, world, case: dict, others, size: dict) -> dict:
-    """The corrected word (as itself where the detector knows it, and as each guide
-    concept) and every other concept's M-Score."""
+def measure(pipe, detector, world, case: dict, size: dict) -> dict:
+    """The corrected word: as itself where the detector knows it ("acc"), and the share of
+    its images drawn as each guide concept ("shares")."""
     from fmn.eval.audit import guide_shares
     from fmn.eval.mscore.score import ConceptRef, rows_as_dicts, score_concepts, summarise
 
@@ -159,11 +165,19 @@ def measure(pipe, detector, world, case: dict, others, size: dict) -> dict:
         for r in rows_as_dicts(rows):
             groups.setdefault((r["concept"], "m"), []).append(r)
         out["shares"] = guide_shares(groups, case["id"], guides, "m")
-    rest = [ConceptRef(c.id, c.type, c.text) for c in others]
-    rows, _ = score_concepts(pipe, rest, detector, prompts_per_concept=size["other_prompts"],
-                             seeds=size["other_seeds"], steps=size["steps"])  # fmt: skip
-    out["others"] = {cid: s["mscore"] for cid, s in summarise(rows).items()}
     return out
+
+
+def mscores(pipe, detector, concepts, size: dict) -> dict[str, float]:
+    """Each concept's M-Score (the others' images: fewer prompts and seeds), by id."""
+    from fmn.eval.mscore.score import ConceptRef, score_concepts, summarise
+
+    if not concepts:
+        return {}
+    refs = [ConceptRef(c.id, c.type, c.text) for c in concepts]
+    rows, _ = score_concepts(pipe, refs, detector, prompts_per_concept=size["other_prompts"],
+                             seeds=size["other_seeds"], steps=size["steps"])  # fmt: skip
+    return {cid: s["mscore"] for cid, s in summarise(rows).items()}
 
 
 def row(method, case, world, before, after, seconds, commit) -> dict:
@@ -219,6 +233,13 @@ def main() -> None:
         partial.unlink(missing_ok=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     done = common.read_jsonl(partial)
+    # the base model's M-Score of every concept, drawn once: every case's "before"
+    base = next((d["base"] for d in done if "base" in d), None)
+    if base is None:
+        t0 = time.time()
+        base = mscores(pipe, detector, everyone, size)
+        common.append_jsonl(partial, {"base": base, "commit": commit})
+        print(f"base of {len(base)} concepts: {time.time() - t0:.0f} s", flush=True)
     rows = [d for d in done if "concept" in d]
     for case in cases(world, work):
         methods = [m for m in METHODS if m == "resteer" or "prompts" in case["guide"]]
@@ -228,13 +249,16 @@ def main() -> None:
         if not todo:
             continue
         others = [c for c in everyone if c.id != case["id"]]
-        before = measure(pipe, detector, world, case, others, size)
+        before = measure(pipe, detector, world, case, size)
+        before["others"] = {c.id: base[c.id] for c in others}
         for method in todo:
             t0 = time.time()
-            with corrected(pipe, case, method, work):
+            with corrected(pipe, case, method, work, others, size["other_prompts"]) as redraw:
                 seconds = time.time() - t0
-                after = measure(pipe, detector, world, case, others, size)
+                after = measure(pipe, detector, world, case, size)
+                after["others"] = before["others"] | mscores(pipe, detector, redraw, size)
             got = row(method, case, world, before, after, seconds, commit)
+            got["others_drawn"] = len(redraw)
             common.append_jsonl(partial, got)
             rows.append(got)
             print(got, flush=True)
