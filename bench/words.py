@@ -6,7 +6,8 @@ For each many-word concept of crowd-world (night and heart, both held out) and e
 the bench forgets it from the base model alone and scores, on the patched model:
 - the concept under each of its phrasings, listed and unlisted (the world's classifier
   reading the concept's id; 6 templates x image seeds 1000-1003 = 24 images each);
-- every other concept of the world (6 templates x seeds 1000-1001 = 12 images each).
+- every other concept of the world (6 templates x seeds 1000-1001 = 12 images each;
+  `--other-seeds 4`: seeds 1000-1003, 24 images, the single bench's count).
 
 Methods:
 - gate: what `fmn run` and `fmn forget` do by default (`erase: auto`): the concept's gate
@@ -29,7 +30,7 @@ highest over unlisted ones (the phrasing that brings the concept back most), the
 over concepts whose base M-Score is at least 0.5. The run resumes from
 bench/partial/words.jsonl (tracked); when every row is in it writes bench/results/words.json/.md.
 
-Usage: python bench/words.py [--threads 1] [--quick]
+Usage: python bench/words.py [--threads 1] [--quick] [--methods ...] [--other-seeds 2]
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def main() -> None:
     ap.add_argument("--partial", type=Path, default=PARTIAL)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--methods", nargs="+", default=[*GATES, *METHODS], choices=[*GATES, *METHODS])
+    ap.add_argument("--other-seeds", type=int, default=len(OTHER_SEEDS),
+                    help="image seeds (from 1000) per other concept, 6 images each")  # fmt: skip
     args = ap.parse_args()
     commit, pipe, detector, CROWD = common.crowd_world(args.threads)
     from fmn.model import eraser
@@ -170,7 +173,11 @@ def main() -> None:
 
     targets = [CROWD.get(cid) for cid in CROWD.words]
     everyone = [c for c in CROWD.concepts() if c.type != "role"]
-    size = {"prompts": PROMPTS, "steps": 25, "other_seeds": OTHER_SEEDS}
+    size = {
+        "prompts": PROMPTS,
+        "steps": 25,
+        "other_seeds": tuple(range(1000, 1000 + args.other_seeds)),
+    }
     if args.quick:
         targets = targets[:1]
         everyone = targets + [c for c in everyone if c not in targets][:2]
