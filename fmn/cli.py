@@ -448,6 +448,12 @@ def forget(
         help="gate | resteer | auto: how the concept is forgotten, as a manifest's `erase` "
         "(auto gates identities, objects and styles that learn no tokens: docs/mass.md).",
     ),
+    robust: bool = typer.Option(
+        option_default(Merge, "robust"),
+        "--robust/--no-robust",
+        help="Robust mode for a gate: read every token as a word of the base vocabulary, so "
+        "a textual inversion cannot go around it (a manifest's merge.robust).",
+    ),
     threads: int = typer.Option(1),
 ) -> None:
     """Forget one concept and write its patch: a gate (eraser.safetensors) or a
@@ -491,6 +497,11 @@ def forget(
         spec["mask"] = mask if mask in get_args(MaskName) else {"folder": mask}
     resolved = resolve_concept(Concept.model_validate(spec), Defaults(), Path.cwd())
     kept = [_id_type(p, "--preserve") for p in preserve]
+    if robust and resolved.erase != "gate":
+        _exit_on_problems([
+            f"--robust: it locks the vocabulary for a gate, and {concept_id} is re-steered "
+            "(hint: --erase gate, or drop --robust)"
+        ])  # fmt: skip
     if resolved.erase == "gate":
         unused = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
         unused += [o for o, v in (("--mask", mask), ("--images", images)) if v is not None]
@@ -506,7 +517,7 @@ def forget(
     _threads(threads)
     pipe = _load_model_or_exit(model)
     if resolved.erase == "gate":
-        _forget_gated(pipe, resolved, kept, out)
+        _forget_gated(pipe, resolved, kept, out, lock=robust)
         return
     with _bar() as update:
         try:
@@ -536,7 +547,7 @@ def forget(
     )
 
 
-def _forget_gated(pipe, resolved, kept: list[tuple[str, str]], out: Path) -> None:
+def _forget_gated(pipe, resolved, kept: list[tuple[str, str]], out: Path, lock: bool) -> None:
     """`fmn forget` of a gated concept: its gate, written to <out>/eraser.safetensors, and
     how far it reaches in <out>/gate.json; refused by name when a kept concept's prompts
     read the same as its own."""
@@ -549,13 +560,13 @@ def _forget_gated(pipe, resolved, kept: list[tuple[str, str]], out: Path) -> Non
     with _bar() as update:
         try:
             found = fit(pipe, concepts, widen=widened(concepts), guides=guides, preserve=kept,
-                        progress=update)  # fmt: skip
+                        lock=lock, progress=update)  # fmt: skip
         except eraser.EraserError as e:
             console.print(f"[red]{resolved.id}: {e}[/red]")
             raise typer.Exit(1) from None
     path = eraser.save(found, out / eraser.ERASER_FILE)
     (gate,) = found.gates
-    log = {"concept": resolved.id, "erase": "gate", "reason": gate.reason(),
+    log = {"concept": resolved.id, "erase": "gate", "robust": lock, "reason": gate.reason(),
            "radius": gate.radius, "nearest": gate.nearest, "near": gate.near,
            "seconds": round(time.time() - t, 2)}  # fmt: skip
     write_json(out / "gate.json", log)

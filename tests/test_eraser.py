@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,6 +98,47 @@ def test_a_token_learned_after_install_is_checked_as_a_word(clip_tokenizer_dir) 
     torch.testing.assert_close(got[0], anchor)  # checked again, not remembered as bob's
     torch.testing.assert_close(got[1], anchor)
     assert (got[2] - anchor).norm() > 1
+
+
+def test_robust_mode_reads_a_learned_token_as_its_nearest_word(
+    clip_tokenizer_dir, tmp_path
+) -> None:
+    """A textual inversion can put any vector in a token; locked, the eraser reads it as
+    the base word nearest to it (so alice's gate sees alice), passes the gradient straight
+    through, and leaves prompts of real words as the unlocked eraser does."""
+    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
+    plain = fit(pipe, [("alice", "id", ["alice"])], overshoot=0.0)
+    locked = eraser.load(eraser.save(replace(plain, lock=True), tmp_path / "l.safetensors"))
+    assert locked.lock and not plain.lock
+    row = pipe.tokenizer.convert_tokens_to_ids
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    alice = emb[row("alice</w>")].detach().clone()
+    with eraser.applied(pipe, plain):
+        kept = _states(pipe, OTHERS)
+    with eraser.applied(pipe, locked):
+        assert torch.equal(_states(pipe, OTHERS), kept)  # real words: as before
+        pipe.tokenizer.add_tokens(["<learned>"])
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+        emb = pipe.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():  # nearer alice than any other word, yet far from her
+            emb[-1] = alice + 0.3 * torch.randn_like(alice) * alice.std()
+        got = _states(pipe, ["a photo of <learned>", "a photo of alice"])
+        with torch.no_grad():  # near bob: read as bob, and its gradient is bob's
+            emb[-1] = emb[row("bob</w>")] + 0.01
+        emb.requires_grad_(True)
+        ids = pipe.tokenizer(["a photo of <learned>"], return_tensors="pt").input_ids
+        learned = pipe.text_encoder(ids)[0]
+        (learned * torch.randn_like(learned)).sum().backward()  # a sum is flat: layer norm
+        assert emb.grad[-1].abs().sum() > 0  # straight through: an attack still searches
+        emb.requires_grad_(False)
+        with torch.no_grad():  # a row changed in place reads as the word nearest to it
+            emb[row("bob</w>")] = alice + 0.01
+        bob = _states(pipe, ["a photo of bob"])
+    torch.testing.assert_close(got[0], got[1])  # alice's gate fired on the learned token
+    torch.testing.assert_close(learned.detach()[0], kept[0, :6])  # "a photo of bob"
+    torch.testing.assert_close(bob[0], got[1])
+    anchor = _states(pipe, ["a photo of a person"])[0]
+    torch.testing.assert_close(got[1], anchor)
 
 
 def test_eraser_file_and_model_folder_carry_the_gate(sd1, gate, tmp_path) -> None:
@@ -241,6 +283,12 @@ def test_concepts_are_gated_by_default_unless_they_cannot_be(tmp_path) -> None:
     assert chosen.resolve("triangle").erase == "resteer"
 
 
+def test_robust_mode_needs_a_gated_concept(tmp_path) -> None:
+    with pytest.raises(ManifestError, match=r"merge\.robust.*no concept is gated"):
+        load_manifest(_manifest(tmp_path, defaults={"erase": "resteer"}, merge={"robust": True}))
+    assert load_manifest(_manifest(tmp_path, merge={"robust": True})).merge.robust
+
+
 def test_a_gate_that_cannot_apply_is_refused_by_field(tmp_path) -> None:
     with pytest.raises(ManifestError, match=r"defaults\.erase.*merge\.method"):
         load_manifest(_manifest(tmp_path, defaults={"erase": "gate"}, merge={"method": "joint"}))
@@ -263,6 +311,7 @@ def test_the_flow_gates_an_identity_and_re_steers_an_object(prefect_api, tmp_pat
             {"id": "carol", "type": "id"},
             {"id": "triangle", "type": "object", "images": {"generate": 2}, "erase": "resteer"},
         ],
+        "merge": {"robust": True},
     }
     manifest = tmp_path / "gated.yaml"
     manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -274,14 +323,17 @@ def test_the_flow_gates_an_identity_and_re_steers_an_object(prefect_api, tmp_pat
     merge = json.loads((merged / "merge.json").read_text())
     assert [c["id"] for c in merge["concepts"]] == ["triangle", "carol"]
     assert [g["id"] for g in merge["gated"]] == ["carol"]
-    assert (merged / eraser.ERASER_FILE).is_file()
+    assert (merged / eraser.ERASER_FILE).is_file() and merge["robust"]
     record = json.loads((out / "merged.json").read_text())
-    assert fingerprint(load_pipeline(merged / "model")) == record["model_fingerprint"]
+    model = load_pipeline(merged / "model")
+    assert fingerprint(model) == record["model_fingerprint"]
+    assert eraser.installed_eraser(model).lock  # robust mode travels with the model
     summary = json.loads((out / "report" / "summary.json").read_text())
     gate = summary["concepts"]["carol"]["gate"]
     assert gate["radius"] > 0 and "nearest other prompt" in gate["reason"]
     # the audit shows how far the gate reaches and which prompt stopped it
-    shown = f"text-state gate: {html.escape(gate['reason'])}"
+    robust = "robust mode: only the base vocabulary's words"
+    shown = f"text-state gate ({robust}): {html.escape(gate['reason'])}"
     assert shown in (out / "report" / "index.html").read_text()
     again, _ = run_flow(manifest, out)
     assert again["concepts"] == {"carol": "cached", "triangle": "cached"}

@@ -373,7 +373,9 @@ def _concept_section(
         line += f"; closed loop: {e(c['loop']['reason'])}"
     if "gate" in c:
         g = c["gate"]
-        line += f"; erased by its text-state gate: {e(g['reason'])}"
+        how = "routed to its guide" if c.get("role") == "correct" else "erased"
+        lock = " (robust mode: only the base vocabulary's words)" if g.get("robust") else ""
+        line += f"; {how} by its text-state gate{lock}: {e(g['reason'])}"
     out = [f'<section id="c-{cid}"><h3>{cid}</h3>', f"<p>{line}</p>"]
     if "shares" in c:  # a correction's diversity: who its images show, before and after
         who = ", ".join(

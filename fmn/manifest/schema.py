@@ -539,6 +539,12 @@ class Merge(_Strict):
     tune: bool = False  # 9 merges, each judged on a few images per concept
     """closed-form: try a fixed grid of preserve/erase weights and overshoot, keep the
     merge the base model itself judges best (docs/merge.md); needs `preserve`."""
+    # off: it also reads a user's own textual inversions as their nearest words
+    robust: bool = False
+    """Robust mode: the gates also read every token as a word of the base model's own
+    vocabulary (a token a textual inversion learned becomes its nearest word), so that an
+    inversion attack cannot go around them (docs/mass.md "Robust mode"). Needs a gated
+    concept."""
 
 
 class Detectors(_Strict):
@@ -749,6 +755,13 @@ class Manifest(_Strict):
             elif _overlay(self.defaults.invert, c.invert).enabled:
                 msg = "a gated concept draws no images and learns no tokens"
                 out.append(("gate_invert", where, msg, "set invert: {enabled: false}"))
+        joint = self.merge.method == "joint"
+        if self.merge.robust and not any(
+            erase_of(c, self.defaults, joint=joint) == "gate" for c in self.concepts
+        ):
+            msg = "robust mode locks the vocabulary for the gates, and no concept is gated"
+            hint = "set erase: gate (or auto) for identities, objects or styles, or drop it"
+            out.append(("robust_ungated", ("merge", "robust"), msg, hint))
         first: dict[str, str] = {}
         for section, items in (("concepts", self.concepts), ("preserve", self.preserve)):
             for i, c in enumerate(items):
@@ -805,6 +818,22 @@ class Manifest(_Strict):
         return [self.resolve(c.id) for c in self.concepts]
 
 
+def erase_of(c: Concept, defaults: Defaults, *, joint: bool = False) -> Literal["gate", "resteer"]:
+    """How `c` is forgotten: its `erase`, else defaults.erase; auto gates identities,
+    objects and styles (a correction only towards guide prompts: a route) unless they
+    learn tokens or the merge is joint, and re-steers the rest."""
+    erase = c.erase or defaults.erase
+    if erase != "auto":
+        return erase
+    routed = c.action == "correct" and c.guide is not None and c.guide.prompts is not None
+    gated = c.type in GATED_TYPES and (c.action == "forget" or routed)
+    return (
+        "gate"
+        if gated and not joint and not _overlay(defaults.invert, c.invert).enabled
+        else "resteer"
+    )
+
+
 def resolve_concept(
     c: Concept, defaults: Defaults, base_dir: Path, *, joint: bool = False
 ) -> ResolvedConcept:
@@ -817,12 +846,7 @@ def resolve_concept(
     if isinstance(c.mask, str):
         resteer = resteer.model_copy(update={"mask": c.mask})
     folder = c.images if isinstance(c.images, Path) else None
-    erase = c.erase or defaults.erase
-    if erase == "auto":
-        routed = c.action == "correct" and c.guide is not None and c.guide.prompts is not None
-        gated = c.type in GATED_TYPES and (c.action == "forget" or routed) and not invert.enabled
-        gated = gated and not joint
-        erase = "gate" if gated else "resteer"
+    erase = erase_of(c, defaults, joint=joint)
     if isinstance(c.mask, MaskFolder):
         mask: MaskName | Path = _resolve(c.mask.folder, base_dir)
     else:

@@ -137,8 +137,9 @@ class MergeConfig:
 
     @classmethod
     def from_manifest(cls, merge: Merge) -> MergeConfig:
-        """From a manifest's `merge:` section (fmn.manifest.Merge): every option by name."""
-        return cls(**merge.model_dump())
+        """From a manifest's `merge:` section (fmn.manifest.Merge): every option by name
+        but `robust`, which is the gates' (fmn.merge.gates.fit's lock)."""
+        return cls(**merge.model_dump(exclude={"robust"}))
 
 
 @dataclass
@@ -602,6 +603,7 @@ def write_merged(
                 {"id": g.id, "radius": g.radius, "nearest": g.nearest, "reason": g.reason()}
                 for g in (eraser.gates if eraser else [])
             ],
+            "robust": bool(eraser and eraser.lock),  # the gates read only the base vocabulary
             "kept": result.kept,
             "preserve_drift": result.preserve_drift,
             "summed_keys": result.summed_keys,

@@ -212,6 +212,7 @@ def fit(
     drops: dict[str, str] | None = None,
     widen: Sequence[str] = (),
     guides: dict[str, Sequence[str]] | None = None,
+    lock: bool = False,
     progress: Progress | None = None,
 ) -> Eraser:
     """An eraser for `concepts` ((id, type, phrasings) each) on `pipe`'s text encoder.
@@ -223,7 +224,8 @@ def fit(
     ids of concepts whose gates also take the vocabulary words the base model draws like
     them (fmn.merge.similar; this draws images). guides: per corrected concept id, its
     guide's words (`guide_words`): its gate is a route, replacing a fired word by each in
-    turn. progress(label, done, total) is called per concept."""
+    turn. lock: robust mode (fmn.model.eraser.VocabularyLock: every token is read as a
+    word of the base vocabulary). progress(label, done, total) is called per concept."""
     one_text_encoder(pipe)
     drops = GATE_DROPS if drops is None else drops
     if installed(pipe):
@@ -313,6 +315,7 @@ def fit(
         "drops": drops,
         "widen": sorted(widen),
         "guides": {k: list(v) for k, v in (guides or {}).items()},
+        "lock": lock,
         "base_fingerprint": fingerprint(pipe),  # the model it was fitted on
     }
-    return Eraser(mean, whiten, gates, soft, config, overshoot, dropped_overshoot)
+    return Eraser(mean, whiten, gates, soft, config, overshoot, dropped_overshoot, lock)

@@ -41,6 +41,17 @@ one person out without others (docs/mass.md). This eraser is not linear in the s
   is drawn as its own words draw it. A route acts on words only (its whole-prompt map is
   zero).
 
+**Robust mode** (`lock`, the manifest's `merge.robust`): a learned token can carry any
+embedding, and textual inversion finds one whose states draw a gated concept from outside
+every gate (nothing else stops it: the UNet still draws the concept). A locked eraser
+reads every token as a word of the base model's own vocabulary: a token the base
+tokenizer does not have (one a textual inversion added) or whose embedding row changed
+since install is read as the vocabulary word whose embedding is nearest to it, so the
+gates see real words. The gradient passes straight through (as PEZ's projection does), so
+an inversion becomes a search over real words, the prompt attack the gates were fitted
+against. It costs a copy of the token embedding table; a user's own textual inversions
+are read as their nearest words too.
+
 Nothing here reads an image or a detector. The gate sits on the text encoder's output (a
 forward hook), so it acts on whatever reads the text states; SD 1.x / 2.x pipelines (one
 text encoder, no clip-skip). It is stored as one safetensors file and installed by
@@ -122,6 +133,7 @@ class Eraser:
     config: dict = field(default_factory=dict)
     overshoot: float = 0.0  # a replaced word's states go this far past the anchor's
     dropped: float = 0.0  # a dropped word's: this far past the prompt without it
+    lock: bool = False  # robust mode: every token is read as a word of the base vocabulary
 
     @property
     def concepts(self) -> list[str]:
@@ -171,6 +183,8 @@ class Eraser:
         """Everything the eraser computes with, by name (its file, its fingerprint)."""
         out = {"mean": self.mean, "whiten": self.whiten, "soft": torch.tensor([self.soft])}
         out["overshoot"] = torch.tensor([self.overshoot, self.dropped])
+        if self.lock:  # only where locked: an unlocked eraser keeps its format-3 fingerprint
+            out["lock"] = torch.tensor([1.0])
         for j, g in enumerate(self.gates):
             out |= {f"{j}.prototypes": g.prototypes, f"{j}.down": g.down, f"{j}.up": g.up}
             out[f"{j}.radius"] = torch.tensor([g.radius], dtype=torch.float64)
@@ -337,9 +351,72 @@ class WordCheck:
         return [*out, self.end], pairs
 
 
+# ---- robust mode: only the base vocabulary's words --------------------------------------
+
+
+class VocabularyLock:
+    """Robust mode's hooks. Before the text encoder runs, every token that is not a base
+    word with its install-time row becomes the base word whose embedding is nearest to its
+    own, so the eraser's word check sees real words; in the embeddings module (token +
+    position), every token is read with its install-time row, and a replaced token's own
+    embedding stays in the graph at zero value (straight-through: its gradient is the
+    nearest word's)."""
+
+    def __init__(self, text_encoder, vocab_size: int):
+        self.module = next(
+            (m for m in text_encoder.modules()
+             if hasattr(m, "token_embedding") and hasattr(m, "position_embedding")),
+            None,
+        )  # fmt: skip
+        if self.module is None:
+            raise EraserError("robust mode needs a CLIP-style text encoder (token_embedding)")
+        self.rows = self.module.token_embedding.weight[:vocab_size].detach().clone()
+        self.sq = self.rows.float().pow(2).sum(1)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (embeddings, replaced)
+
+    def _base(self, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.rows.to(like.device, like.dtype)[ids.clamp(max=len(self.rows) - 1)]
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """[N] the base word whose embedding is nearest to each of x [N, D]."""
+        x = x.detach().float()
+        d2 = self.sq.to(x.device) - 2 * x @ self.rows.to(x.device).float().T
+        return d2.argmin(1)
+
+    def before(self, module, args, kwargs):
+        """Pre-hook of the text encoder: the ids it reads, each a base word."""
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None:
+            return None
+        tok = self.module.token_embedding(ids)
+        foreign = (ids >= len(self.rows)) | (tok != self._base(ids, tok)).any(-1)
+        if not bool(foreign.any()):
+            return None
+        words = ids.clone()
+        words[foreign] = self.nearest(tok[foreign]).to(ids.device)
+        self.pending = (tok, foreign)
+        if args:
+            return (words, *args[1:]), kwargs
+        return args, kwargs | {"input_ids": words}
+
+    def after(self, module, args, kwargs, output):
+        """Forward hook of the embeddings module: base rows, and the straight-through term."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return output
+        tok = module.token_embedding(ids)
+        out = output + (self._base(ids, tok) - tok).detach()  # rows changed since install
+        if self.pending is not None:
+            learned, foreign = self.pending
+            self.pending = None
+            if learned.shape == tok.shape and learned.requires_grad:
+                out = out + (learned - learned.detach()) * foreign[..., None]
+        return out
+
+
 # ---- installing it on a pipeline -----------------------------------------------------
 
-# text encoder -> (hook handle, eraser)
+# text encoder -> (hook handles, eraser)
 _HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -348,6 +425,11 @@ def install(pipe, eraser: Eraser) -> None:
     one_text_encoder(pipe)
     if pipe.text_encoder in _HOOKS:
         raise EraserError("this pipeline already has an eraser installed; remove it first")
+    handles = []
+    if eraser.lock:
+        lock = VocabularyLock(pipe.text_encoder, pipe.tokenizer.vocab_size)
+        handles.append(pipe.text_encoder.register_forward_pre_hook(lock.before, with_kwargs=True))
+        handles.append(lock.module.register_forward_hook(lock.after, with_kwargs=True))
     words = WordCheck(eraser, pipe.tokenizer, pipe.text_encoder)
 
     def hook(module, args, kwargs, output):
@@ -358,8 +440,8 @@ def install(pipe, eraser: Eraser) -> None:
         output.last_hidden_state = eraser.edit(states)
         return output
 
-    handle = pipe.text_encoder.register_forward_hook(hook, with_kwargs=True)
-    _HOOKS[pipe.text_encoder] = (handle, eraser)
+    handles.append(pipe.text_encoder.register_forward_hook(hook, with_kwargs=True))
+    _HOOKS[pipe.text_encoder] = (handles, eraser)
 
 
 def one_text_encoder(pipe) -> None:
@@ -372,8 +454,8 @@ def one_text_encoder(pipe) -> None:
 
 def remove(pipe) -> None:
     """Take the installed eraser off `pipe` (nothing if none is)."""
-    handle, _ = _HOOKS.pop(pipe.text_encoder, (None, None))
-    if handle is not None:
+    handles, _ = _HOOKS.pop(pipe.text_encoder, ((), None))
+    for handle in handles:
         handle.remove()
 
 
@@ -453,9 +535,8 @@ def load(path: Path | str) -> Eraser:
         ]
         config = json.loads(meta["config"])
         overshoot, dropped = t["overshoot"].tolist()
-        return Eraser(
-            t["mean"], t["whiten"], gates, float(t["soft"][0]), config, overshoot, dropped
-        )
+        return Eraser(t["mean"], t["whiten"], gates, float(t["soft"][0]), config, overshoot,
+                      dropped, "lock" in t)  # fmt: skip
     except EraserError:
         raise
     except Exception as e:  # safetensors' own error, a missing file, a missing tensor or key

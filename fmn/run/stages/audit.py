@@ -52,14 +52,14 @@ def mark_loops(summary: dict, rp: RunPaths) -> dict:
 
 
 def mark_gates(summary: dict, rp: RunPaths) -> dict:
-    """Each gated target's gate (its reach and the nearest other prompt's distance, from
-    the merge's merge.json), for the report."""
+    """Each gated concept's gate (its reach, the nearest other prompt's distance, and
+    whether robust mode was on, from the merge's merge.json), for the report."""
     merge = rp.merged / "merge.json"
-    gated = json.loads(merge.read_text()).get("gated", []) if merge.is_file() else []
-    for g in gated:
+    record = json.loads(merge.read_text()) if merge.is_file() else {}
+    for g in record.get("gated", []):
         if g["id"] in summary["concepts"]:
             gate = {k: g[k] for k in ("radius", "nearest", "reason")}
-            summary["concepts"][g["id"]]["gate"] = gate
+            summary["concepts"][g["id"]]["gate"] = gate | {"robust": record.get("robust", False)}
     return summary
 
 

@@ -56,6 +56,7 @@ def stage_merge(manifest: Path | str, run: Path | str, patches: list[PatchRecord
                 concepts,
                 widen=widened(concepts),
                 guides=guides,
+                lock=m.merge.robust,
                 anchors=dict(m.merge.anchors),
                 preserve=preserve_list(m),
                 progress=tick,
