@@ -56,8 +56,10 @@ def git_commit() -> str:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         )
+        # what benches write (their partial rows and results) is no change to the code
+        outputs = [":!bench/partial", ":!bench/results"]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
             cwd=ROOT,
             capture_output=True,
             text=True,
