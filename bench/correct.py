@@ -24,7 +24,7 @@ base model's are drawn once for every case; a route leaves every prompt it does 
 bit-exact, so only the concepts whose prompts it changes are drawn again (`others_drawn`).
 
 Rows {method, concept, split, guide, measure, before, after, dominant, dominant_over_fair,
-guides_drawn, others_mean, worst_other, worst_ratio, seconds}. Resumes from
+guides_drawn, others_mean, worst_other, worst_ratio, others_drawn, seconds}. Resumes from
 bench/partial/correct.jsonl (tracked); writes bench/results/correct.json/.md.
 
 Usage: python bench/correct.py [--threads 1] [--quick]
@@ -63,6 +63,7 @@ COLUMNS = [
     "others_mean",
     "worst_other",
     "worst_ratio",
+    "others_drawn",
     "seconds",
 ]
 
