@@ -79,10 +79,11 @@ def test_a_gated_style_is_dropped_with_its_lead_in_unless_given_an_anchor(sd1) -
     torch.testing.assert_close(named, _states(sd1, ["a photo of bob in the style of art"]))
 
 
-def test_a_token_learned_after_install_is_checked_as_a_word(clip_tokenizer_dir) -> None:
+def test_a_token_learned_after_install_is_checked_as_a_word(sd1, clip_tokenizer_dir) -> None:
     # the inversion attack adds a token to the installed pipeline's tokenizer
-    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
-    with eraser.applied(pipe, fit(pipe, [("alice", "id", ["alice"])], overshoot=0.0)):
+    gate = fit(sd1, [("alice", "id", ["alice"])], overshoot=0.0)  # vocabulary cached
+    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)  # the same weights, to change
+    with eraser.applied(pipe, gate):
         pipe.tokenizer.add_tokens(["<learned>"])
         pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
         emb = pipe.text_encoder.get_input_embeddings().weight
@@ -101,13 +102,14 @@ def test_a_token_learned_after_install_is_checked_as_a_word(clip_tokenizer_dir) 
 
 
 def test_robust_mode_reads_a_learned_token_as_its_nearest_word(
-    clip_tokenizer_dir, tmp_path
+    sd1, clip_tokenizer_dir, tmp_path
 ) -> None:
     """A textual inversion can put any vector in a token; locked, the eraser reads it as
     the base word nearest to it (so alice's gate sees alice), passes the gradient straight
     through, and leaves prompts of real words as the unlocked eraser does."""
-    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)
-    plain = fit(pipe, [("alice", "id", ["alice"])], overshoot=0.0)
+    plain = fit(sd1, [("alice", "id", ["alice"])], overshoot=0.0)  # vocabulary cached
+    pipe = build_tiny_pipeline("sd1", clip_tokenizer_dir)  # the same weights, to change
+    assert fingerprint(pipe) == fingerprint(sd1)
     locked = eraser.load(eraser.save(replace(plain, lock=True), tmp_path / "l.safetensors"))
     assert locked.lock and not plain.lock
     row = pipe.tokenizer.convert_tokens_to_ids
@@ -237,16 +239,18 @@ def test_sdxl_is_refused_before_any_work(clip_tokenizer_dir) -> None:
 def test_a_route_draws_the_guides_in_turn_and_keeps_them_in_its_file(sd1, tmp_path) -> None:
     """A correction's gate (`action: correct` with guide prompts): every prompt that names
     the word gets the next guide's words, the others pass bit-exact."""
-    route = fit(sd1, [("carol", "id", ["carol"])], guides={"carol": ["alice", "bob"]})
-    asked = ["a photo of carol", "a photo of carol", "carol in a red dress", *OTHERS]
-    before = _states(sd1, asked)
+    guides = {"carol": ["alice", "bob"], "dave": ["mary", "tom"]}
+    route = fit(sd1, [("carol", "id", ["carol"]), ("dave", "id", ["dave"])], guides=guides)
+    asked = ["a photo of carol", "a photo of dave", "a photo of carol", "carol in a red dress"]
+    before = _states(sd1, asked + OTHERS)
     with eraser.applied(sd1, route):
-        after = _states(sd1, asked)
-        again = _states(sd1, asked[:1])  # the turn goes on across calls
-    meant = ["a photo of alice", "a photo of bob", "alice in a red dress", "a photo of bob"]
-    torch.testing.assert_close(torch.cat([after[:3], again]), _states(sd1, meant))
-    assert torch.equal(after[3:], before[3:])
-    (g,) = eraser.load(eraser.save(route, tmp_path / "r.safetensors")).gates
+        after = _states(sd1, asked + OTHERS)
+        again = _states(sd1, asked[1:2])  # each route keeps its own turn, across calls
+    meant = ["a photo of alice", "a photo of mary", "a photo of bob", "alice in a red dress"]
+    torch.testing.assert_close(after[:4], _states(sd1, meant))
+    torch.testing.assert_close(again, _states(sd1, ["a photo of tom"]))
+    assert torch.equal(after[4:], before[4:])
+    g, _ = eraser.load(eraser.save(route, tmp_path / "r.safetensors")).gates
     assert g.guides == ["alice", "bob"] and g.reason().startswith("routed")
     assert "replaced in turn by 'alice', 'bob'" in g.reason()
 

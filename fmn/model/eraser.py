@@ -219,7 +219,7 @@ class WordCheck:
             self.templates[g.template] = (ids(before), ids(after))
         self.anchors = [[] if g.lead is not None else ids(g.anchor) for g in eraser.gates]
         self.routes = [[ids(w) for w in g.guides] for g in eraser.gates]
-        self.turn = 0  # the next guide of a route: counts routed prompts since install
+        self.turns = [0] * len(eraser.gates)  # each route's words routed since install
         self.leads = [ids(g.lead) if g.lead else [] for g in eraser.gates]
         self.longest = max((g.words for g in eraser.gates), default=1)
         self.cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
@@ -327,8 +327,8 @@ class WordCheck:
         route the next guide's."""
         if not self.routes[j]:
             return self.anchors[j]
-        self.turn += 1
-        return self.routes[j][(self.turn - 1) % len(self.routes[j])]
+        self.turns[j] += 1  # per route: another route's words do not skip its turn
+        return self.routes[j][(self.turns[j] - 1) % len(self.routes[j])]
 
     def _rewrite(self, row: list[int], taken: list[tuple[int, int, list[int]]], length: int):
         """(the prompt's ids with each taken run (start, stop, its new ids) replaced by
