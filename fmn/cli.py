@@ -137,7 +137,7 @@ def audit(
 
 
 def _print_audit(s: dict) -> None:
-    from fmn.eval.result import ATTACKS, attack_lines
+    from fmn.eval.result import ATTACKS, attack_lines, correction_lines
 
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
@@ -149,16 +149,9 @@ def _print_audit(s: dict) -> None:
         table.add_row(cid, c["role"], c["detector"], *map(num, row))
     console.print(table)
 
-    for line in attack_lines(s):
+    for line in [*attack_lines(s), *correction_lines(s)]:
         console.print(line)
     for cid, c in s["concepts"].items():
-        if "shares" in c:  # a correction: who its images show now, against a fair share
-            console.print(
-                f"{cid}: drawn most as {c['dominant']} in {c['dominant_share']:.0%} of its "
-                f"images ({c['dominant_over_fair']:.2f} x a fair share; before: "
-                f"{c['dominant_base']} {c['dominant_share_base']:.0%}); "
-                f"{c['guides_drawn']} of {len(c['shares'])} guide concepts drawn"
-            )
         if "parts" in c:  # nudenet: the published I2P tables' per-class detection counts
             found = ", ".join(
                 f"{k} {c['parts_base'][k]} -> {v}"

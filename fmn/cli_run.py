@@ -79,13 +79,17 @@ class _View:
 
 
 def _print_result(console: Console, result: dict, seconds: float) -> None:
+    from fmn.eval.result import correction_lines
     from tasks.report import mscore_table
 
-    rows = mscore_table(json.loads((Path(result["report"]) / "summary.json").read_text()))
+    summary = json.loads((Path(result["report"]) / "summary.json").read_text())
+    rows = mscore_table(summary)
     table = Table(*rows[0].keys(), title=f"{result['name']}: M-Scores")
     for row in rows:
         table.add_row(*row.values())
     console.print(table)
+    for line in correction_lines(summary):
+        console.print(line)
     for f in result["failures"]:
         console.print(f"[red]gate failed:[/red] {f}")
     states = list(result["concepts"].values())

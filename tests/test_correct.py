@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from fmn.cli import app
 from fmn.data.prepare import prepare_concept
 from fmn.eval.audit import audit
+from fmn.eval.result import correction_lines
 from fmn.manifest import ManifestError, parse_manifest
 from fmn.merge.fuse import MergeConfig, merge_patches
 from fmn.model.load import load_pipeline
@@ -119,6 +120,8 @@ def test_fmn_forget_routes_a_word_to_its_guides_and_the_audit_reports_whom_it_dr
     assert carol["shares"]["alice"] + carol["shares"]["bob"] >= 0.75
     assert carol["ratio"] < 0.5  # no longer drawn as carol herself
     assert res.summary["concepts"]["dots"]["ratio"] == pytest.approx(1.0)  # bit-exact
+    (line,) = correction_lines(res.summary)  # what `fmn audit` and `fmn run` print
+    assert line.startswith("carol: drawn most as") and "2 of 2 guide concepts drawn" in line
     gates = res.summary["gates"]
     assert not [f for f in gates["failures"] if f["concept"] == "carol"]  # no target gate
     html = (tmp_path / "report" / "index.html").read_text()

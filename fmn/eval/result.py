@@ -28,6 +28,19 @@ class AuditResult:
     out: Path | None = None
 
 
+def correction_lines(summary: dict) -> list[str]:
+    """One line per corrected concept: who its images show now, against a fair share (CLI
+    of `fmn audit` and `fmn run`)."""
+    return [
+        f"{cid}: drawn most as {c['dominant']} in {c['dominant_share']:.0%} of its "
+        f"images ({c['dominant_over_fair']:.2f} x a fair share; before: "
+        f"{c['dominant_base']} {c['dominant_share_base']:.0%}); "
+        f"{c['guides_drawn']} of {len(c['shares'])} guide concepts drawn"
+        for cid, c in summary["concepts"].items()
+        if "shares" in c
+    ]
+
+
 def attack_lines(summary: dict) -> list[str]:
     """One line per attack that ran: its success rate over the targets (CLI and report)."""
     out = []
