@@ -109,7 +109,7 @@ def test_fmn_forget_routes_a_word_to_its_guides_and_the_audit_reports_whom_it_dr
     m = _manifest(
         [CAROL],
         preserve=[{"id": "dots", "type": "style"}],
-        evaluate={"prompts_per_concept": 4, "seeds": [0, 1], "steps": 15},
+        evaluate={"prompts_per_concept": 2, "seeds": [0, 1], "steps": 15},
     )
     res = audit(m, patch=out, out=tmp_path / "report")
     carol = res.summary["concepts"]["carol"]

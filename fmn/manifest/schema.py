@@ -326,7 +326,9 @@ class Defaults(_Strict):
     """Concepts re-steered together in one batched pass, each still into its own patch."""
     # auto: the gate, which forgot every target and kept every other concept where
     # re-steering and the closed-form peers took others with them (chosen on tune
-    # identities, objects and styles: docs/mass.md "Gated erasure")
+    # identities, objects and styles: docs/mass.md "Gated erasure"); for a correction
+    # towards guide prompts its route, which drew a tune stand-in's five guides evenly
+    # where training drew one (docs/correct.md)
     erase: Erase = "auto"
     """How concepts are forgotten: gate (a gate on the text states, fitted at merge time,
     no images; for a correction, a route to its guide prompts' words in turn), resteer
