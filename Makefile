@@ -37,8 +37,11 @@ $(CHROMIUM): | $(STAMP)
 	  || echo "chromium not installed: the HTML report test will be skipped"
 	touch $(CHROMIUM)
 
+# Two workers (the 2-core machines CI and this project run on), each a whole test file at a
+# time, so a module's fixtures are built once (times: docs/performance.md). `pytest` alone
+# still runs serially, for debugging.
 test: setup $(CHROMIUM)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	.venv/bin/ruff check .

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from fmn.data.anchors import ERASE_ANCHORS, GATE_DROPS, anchor_prompts
+from fmn.manifest import ResolvedConcept
 from fmn.model.conditioning import CONCEPT_TEMPLATES, concept_prompts, token_ids, whole_words
 from fmn.model.eraser import ConceptGate, Eraser, EraserError, installed, one_text_encoder
 from fmn.model.load import fingerprint
@@ -52,7 +53,9 @@ def guide_words(prompts: Sequence[str], kind: str) -> list[str]:
     return out
 
 
-def gated_inputs(resolved) -> tuple[list[tuple[str, str, tuple[str, ...]]], dict]:
+def gated_inputs(
+    resolved: Sequence[ResolvedConcept],
+) -> tuple[list[tuple[str, str, tuple[str, ...]]], dict[str, list[str]]]:
     """(concepts, guides) for `fit` from resolved concepts (fmn.manifest.ResolvedConcept)
     whose `erase` is gate: (id, type, words) each, and the corrected ones' guide words."""
     concepts = [(r.id, r.type, r.words) for r in resolved]
