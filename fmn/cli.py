@@ -541,9 +541,9 @@ def forget(
 
 
 def _forget_gated(pipe, resolved, kept: list[tuple[str, str]], out: Path, lock: bool) -> None:
-    """`fmn forget` of a gated concept: its gate, written to <out>/eraser.safetensors, and
-    how far it reaches in <out>/gate.json; refused by name when a kept concept's prompts
-    read the same as its own."""
+    """`fmn forget` of a gated concept (a correction's: its route): its gate, written to
+    <out>/eraser.safetensors, and how far it reaches in <out>/gate.json; refused by name
+    when a kept concept's prompts read the same as its own. lock: robust mode."""
     from fmn.merge.gates import fit, gated_inputs
     from fmn.merge.similar import widened
     from fmn.model import eraser
