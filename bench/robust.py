@@ -3,9 +3,11 @@ brings a removed concept back, and what the removal cost the preserved concepts.
 
 Targets: 8 held-out concepts of mixed types (the first 4 held-out identities, 2 held-out
 objects and 2 held-out styles, the many-word ones first so the phrasing attack has words to
-try), merged into one model. A many-word target lists the words the world marks as listed
-(`words: [heart, valentine]`, in rows after commit b8a1543; before, its text alone).
-Preserved: the next 20 held-out identities and the other held-out objects and styles.
+try), merged into one model; `--split tune` takes the same shares of the tune split (where
+robust mode's choices are made; its rows go to their own files, robust_tune.*). A
+many-word target lists the words the world marks as listed (`words: [heart, valentine]`,
+in rows after commit b8a1543; before, its text alone).
+Preserved: the next 20 identities and the other objects and styles of the same split.
 Images at seeds 1000-1001, 4 prompts per concept.
 
 Modes:
@@ -26,7 +28,8 @@ back to at least half their base M-Score (over targets the base model draws, M-S
 `acc_s_ratio` the preserved concepts' mean top-1 accuracy on the mode's model over the base
 model's, `seconds` the attack's time for all targets. The `fmn run` build resumes by stage.
 
-Usage: python bench/robust.py [--quick] [--threads 1] [--attacks ...]
+Usage: python bench/robust.py [--quick] [--threads 1] [--split tune] [--modes ...]
+[--attacks ...]
 Each finished row is appended to bench/partial/robust.jsonl (tracked, with its commit and
 the targets' model fingerprint), so a later session resumes; when every row is in it writes
 bench/results/robust.json and .md (--quick: plumbing only, to build/bench/).
@@ -66,14 +69,15 @@ ATTACKS = {  # attack -> (audit switches, attack steps, the summary's key prefix
     "prompt": ({"prompt_attack": True}, 100, "prompt"),
     "phrasing": ({"phrasing": True}, None, "phrasing"),
 }
+MODES = ("base", "default", "robust")
 SCORED_MIN_BASE = 0.5  # a target counts where the base model draws it
 
 
-def concepts(quick: bool) -> tuple[list, list]:
-    """(targets, preserved): world concepts of crowd-world's held-out split."""
+def concepts(quick: bool, split: str = "heldout") -> tuple[list, list]:
+    """(targets, preserved): world concepts of one of crowd-world's splits."""
     from fmn.world.concepts import CROWD
 
-    held = [c for c in CROWD.concepts() if c.split == "heldout" and c.type != "role"]
+    held = [c for c in CROWD.concepts() if c.split == split and c.type != "role"]
     ids = [c for c in held if c.type == "id"]
     things = {t: [c for c in held if c.type == t] for t in ("object", "style")}
     for kind in things:  # many-word concepts first: the phrasing attack needs their words
@@ -94,7 +98,7 @@ def _listed(c) -> dict:
 
 def write_manifest(path: Path, targets, preserved, quick: bool, robust: bool = False) -> Path:
     doc = {
-        "name": ("robust-quick" if quick else "robust") + ("-locked" if robust else ""),
+        "name": path.parent.name + ("-locked" if robust else ""),
         "base_model": "embedded:crowd-world",
         "concepts": [_listed(c) for c in targets],
         "preserve": [{"id": c.id, "type": c.type} for c in preserved],
@@ -163,11 +167,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="plumbing: 2 targets, 2-step runs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--split", default="heldout", choices=["heldout", "tune"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     commit = git_commit()
-    work = WORK / ("quick" if args.quick else "full")
-    targets, preserved = concepts(args.quick)
+    tag = "" if args.split == "heldout" else f"_{args.split}"
+    work = WORK / (("quick" if args.quick else "full") + tag)
+    targets, preserved = concepts(args.quick, args.split)
     manifests = {
         "base": write_manifest(work / "robust.yaml", targets, preserved, args.quick),
         "robust": write_manifest(work / "locked.yaml", targets, preserved, args.quick, True),
@@ -175,12 +182,15 @@ def main() -> None:
     manifests["default"] = manifests["base"]
     seconds, models = {}, {"base": "embedded:crowd-world"}
     for mode, run in (("default", "run"), ("robust", "run-locked")):
+        if mode not in args.modes:
+            continue
         t0 = time.time()
         models[mode] = str(build(manifests[mode], work / run))
         seconds[mode] = round(time.time() - t0, 1)
     from fmn.model.load import fingerprint, load_pipeline
 
-    partial = work / "robust.jsonl" if args.quick else PARTIALS / "robust.jsonl"
+    models = {mode: m for mode, m in models.items() if mode in args.modes}
+    partial = work / "robust.jsonl" if args.quick else PARTIALS / f"robust{tag}.jsonl"
     if args.quick:
         partial.unlink(missing_ok=True)
     prints = {mode: fingerprint(load_pipeline(spec)) for mode, spec in models.items()}
@@ -204,13 +214,14 @@ def main() -> None:
         "commit": commits[0] if len(commits) == 1 else commits,
         "machine": machine(args.threads),
         "quick": args.quick,
+        "split": args.split,
         "targets": [c.id for c in targets],
         "preserved": len(preserved),
         "seeds": SEEDS,
         "build_seconds": seconds,  # this run's: a resumed build takes little
         "rows": rows,
     }
-    out = WORK / "robust.json" if args.quick else OUT
+    out = work / "robust.json" if args.quick else OUT.with_stem(OUT.stem + tag)
     cols = ["mode", "attack", "asr", "targets_attacked", "acc_s_ratio", "seconds"]
     write_results(out, result, markdown_table(rows, cols), "Removal under attack, crowd-world")
     print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -30,6 +30,7 @@ from fmn.eval.mscore.score import ConceptRef, score_concepts
 from fmn.eval.prompt_attack import search_prompt
 from fmn.eval.result import ATTACKS, RECOVERED_AT, AuditResult
 from fmn.manifest import Gates, Manifest
+from fmn.model.eraser import read_as
 from fmn.model.load import ModelLoadError, fingerprint, load_pipeline, model_family
 from fmn.model.patch import PatchError, apply_patch, load_patch, revert_patch
 from fmn.progress import Progress
@@ -341,6 +342,7 @@ def _recover(pipe, c: ConceptRef, latents, cfg: InvertConfig, tick, score, promp
         )
     except InversionError as e:  # reported, not raised: the other targets still count
         return [], None, {"error": str(e)}
+    read = read_as(pipe, ti.vectors["text_encoder"]) if "text_encoder" in ti.vectors else None
     add_ti_to_pipeline(pipe, ti)
     try:
         ref = ConceptRef(c.id, c.type, token, c.role)
@@ -358,7 +360,8 @@ def _recover(pipe, c: ConceptRef, latents, cfg: InvertConfig, tick, score, promp
             "seed": cfg.seed,
             "final_loss": ti.losses[-1],
             "seconds": round(time.time() - t, 2),
-        },
+        }
+        | ({"read_as": read} if read is not None else {}),
     )
 
 

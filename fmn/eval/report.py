@@ -403,7 +403,9 @@ def _concept_section(
     note = f"A row per prompt; in each column one image per seed ({', '.join(map(str, seeds))})."
     token = c.get("recovery", {}).get("token")
     if token and "recovered" in grids:
-        note += f" The recovery attack draws these prompts with {e(token)} in place of {cid}."
+        note += f" The recovery attack draws these prompts with {e(token)} in place of {cid}"
+        read = c["recovery"].get("read_as")
+        note += f", which robust mode reads as {e(repr(read))}." if read else "."
     if "prompt" in grids and "prompt_attack" in c:
         note += (
             f" The prompt attack draws the words it found, {e(repr(c['prompt_attack']['words']))},"

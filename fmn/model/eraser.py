@@ -416,7 +416,7 @@ class VocabularyLock:
 
 # ---- installing it on a pipeline -----------------------------------------------------
 
-# text encoder -> (hook handles, eraser)
+# text encoder -> (hook handles, eraser, robust mode's lock or None)
 _HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -425,7 +425,7 @@ def install(pipe, eraser: Eraser) -> None:
     one_text_encoder(pipe)
     if pipe.text_encoder in _HOOKS:
         raise EraserError("this pipeline already has an eraser installed; remove it first")
-    handles = []
+    handles, lock = [], None
     if eraser.lock:
         lock = VocabularyLock(pipe.text_encoder, pipe.tokenizer.vocab_size)
         handles.append(pipe.text_encoder.register_forward_pre_hook(lock.before, with_kwargs=True))
@@ -441,7 +441,7 @@ def install(pipe, eraser: Eraser) -> None:
         return output
 
     handles.append(pipe.text_encoder.register_forward_hook(hook, with_kwargs=True))
-    _HOOKS[pipe.text_encoder] = (handles, eraser)
+    _HOOKS[pipe.text_encoder] = (handles, eraser, lock)
 
 
 def one_text_encoder(pipe) -> None:
@@ -454,7 +454,7 @@ def one_text_encoder(pipe) -> None:
 
 def remove(pipe) -> None:
     """Take the installed eraser off `pipe` (nothing if none is)."""
-    handles, _ = _HOOKS.pop(pipe.text_encoder, ((), None))
+    handles, _, _ = _HOOKS.pop(pipe.text_encoder, ((), None, None))
     for handle in handles:
         handle.remove()
 
@@ -465,7 +465,18 @@ def installed(pipe) -> bool:
 
 def installed_eraser(pipe) -> Eraser | None:
     text_encoder = getattr(pipe, "text_encoder", None)
-    return _HOOKS.get(text_encoder, (None, None))[1] if text_encoder is not None else None
+    return _HOOKS.get(text_encoder, (None, None, None))[1] if text_encoder is not None else None
+
+
+def read_as(pipe, vectors: torch.Tensor) -> str | None:
+    """The base words robust mode reads token embeddings `vectors` [n, D] as, one per
+    vector (what an attacker's learned tokens really say to the model); None where the
+    pipeline has no locked eraser installed."""
+    lock = _HOOKS.get(getattr(pipe, "text_encoder", None), (None, None, None))[2]
+    if lock is None:
+        return None
+    ids = lock.nearest(vectors.to(lock.rows.device)).tolist()
+    return " ".join(pipe.tokenizer.convert_ids_to_tokens(ids))
 
 
 @contextmanager
