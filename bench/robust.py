@@ -98,7 +98,7 @@ def _listed(c) -> dict:
 
 def write_manifest(path: Path, targets, preserved, quick: bool, robust: bool = False) -> Path:
     doc = {
-        "name": path.parent.name + ("-locked" if robust else ""),
+        "name": path.parent.name.replace("_", "-") + ("-locked" if robust else ""),
         "base_model": "embedded:crowd-world",
         "concepts": [_listed(c) for c in targets],
         "preserve": [{"id": c.id, "type": c.type} for c in preserved],
