@@ -96,9 +96,12 @@ def _listed(c) -> dict:
     return {"id": c.id, "type": c.type} | ({"words": listed} if len(listed) > 1 else {})
 
 
-def write_manifest(path: Path, targets, preserved, quick: bool, robust: bool = False) -> Path:
+def write_manifest(
+    path: Path, targets, preserved, quick: bool, robust: bool = False, split: str = "heldout"
+) -> Path:
+    name = ("robust-quick" if quick else "robust") + ("" if split == "heldout" else f"-{split}")
     doc = {
-        "name": path.parent.name.replace("_", "-") + ("-locked" if robust else ""),
+        "name": name + ("-locked" if robust else ""),
         "base_model": "embedded:crowd-world",
         "concepts": [_listed(c) for c in targets],
         "preserve": [{"id": c.id, "type": c.type} for c in preserved],
@@ -176,8 +179,12 @@ def main() -> None:
     work = WORK / (("quick" if args.quick else "full") + tag)
     targets, preserved = concepts(args.quick, args.split)
     manifests = {
-        "base": write_manifest(work / "robust.yaml", targets, preserved, args.quick),
-        "robust": write_manifest(work / "locked.yaml", targets, preserved, args.quick, True),
+        "base": write_manifest(
+            work / "robust.yaml", targets, preserved, args.quick, False, args.split
+        ),
+        "robust": write_manifest(
+            work / "locked.yaml", targets, preserved, args.quick, True, args.split
+        ),
     }
     manifests["default"] = manifests["base"]
     seconds, models = {}, {"base": "embedded:crowd-world"}
