@@ -162,7 +162,11 @@ def attack(manifest: Path, model: str, name: str, quick: bool) -> dict:
         "seconds": s["timings"].get(key),  # the audit times each attack under its key
         "audit_seconds": round(time.time() - t0, 1),
         "per_target": {cid: drawn[cid].get(f"{key}_ratio") for cid in drawn},
-    }
+    } | (  # what the best inversion's tokens say to a locked model (robust mode)
+        {"read_as": {cid: c.get("recovery", {}).get("read_as") for cid, c in drawn.items()}}
+        if key == "recovery"
+        else {}
+    )
 
 
 def main() -> None:
