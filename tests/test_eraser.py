@@ -127,6 +127,7 @@ def test_robust_mode_reads_a_learned_token_as_its_nearest_word(
         got = _states(pipe, ["a photo of <learned>", "a photo of alice"])
         with torch.no_grad():  # near bob: read as bob, and its gradient is bob's
             emb[-1] = emb[row("bob</w>")] + 0.01
+        assert eraser.read_as(pipe, emb[-1:].detach()) == "bob</w>"  # what audits report
         emb.requires_grad_(True)
         ids = pipe.tokenizer(["a photo of <learned>"], return_tensors="pt").input_ids
         learned = pipe.text_encoder(ids)[0]
@@ -136,6 +137,7 @@ def test_robust_mode_reads_a_learned_token_as_its_nearest_word(
         with torch.no_grad():  # a row changed in place reads as the word nearest to it
             emb[row("bob</w>")] = alice + 0.01
         bob = _states(pipe, ["a photo of bob"])
+    assert eraser.read_as(pipe, alice[None]) is None  # no lock installed: nothing read
     torch.testing.assert_close(got[0], got[1])  # alice's gate fired on the learned token
     torch.testing.assert_close(learned.detach()[0], kept[0, :6])  # "a photo of bob"
     torch.testing.assert_close(bob[0], got[1])
