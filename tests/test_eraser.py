@@ -101,6 +101,19 @@ def test_a_token_learned_after_install_is_checked_as_a_word(sd1, clip_tokenizer_
     assert (got[2] - anchor).norm() > 1
 
 
+def test_a_word_after_an_end_of_text_token_is_still_checked(sd1) -> None:
+    # the tokenizer turns a typed "<|endoftext|>" into the special token; the text encoder
+    # and the U-Net read on past it, so the check must too (robust mode's inversion attack
+    # found this: its tokens read as "<|endoftext|> style <|endoftext|> robert")
+    hidden = ["a photo of <|endoftext|> alice", "<|endoftext|> alice <|endoftext|> smiling"]
+    anchored = ["a photo of <|endoftext|> a person", "<|endoftext|> a person <|endoftext|> smiling"]
+    with eraser.applied(sd1, fit(sd1, [("alice", "id", ["alice"])], overshoot=0.0)):
+        got = _states(sd1, hidden)
+        kept = _states(sd1, ["a photo of <|endoftext|> bob"])
+    torch.testing.assert_close(got, _states(sd1, anchored))
+    assert torch.equal(kept, _states(sd1, ["a photo of <|endoftext|> bob"]))
+
+
 def test_robust_mode_reads_a_learned_token_as_its_nearest_word(
     sd1, clip_tokenizer_dir, tmp_path
 ) -> None:

@@ -209,6 +209,7 @@ class WordCheck:
                 self.word_end[i] = token.endswith("</w>")
         self.start, self.end = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end
+        self.tail = {self.end, self.pad}  # what follows a prompt's last word
 
         def ids(text: str) -> list[int]:
             return tokenizer(text.strip(), add_special_tokens=False).input_ids
@@ -226,8 +227,13 @@ class WordCheck:
         self.busy = False  # re-encoding inside the hook must not be edited again
 
     def _stop(self, row: list[int]) -> int:
-        """The position of a prompt's end-of-text token (its length if it has none)."""
-        return row.index(self.end, 1) if self.end in row[1:] else len(row)
+        """The position of a prompt's final end-of-text token: the one after its last token
+        that is neither end-of-text nor padding (its length if it has none). Not the first:
+        an end-of-text token typed inside a prompt ("a photo of <|endoftext|> alice") would
+        hide the words after it from the check, while the text encoder and the U-Net still
+        read them."""
+        last = next((i for i in range(len(row) - 1, 0, -1) if row[i] not in self.tail), 0)
+        return min(last + 1, len(row))
 
     def runs(self, row: list[int]) -> list[tuple[int, int]]:
         """(start, stop) token positions of every run of 1..longest words of a prompt."""
