@@ -38,6 +38,7 @@ bench/results/robust.json and .md (--quick: plumbing only, to build/bench/).
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,9 @@ ATTACKS = {  # attack -> (audit switches, attack steps, the summary's key prefix
     "phrasing": ({"phrasing": True}, None, "phrasing"),
 }
 MODES = ("base", "default", "robust")
+# The last change to the code a gated model runs (fmn.model.eraser): a default or robust
+# row recorded before it is attacked again, though the model's files are the same.
+RUNTIME = "e5c2ccc"  # words after an end-of-text token typed inside a prompt are checked
 SCORED_MIN_BASE = 0.5  # a target counts where the base model draws it
 
 
@@ -169,6 +173,15 @@ def attack(manifest: Path, model: str, name: str, quick: bool) -> dict:
     )
 
 
+def current(row: dict) -> bool:
+    """Whether a row was recorded with today's code for its mode's model (RUNTIME)."""
+    if row["mode"] == "base":  # no eraser: the attacks' own code is unchanged since
+        return True
+    commit = row["commit"].removesuffix("+dirty")
+    ancestor = ["git", "merge-base", "--is-ancestor", RUNTIME, commit]
+    return subprocess.run(ancestor, cwd=ROOT, capture_output=True).returncode == 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="plumbing: 2 targets, 2-step runs")
@@ -208,7 +221,7 @@ def main() -> None:
     done = {  # rows of these very models (a rebuilt default model is attacked again)
         (r["mode"], r["attack"]): r
         for r in read_jsonl(partial)
-        if r.get("model_fingerprint") == prints[r["mode"]]
+        if r["mode"] in prints and r.get("model_fingerprint") == prints[r["mode"]] and current(r)
     }
     rows = []
     for mode, model in models.items():
