@@ -9,7 +9,7 @@ keys and values trained towards the guide's images, fmn.train.correct):
 - doctor (held out; "a doctor" draws john in about nine images of ten): guide prompts
   "a photo of <name>" for the five people the role's training captions show (john, ruth,
   lisa, donna, eugene). Measured: the share of "a doctor"'s images drawn as each of the
-  five (the audit's guide shares, 10 world templates x seeds 1000-1003 = 40 images),
+  five (the audit's guide shares, 4 world templates x seeds 1000-1015 = 64 images),
   before and after.
 - michael (tune; the tune stand-in for the diversity task, on which the method was
   chosen): "a photo of michael" towards five tune people (robert, chris, donald, steven,
@@ -17,7 +17,9 @@ keys and values trained towards the guide's images, fmn.train.correct):
 - checker (a tune concept; the model draws some of its images as another style): guide
   images rendered by the world's procedural generator (16 checker images of random shapes
   and colours: data a user would supply as a folder, no detector involved). Measured: its
-  top-1 accuracy (share of images the world's classifier reads as checker), 40 images.
+  top-1 accuracy (share of images the world's classifier reads as checker), 64 images.
+  Sixteen seeds, not four: a seed's noise is shared by every prompt drawn with it, and
+  whether checker comes out as stripes depends mostly on the noise (docs/correct.md).
 All: every other concept of the world, base and corrected (6 templates x seeds
 1000-1001 = 12 images each), ratios over concepts whose base M-Score is at least 0.5. The
 base model's are drawn once for every case; a route leaves every prompt it does not change
@@ -25,7 +27,8 @@ bit-exact, so only the concepts whose prompts it changes are drawn again (`other
 
 Rows {method, concept, split, guide, measure, before, after, dominant, dominant_over_fair,
 guides_drawn, others_mean, worst_other, worst_ratio, others_drawn, seconds}. Resumes from
-bench/partial/correct.jsonl (tracked); writes bench/results/correct.json/.md.
+bench/partial/correct-64.jsonl (tracked; named by the word's image count); writes
+bench/results/correct.json/.md.
 
 Usage: python bench/correct.py [--threads 1] [--quick]
 """
@@ -44,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common
 
-SEEDS = (1000, 1001, 1002, 1003)  # the measuring rule: seeds >= 1000
+SEEDS = tuple(range(1000, 1016))  # the measuring rule: seeds >= 1000
 OTHER_SEEDS = (1000, 1001)
-PROMPTS, OTHER_PROMPTS = 10, 6
+PROMPTS, OTHER_PROMPTS = 4, 6
 SCORED_MIN_BASE = 0.5
-PARTIAL = common.PARTIALS / "correct.jsonl"
+PARTIAL = common.PARTIALS / f"correct-{PROMPTS * len(SEEDS)}.jsonl"
 OUT = common.ROOT / "bench" / "results" / "correct.json"
 COLUMNS = [
     "method",

@@ -296,9 +296,10 @@ class CorrectOptions(_Strict):
     """Correction (`action: correct`): train the concept's cross-attention keys/values so
     that its prompts draw its guide's images (fmn/train/correct.py)."""
 
-    # Chosen on crowd-world's checker (a tune concept) in a detector sweep of lr 1e-3 to
-    # 1e-2 and 100 to 200 steps (docs/correct.md); the held-out role word was never tried
-    steps: Count = 200
+    # Chosen on crowd-world's checker (a tune concept) in a detector sweep of lr 3e-3 to
+    # 3e-2 and 200 to 800 steps, on 64 images per setting at tune seeds (docs/correct.md);
+    # the held-out role word was never tried
+    steps: Count = 600
     """Optimisation steps."""
     lr: PositiveFloat = 3e-3
     """Learning rate (AdamW)."""
