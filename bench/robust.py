@@ -29,7 +29,8 @@ back to at least half their base M-Score (over targets the base model draws, M-S
 model's, `seconds` the attack's time for all targets. The `fmn run` build resumes by stage.
 
 Usage: python bench/robust.py [--quick] [--threads 1] [--split tune] [--modes ...]
-[--attacks ...]
+[--attacks ...] [--redo MODE ...] (--redo: rows of these modes from other commits are not
+reused, so every row can come from one commit)
 Each finished row is appended to bench/partial/robust.jsonl (tracked, with its commit and
 the targets' model fingerprint), so a later session resumes; when every row is in it writes
 bench/results/robust.json and .md (--quick: plumbing only, to build/bench/).
@@ -189,6 +190,8 @@ def main() -> None:
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--split", default="heldout", choices=["heldout", "tune"])
+    redo = "attack these modes again unless their rows are of this commit"
+    ap.add_argument("--redo", nargs="+", default=[], choices=list(MODES), help=redo)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     commit = git_commit()
@@ -221,7 +224,10 @@ def main() -> None:
     done = {  # rows of these very models (a rebuilt default model is attacked again)
         (r["mode"], r["attack"]): r
         for r in read_jsonl(partial)
-        if r["mode"] in prints and r.get("model_fingerprint") == prints[r["mode"]] and current(r)
+        if r["mode"] in prints
+        and r.get("model_fingerprint") == prints[r["mode"]]
+        and current(r)
+        and (r["mode"] not in args.redo or r["commit"] == commit)
     }
     rows = []
     for mode, model in models.items():
