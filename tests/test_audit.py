@@ -102,6 +102,7 @@ def test_recovery_attack_is_scored_and_reported(audited) -> None:
     print(f"carol recovery_mscore {carol['recovery_mscore']:.3f} after 20 TI steps")
     assert 0 <= carol["recovery_mscore"] <= 1
     assert carol["recovery"]["token"] == "<carol-recovered>"
+    assert "read_as" not in carol["recovery"]  # no robust mode: the token is read as learned
     tried = carol["recovery"]["seeds"]
     assert len(tried) == 2 and str(carol["recovery"]["seed"]) in tried
     assert carol["recovery_mscore"] == pytest.approx(max(tried.values()), abs=1e-12)
