@@ -33,7 +33,8 @@ Usage: python bench/robust.py [--quick] [--threads 1] [--split tune] [--modes ..
 reused, so every row can come from one commit)
 Each finished row is appended to bench/partial/robust.jsonl (tracked, with its commit and
 the targets' model fingerprint), so a later session resumes; when every row is in it writes
-bench/results/robust.json and .md (--quick: plumbing only, to build/bench/).
+bench/results/robust.json and .md (held out: only a run of every mode does; the tune
+split's, of the modes run; --quick: plumbing only, to build/bench/).
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def attack(manifest: Path, model: str, name: str, quick: bool) -> dict:
 
 def current(row: dict) -> bool:
     """Whether a row was recorded with today's code for its mode's model (RUNTIME)."""
-    if row["mode"] == "base":  # no eraser: the attacks' own code is unchanged since
+    if row["mode"] == "base":  # no eraser: RUNTIME's code never runs there
         return True
     commit = row["commit"].removesuffix("+dirty")
     ancestor = ["git", "merge-base", "--is-ancestor", RUNTIME, commit]
@@ -239,6 +240,9 @@ def main() -> None:
                 append_jsonl(partial, r)
             print(r, flush=True)
             rows.append(r)
+    if args.split == "heldout" and not args.quick and set(args.modes) != set(MODES):
+        print("rows appended; the results are written by a run of every mode")
+        return
     commits = sorted({r.pop("commit") for r in rows})
     result = {
         "commit": commits[0] if len(commits) == 1 else commits,

@@ -478,7 +478,8 @@ def read_as(pipe, vectors: torch.Tensor) -> str | None:
     """The base words robust mode reads token embeddings `vectors` [n, D] as, one per
     vector (what an attacker's learned tokens really say to the model); None where the
     pipeline has no locked eraser installed."""
-    lock = _HOOKS.get(getattr(pipe, "text_encoder", None), (None, None, None))[2]
+    text_encoder = getattr(pipe, "text_encoder", None)
+    lock = _HOOKS.get(text_encoder, (None, None, None))[2] if text_encoder is not None else None
     if lock is None:
         return None
     ids = lock.nearest(vectors.to(lock.rows.device)).tolist()
