@@ -22,7 +22,7 @@ keys and values trained towards the guide's images, fmn.train.correct):
   reliably, by the base M-Scores of the run at 0211caa): the same, with 16 rendered drop
   images in random styles; the accuracy fix on a concept no setting was chosen on.
   Sixteen seeds, not four: a seed's noise is shared by every prompt drawn with it, and
-  whether checker comes out as stripes depends mostly on the noise (docs/correct.md).
+  so a seed's images are not independent draws (docs/correct.md).
 All: every other concept of the world, base and corrected (6 templates x seeds
 1000-1001 = 12 images each), ratios over concepts whose base M-Score is at least 0.5. The
 base model's are drawn once for every case; a route leaves every prompt it does not change
