@@ -4,8 +4,11 @@ images of it.
 
 Cases (each corrected alone from the base model, `fmn forget --correct-to`'s path), each
 by every method that takes its guide: "route" (the default for guide prompts: a gate that
-replaces the word by each guide's words in turn, fmn.model.eraser) and "resteer" (the
-keys and values trained towards the guide's images, fmn.train.correct):
+replaces the word by each guide's words in turn, fmn.model.eraser), "resteer" (the
+keys and values trained towards the guide's images, fmn.train.correct) and "resteer-kept"
+(the same training with every other concept of the world listed as preserved, as a
+manifest's `preserve:` or `fmn forget --preserve` lists them: the preservation term then
+holds their prompts' keys and values too; words only, no detector):
 - doctor (held out; "a doctor" draws john in about nine images of ten): guide prompts
   "a photo of <name>" for the five people the role's training captions show (john, ruth,
   lisa, donna, eugene). Measured: the share of "a doctor"'s images drawn as each of the
@@ -128,7 +131,7 @@ def cases(world, work: Path) -> list[dict]:
     ]
 
 
-METHODS = ("route", "resteer")
+METHODS = ("route", "resteer", "resteer-kept")
 
 
 @contextmanager
@@ -144,6 +147,7 @@ def corrected(pipe, case: dict, method: str, work: Path, others: list, prompts: 
     from fmn.train.correct import correct_resolved
 
     erase = "gate" if method == "route" else "resteer"
+    kept = [(c.text, c.type) for c in others] if method == "resteer-kept" else []
     doc = {"name": "correct", "base_model": "embedded:crowd-world",
            "concepts": [case | {"erase": erase}]}  # fmt: skip
     r = parse_manifest(doc, base_dir=work).resolve(case["id"])
@@ -154,7 +158,7 @@ def corrected(pipe, case: dict, method: str, work: Path, others: list, prompts: 
         with eraser.applied(pipe, gates):
             yield redraw
         return
-    patch = correct_resolved(pipe, r).patch
+    patch = correct_resolved(pipe, r, preserve=kept).patch
     apply_patch(pipe, patch)
     try:
         yield others
@@ -259,7 +263,7 @@ def main() -> None:
         print(f"base of {len(base)} concepts: {time.time() - t0:.0f} s", flush=True)
     rows = [d for d in done if "concept" in d]
     for case in cases(world, work):
-        methods = [m for m in METHODS if m == "resteer" or "prompts" in case["guide"]]
+        methods = [m for m in METHODS if m != "route" or "prompts" in case["guide"]]
         todo = [m for m in methods if not any(
             r["concept"] == case["id"] and r.get("method", "resteer") == m for r in rows
         )]  # fmt: skip
