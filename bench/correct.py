@@ -36,6 +36,14 @@ guides_drawn, others_mean, worst_other, worst_ratio, others_drawn, seconds}. Res
 bench/partial/correct-64.jsonl (tracked; named by the word's image count); writes
 bench/results/correct.json/.md.
 
+Then a second look at the accuracy cases (checker, drop), whose trained patches move
+neighbouring styles and objects: each trained method's patch is trained again (same
+seed) and every other style and object of the world is drawn on 48 images (6 templates x
+seeds 1000-1007), base and corrected: 12 images of a concept read a few hundredths apart
+from one seed pair to the next. Rows {method, concept, images, others_mean, worst_other,
+worst_ratio, ratios} in bench/partial/correct-confirm.jsonl and under "confirm" in the
+results.
+
 Usage: python bench/correct.py [--threads 1] [--quick]
 """
 
@@ -58,6 +66,8 @@ OTHER_SEEDS = (1000, 1001)
 PROMPTS, OTHER_PROMPTS = 4, 6
 SCORED_MIN_BASE = 0.5
 PARTIAL = common.PARTIALS / f"correct-{PROMPTS * len(SEEDS)}.jsonl"
+CONFIRM_SEEDS = tuple(range(1000, 1008))  # the accuracy cases' neighbours, on 48 images
+CONFIRM = common.PARTIALS / "correct-confirm.jsonl"
 OUT = common.ROOT / "bench" / "results" / "correct.json"
 COLUMNS = [
     "method",
@@ -75,6 +85,7 @@ COLUMNS = [
     "others_drawn",
     "seconds",
 ]
+CONFIRM_COLUMNS = ["method", "concept", "images", "others_mean", "worst_other", "worst_ratio"]
 
 
 def render_guide(world, concept: str, folder: Path, n: int = 16, seed: int = 0) -> Path:
@@ -201,6 +212,41 @@ def mscores(pipe, detector, concepts, size: dict) -> dict[str, float]:
     return {cid: s["mscore"] for cid, s in summarise(rows).items()}
 
 
+def confirm(pipe, detector, world, work: Path, size: dict, path: Path, commit: str) -> list:
+    """The second look (module docstring): the accuracy cases' trained patches against
+    every other style and object on more images. Resumes from `path`."""
+    done = common.read_jsonl(path)
+    size = size | {"other_seeds": CONFIRM_SEEDS}
+    shapes = [c for c in world.concepts() if c.type in ("style", "object")]
+    base = next((d["base"] for d in done if "base" in d), None)
+    if base is None:
+        base = mscores(pipe, detector, shapes, size)
+        common.append_jsonl(path, {"base": base, "commit": commit})
+    rows = [d for d in done if "concept" in d]
+    for case in cases(world, work):
+        if "images" not in case["guide"]:
+            continue
+        for method in (m for m in METHODS if m != "route"):
+            if any(r["concept"] == case["id"] and r["method"] == method for r in rows):
+                continue
+            others = [c for c in shapes if c.id != case["id"]]
+            everyone = [c for c in world.concepts() if c.type != "role" and c.id != case["id"]]
+            with corrected(pipe, case, method, work, everyone, size["other_prompts"]):
+                after = mscores(pipe, detector, others, size)
+            ratio = {c.id: after[c.id] / base[c.id] for c in others
+                     if base[c.id] >= SCORED_MIN_BASE}  # fmt: skip
+            worst = min(ratio, key=ratio.get) if ratio else None
+            got = {"method": method, "concept": case["id"],
+                   "images": size["other_prompts"] * len(CONFIRM_SEEDS),
+                   "others_mean": float(np.mean(list(ratio.values()))) if ratio else None,
+                   "worst_other": worst, "worst_ratio": ratio.get(worst), "ratios": ratio,
+                   "commit": commit}  # fmt: skip
+            common.append_jsonl(path, got)
+            rows.append(got)
+            print({k: v for k, v in got.items() if k != "ratios"}, flush=True)
+    return rows
+
+
 def row(method, case, world, before, after, seconds, commit) -> dict:
     c = world.get(case["id"])
     out = {"method": method, "concept": case["id"], "split": c.split, "guide": case["guide"]}
@@ -242,7 +288,7 @@ def main() -> None:
     commit, pipe, detector, world = common.crowd_world(args.threads)
 
     work = common.ROOT / "build" / "bench" / "correct"
-    partial, out = PARTIAL, OUT
+    partial, out, confirm_path = PARTIAL, OUT, CONFIRM
     everyone = [c for c in world.concepts() if c.type != "role"]
     size = {"prompts": PROMPTS, "seeds": SEEDS, "steps": 25}
     size |= {"other_prompts": OTHER_PROMPTS, "other_seeds": OTHER_SEEDS}
@@ -251,7 +297,9 @@ def main() -> None:
         size = {"prompts": 1, "seeds": SEEDS[:1], "steps": 2, "other_prompts": 1,
                 "other_seeds": OTHER_SEEDS[:1]}  # fmt: skip
         partial, out = work / "quick.jsonl", work / "correct.json"
-        partial.unlink(missing_ok=True)
+        confirm_path = work / "quick-confirm.jsonl"
+        for path in (partial, confirm_path):
+            path.unlink(missing_ok=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     done = common.read_jsonl(partial)
     # the base model's M-Score of every concept, drawn once: every case's "before"
@@ -283,7 +331,8 @@ def main() -> None:
             common.append_jsonl(partial, got)
             rows.append(got)
             print(got, flush=True)
-    commits = sorted({r.pop("commit") for r in rows})
+    second = confirm(pipe, detector, world, work, size, confirm_path, commit)
+    commits = sorted({r.pop("commit") for r in [*rows, *second]})
     result = {
         "commit": commits[0] if len(commits) == 1 else commits,
         "machine": common.machine(args.threads),
@@ -291,8 +340,11 @@ def main() -> None:
         "images_per_other": size["other_prompts"] * len(size["other_seeds"]),
         "quick": args.quick,
         "rows": rows,
+        "confirm": second,
     }
     table = common.markdown_table(rows, COLUMNS)
+    table += "\nAccuracy cases, every other style and object on more images:\n\n"
+    table += common.markdown_table(second, CONFIRM_COLUMNS)
     common.write_results(out, result, table, "Concept correction on crowd-world")
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
