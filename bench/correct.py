@@ -42,7 +42,9 @@ seed) and every other style and object of the world is drawn on 48 images (6 tem
 seeds 1000-1007), base and corrected: 12 images of a concept read a few hundredths apart
 from one seed pair to the next. Rows {method, concept, images, others_mean, worst_other,
 worst_ratio, ratios} in bench/partial/correct-confirm.jsonl and under "confirm" in the
-results.
+results. And the word itself on 64 more images (image seeds 1016-1031), base and by
+each trained method, to see whether other seeds agree: rows {method, concept, seeds,
+before, after} in bench/partial/correct-again.jsonl, under "again".
 
 Usage: python bench/correct.py [--threads 1] [--quick]
 """
@@ -68,6 +70,8 @@ SCORED_MIN_BASE = 0.5
 PARTIAL = common.PARTIALS / f"correct-{PROMPTS * len(SEEDS)}.jsonl"
 CONFIRM_SEEDS = tuple(range(1000, 1008))  # the accuracy cases' neighbours, on 48 images
 CONFIRM = common.PARTIALS / "correct-confirm.jsonl"
+AGAIN_SEEDS = tuple(range(1016, 1032))  # the accuracy cases' word, at 16 other seeds
+AGAIN = common.PARTIALS / "correct-again.jsonl"
 OUT = common.ROOT / "bench" / "results" / "correct.json"
 COLUMNS = [
     "method",
@@ -247,6 +251,31 @@ def confirm(pipe, detector, world, work: Path, size: dict, path: Path, commit: s
     return rows
 
 
+def again(pipe, detector, world, work: Path, size: dict, path: Path, commit: str) -> list:
+    """The accuracy cases' word at other seeds (module docstring). Resumes from `path`."""
+    rows = [d for d in common.read_jsonl(path) if "concept" in d]
+    size = size | {"seeds": AGAIN_SEEDS}
+    for case in cases(world, work):
+        methods = [m for m in METHODS if m != "route"]
+        todo = [m for m in methods if not any(
+            r["concept"] == case["id"] and r["method"] == m for r in rows
+        )]  # fmt: skip
+        if "images" not in case["guide"] or not todo:
+            continue
+        before = measure(pipe, detector, world, case, size)["acc"]
+        others = [c for c in world.concepts() if c.type != "role" and c.id != case["id"]]
+        for method in todo:  # (others: what resteer-kept preserves)
+            with corrected(pipe, case, method, work, others, size["other_prompts"]):
+                after = measure(pipe, detector, world, case, size)["acc"]
+            got = {"method": method, "concept": case["id"],
+                   "seeds": f"{AGAIN_SEEDS[0]}-{AGAIN_SEEDS[-1]}", "before": before,
+                   "after": after, "commit": commit}  # fmt: skip
+            common.append_jsonl(path, got)
+            rows.append(got)
+            print(got, flush=True)
+    return rows
+
+
 def row(method, case, world, before, after, seconds, commit) -> dict:
     c = world.get(case["id"])
     out = {"method": method, "concept": case["id"], "split": c.split, "guide": case["guide"]}
@@ -288,7 +317,7 @@ def main() -> None:
     commit, pipe, detector, world = common.crowd_world(args.threads)
 
     work = common.ROOT / "build" / "bench" / "correct"
-    partial, out, confirm_path = PARTIAL, OUT, CONFIRM
+    partial, out, confirm_path, again_path = PARTIAL, OUT, CONFIRM, AGAIN
     everyone = [c for c in world.concepts() if c.type != "role"]
     size = {"prompts": PROMPTS, "seeds": SEEDS, "steps": 25}
     size |= {"other_prompts": OTHER_PROMPTS, "other_seeds": OTHER_SEEDS}
@@ -297,8 +326,8 @@ def main() -> None:
         size = {"prompts": 1, "seeds": SEEDS[:1], "steps": 2, "other_prompts": 1,
                 "other_seeds": OTHER_SEEDS[:1]}  # fmt: skip
         partial, out = work / "quick.jsonl", work / "correct.json"
-        confirm_path = work / "quick-confirm.jsonl"
-        for path in (partial, confirm_path):
+        confirm_path, again_path = work / "quick-confirm.jsonl", work / "quick-again.jsonl"
+        for path in (partial, confirm_path, again_path):
             path.unlink(missing_ok=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     done = common.read_jsonl(partial)
@@ -332,7 +361,8 @@ def main() -> None:
             rows.append(got)
             print(got, flush=True)
     second = confirm(pipe, detector, world, work, size, confirm_path, commit)
-    commits = sorted({r.pop("commit") for r in [*rows, *second]})
+    third = again(pipe, detector, world, work, size, again_path, commit)
+    commits = sorted({r.pop("commit") for r in [*rows, *second, *third]})
     result = {
         "commit": commits[0] if len(commits) == 1 else commits,
         "machine": common.machine(args.threads),
@@ -341,10 +371,12 @@ def main() -> None:
         "quick": args.quick,
         "rows": rows,
         "confirm": second,
+        "again": third,
     }
     table = common.markdown_table(rows, COLUMNS)
     table += "\nAccuracy cases, every other style and object on more images:\n\n"
     table += common.markdown_table(second, CONFIRM_COLUMNS)
+    table += "\nAccuracy cases, the word at other seeds:\n\n" + common.markdown_table(third)
     common.write_results(out, result, table, "Concept correction on crowd-world")
     print(f"wrote {out} and {out.with_suffix('.md')}")
 

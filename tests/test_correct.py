@@ -128,6 +128,33 @@ def test_fmn_forget_routes_a_word_to_its_guides_and_the_audit_reports_whom_it_dr
     assert "Drawn as each guide concept" in html
 
 
+def test_a_trained_correction_holds_the_concepts_listed_as_preserved(world, corrected) -> None:
+    """A user who lists a neighbour under `preserve:` (or `fmn forget --preserve`) keeps
+    its prompts' keys and values nearer where they were: a trained correction moves them
+    less than when nobody listed it (same seed and data; the preservation term).
+    bench/correct.py's resteer-kept rows show what that does to a neighbour's images."""
+    from fmn.model.conditioning import encode_text
+    from fmn.model.patch import load_patch
+
+    def moved(deltas: dict) -> float:  # relative change of dave's keys and values
+        states = encode_text(world, ["a photo of dave"]).embeds[0].float()
+        weights = dict(world.unet.named_parameters())
+        change = [
+            (states @ d.float().T).norm() / (states @ weights[k.removeprefix("unet.")].T).norm()
+            for k, d in deltas.items()
+        ]
+        return float(torch.stack(change).mean())
+
+    data = prepare_concept(world, "carol", "id", "carol", generate=8, draw_from=GUIDE["prompts"])
+    kept = correct_prepared(
+        world, data, CorrectConfig(steps=60), guide=GUIDE, preserve=[("dave", "id")]
+    ).patch
+    assert kept.config["preserve"] == [["dave", "id"]]  # recorded in the patch
+    alone = moved(load_patch(corrected).deltas)
+    assert alone > 0.01  # nobody listed dave: the correction moves him
+    assert moved(kept.deltas) < 0.8 * alone
+
+
 def test_the_merge_keeps_a_correction_even_with_the_erase_term(world, corrected) -> None:
     from fmn.model.patch import load_patch
 
