@@ -668,7 +668,8 @@ class Manifest(_Strict):
     concepts: list[Concept] = Field(min_length=1)
     """Concepts to forget (at least one)."""
     preserve: list[PreservedConcept] = []  # none: gates then judge the targets alone
-    """Concepts that must survive: {id, type, text?}."""
+    """Concepts that must survive: {id, type, text?}. A trained correction holds their
+    keys/values too: list a corrected word's neighbours here (docs/correct.md)."""
     merge: Merge = Merge()
     """How patches become one model."""
     evaluate: Evaluate = Evaluate()
