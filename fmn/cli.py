@@ -533,6 +533,12 @@ def forget(
             f"{concept_id}: corrected towards its guide in {len(r.losses)} steps "
             f"({r.seconds:.1f} s, loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}); patch: {path}"
         )
+        if not kept:
+            console.print(
+                "[yellow]hint: nothing was listed as preserved, and a trained correction moves "
+                "the words the model confuses with this one; list them with --preserve "
+                "id:type (docs/correct.md)[/yellow]"
+            )
         return
     console.print(
         f"{concept_id}: {how}attention on its tokens {r.attention_before:.4f} -> "

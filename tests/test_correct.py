@@ -7,6 +7,7 @@ turn): the audit measures carol's images as alice and as bob, and no target gate
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,28 @@ def test_a_trained_correction_holds_the_concepts_listed_as_preserved(world, corr
     alone = moved(load_patch(corrected).deltas)
     assert alone > 0.01  # nobody listed dave: the correction moves him
     assert moved(kept.deltas) < 0.8 * alone
+
+
+def test_fmn_forget_hints_to_list_neighbours_when_a_trained_correction_keeps_none(
+    tmp_path, monkeypatch
+) -> None:
+    from fmn.train import correct
+
+    short = correct.CorrectConfig.from_options
+    monkeypatch.setattr(  # a few steps: the hint is what is tested, not the training
+        correct.CorrectConfig, "from_options", lambda o: replace(short(o), steps=3, generate=2)
+    )
+    args = ["forget", "--id", "carol", "--type", "id", "--threads", "1", "--erase", "resteer"]
+    args += ["--correct-to", "a photo of alice"]
+    alone = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "alone")])
+    assert alone.exit_code == 0, alone.output
+    assert "corrected towards its guide in 3 steps" in alone.output
+    assert "nothing was listed as preserved" in alone.output and "--preserve" in alone.output
+    kept = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "kept"), "--preserve", "dave:id"]
+    )
+    assert kept.exit_code == 0, kept.output
+    assert "nothing was listed as preserved" not in kept.output
 
 
 def test_the_merge_keeps_a_correction_even_with_the_erase_term(world, corrected) -> None:
