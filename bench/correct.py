@@ -147,6 +147,12 @@ def cases(world, work: Path) -> list[dict]:
 
 
 METHODS = ("route", "resteer", "resteer-kept")
+TRAINED = METHODS[1:]  # what takes a folder of guide images
+
+
+def all_but(world, concept: str) -> list:
+    """Every concept of the world but `concept` (the role word is no concept of its own)."""
+    return [c for c in world.concepts() if c.type != "role" and c.id != concept]
 
 
 @contextmanager
@@ -230,12 +236,12 @@ def confirm(pipe, detector, world, work: Path, size: dict, path: Path, commit: s
     for case in cases(world, work):
         if "images" not in case["guide"]:
             continue
-        for method in (m for m in METHODS if m != "route"):
+        others = [c for c in shapes if c.id != case["id"]]
+        for method in TRAINED:
             if any(r["concept"] == case["id"] and r["method"] == method for r in rows):
                 continue
-            others = [c for c in shapes if c.id != case["id"]]
-            everyone = [c for c in world.concepts() if c.type != "role" and c.id != case["id"]]
-            with corrected(pipe, case, method, work, everyone, size["other_prompts"]):
+            kept = all_but(world, case["id"])  # what resteer-kept preserves
+            with corrected(pipe, case, method, work, kept, size["other_prompts"]):
                 after = mscores(pipe, detector, others, size)
             ratio = {c.id: after[c.id] / base[c.id] for c in others
                      if base[c.id] >= SCORED_MIN_BASE}  # fmt: skip
@@ -256,16 +262,15 @@ def again(pipe, detector, world, work: Path, size: dict, path: Path, commit: str
     rows = [d for d in common.read_jsonl(path) if "concept" in d]
     size = size | {"seeds": AGAIN_SEEDS}
     for case in cases(world, work):
-        methods = [m for m in METHODS if m != "route"]
-        todo = [m for m in methods if not any(
+        todo = [m for m in TRAINED if not any(
             r["concept"] == case["id"] and r["method"] == m for r in rows
         )]  # fmt: skip
         if "images" not in case["guide"] or not todo:
             continue
         before = measure(pipe, detector, world, case, size)["acc"]
-        others = [c for c in world.concepts() if c.type != "role" and c.id != case["id"]]
-        for method in todo:  # (others: what resteer-kept preserves)
-            with corrected(pipe, case, method, work, others, size["other_prompts"]):
+        kept = all_but(world, case["id"])  # what resteer-kept preserves
+        for method in todo:
+            with corrected(pipe, case, method, work, kept, size["other_prompts"]):
                 after = measure(pipe, detector, world, case, size)["acc"]
             got = {"method": method, "concept": case["id"],
                    "seeds": f"{AGAIN_SEEDS[0]}-{AGAIN_SEEDS[-1]}", "before": before,
@@ -340,7 +345,7 @@ def main() -> None:
         print(f"base of {len(base)} concepts: {time.time() - t0:.0f} s", flush=True)
     rows = [d for d in done if "concept" in d]
     for case in cases(world, work):
-        methods = [m for m in METHODS if m != "route" or "prompts" in case["guide"]]
+        methods = [m for m in METHODS if m in TRAINED or "prompts" in case["guide"]]
         todo = [m for m in methods if not any(
             r["concept"] == case["id"] and r.get("method", "resteer") == m for r in rows
         )]  # fmt: skip
