@@ -38,13 +38,14 @@ bench/results/correct.json/.md.
 
 Then a second look at the accuracy cases (checker, drop), whose trained patches move
 neighbouring styles and objects: each trained method's patch is trained again (same
-seed) and every other style and object of the world is drawn on 48 images (6 templates x
-seeds 1000-1007), base and corrected: 12 images of a concept read a few hundredths apart
-from one seed pair to the next. Rows {method, concept, images, others_mean, worst_other,
-worst_ratio, ratios} in bench/partial/correct-confirm.jsonl and under "confirm" in the
-results. And the word itself on 64 more images (image seeds 1016-1031), base and by
-each trained method, to see whether other seeds agree: rows {method, concept, seeds,
-before, after} in bench/partial/correct-again.jsonl, under "again".
+seed; once for both looks) and every other style and object of the world is drawn on 48
+images (6 templates x seeds 1000-1007), base and corrected: 12 images of a concept read
+a few hundredths apart from one seed pair to the next. Rows {method, concept, images,
+others_mean, worst_other, worst_ratio, ratios} in bench/partial/correct-confirm.jsonl
+and under "confirm" in the results. And the word itself on 64 more images (image seeds
+1016-1031), base and by each trained method, to see whether other seeds agree: rows
+{method, concept, seeds, before, after} in bench/partial/correct-again.jsonl, under
+"again".
 
 Usage: python bench/correct.py [--threads 1] [--quick]
 """
@@ -222,63 +223,58 @@ def mscores(pipe, detector, concepts, size: dict) -> dict[str, float]:
     return {cid: s["mscore"] for cid, s in summarise(rows).items()}
 
 
-def confirm(pipe, detector, world, work: Path, size: dict, path: Path, commit: str) -> list:
-    """The second look (module docstring): the accuracy cases' trained patches against
-    every other style and object on more images. Resumes from `path`."""
-    done = common.read_jsonl(path)
-    size = size | {"other_seeds": CONFIRM_SEEDS}
+def second_look(pipe, detector, world, work: Path, size: dict, paths: tuple, commit: str):
+    """The second look (module docstring) at the accuracy cases: each trained patch, trained
+    once, drawn against every other style and object at CONFIRM_SEEDS and as its word at
+    AGAIN_SEEDS. (neighbour rows, word rows), resuming from `paths` (one file each)."""
+    neighbours_path, word_path = paths
+    done = common.read_jsonl(neighbours_path)
+    near = [d for d in done if "concept" in d]
+    word = [d for d in common.read_jsonl(word_path) if "concept" in d]
+    near_size = size | {"other_seeds": CONFIRM_SEEDS}
+    word_size = size | {"seeds": AGAIN_SEEDS}
     shapes = [c for c in world.concepts() if c.type in ("style", "object")]
     base = next((d["base"] for d in done if "base" in d), None)
     if base is None:
-        base = mscores(pipe, detector, shapes, size)
-        common.append_jsonl(path, {"base": base, "commit": commit})
-    rows = [d for d in done if "concept" in d]
-    for case in cases(world, work):
-        if "images" not in case["guide"]:
-            continue
+        base = mscores(pipe, detector, shapes, near_size)
+        common.append_jsonl(neighbours_path, {"base": base, "commit": commit})
+
+    def has(rows: list, case: dict, method: str) -> bool:
+        return any(r["concept"] == case["id"] and r["method"] == method for r in rows)
+
+    for case in (c for c in cases(world, work) if "images" in c["guide"]):
         others = [c for c in shapes if c.id != case["id"]]
-        for method in TRAINED:
-            if any(r["concept"] == case["id"] and r["method"] == method for r in rows):
-                continue
-            kept = all_but(world, case["id"])  # what resteer-kept preserves
-            with corrected(pipe, case, method, work, kept, size["other_prompts"]):
-                after = mscores(pipe, detector, others, size)
-            ratio = {c.id: after[c.id] / base[c.id] for c in others
-                     if base[c.id] >= SCORED_MIN_BASE}  # fmt: skip
-            worst = min(ratio, key=ratio.get) if ratio else None
-            got = {"method": method, "concept": case["id"],
-                   "images": size["other_prompts"] * len(CONFIRM_SEEDS),
-                   "others_mean": float(np.mean(list(ratio.values()))) if ratio else None,
-                   "worst_other": worst, "worst_ratio": ratio.get(worst), "ratios": ratio,
-                   "commit": commit}  # fmt: skip
-            common.append_jsonl(path, got)
-            rows.append(got)
-            print({k: v for k, v in got.items() if k != "ratios"}, flush=True)
-    return rows
-
-
-def again(pipe, detector, world, work: Path, size: dict, path: Path, commit: str) -> list:
-    """The accuracy cases' word at other seeds (module docstring). Resumes from `path`."""
-    rows = [d for d in common.read_jsonl(path) if "concept" in d]
-    size = size | {"seeds": AGAIN_SEEDS}
-    for case in cases(world, work):
-        todo = [m for m in TRAINED if not any(
-            r["concept"] == case["id"] and r["method"] == m for r in rows
-        )]  # fmt: skip
-        if "images" not in case["guide"] or not todo:
-            continue
-        before = measure(pipe, detector, world, case, size)["acc"]
         kept = all_but(world, case["id"])  # what resteer-kept preserves
-        for method in todo:
+        before = None
+        for method in TRAINED:
+            need_near, need_word = not has(near, case, method), not has(word, case, method)
+            if not (need_near or need_word):
+                continue
+            if need_word and before is None:
+                before = measure(pipe, detector, world, case, word_size)["acc"]
             with corrected(pipe, case, method, work, kept, size["other_prompts"]):
-                after = measure(pipe, detector, world, case, size)["acc"]
-            got = {"method": method, "concept": case["id"],
-                   "seeds": f"{AGAIN_SEEDS[0]}-{AGAIN_SEEDS[-1]}", "before": before,
-                   "after": after, "commit": commit}  # fmt: skip
-            common.append_jsonl(path, got)
-            rows.append(got)
-            print(got, flush=True)
-    return rows
+                if need_near:
+                    after = mscores(pipe, detector, others, near_size)
+                    ratio = {c.id: after[c.id] / base[c.id] for c in others
+                             if base[c.id] >= SCORED_MIN_BASE}  # fmt: skip
+                    worst = min(ratio, key=ratio.get) if ratio else None
+                    got = {"method": method, "concept": case["id"],
+                           "images": size["other_prompts"] * len(CONFIRM_SEEDS),
+                           "others_mean": float(np.mean(list(ratio.values()))) if ratio else None,
+                           "worst_other": worst, "worst_ratio": ratio.get(worst),
+                           "ratios": ratio, "commit": commit}  # fmt: skip
+                    common.append_jsonl(neighbours_path, got)
+                    near.append(got)
+                    print({k: v for k, v in got.items() if k != "ratios"}, flush=True)
+                if need_word:
+                    acc = measure(pipe, detector, world, case, word_size)["acc"]
+                    got = {"method": method, "concept": case["id"],
+                           "seeds": f"{AGAIN_SEEDS[0]}-{AGAIN_SEEDS[-1]}", "before": before,
+                           "after": acc, "commit": commit}  # fmt: skip
+                    common.append_jsonl(word_path, got)
+                    word.append(got)
+                    print(got, flush=True)
+    return near, word
 
 
 def row(method, case, world, before, after, seconds, commit) -> dict:
@@ -365,8 +361,9 @@ def main() -> None:
             common.append_jsonl(partial, got)
             rows.append(got)
             print(got, flush=True)
-    second = confirm(pipe, detector, world, work, size, confirm_path, commit)
-    third = again(pipe, detector, world, work, size, again_path, commit)
+    second, third = second_look(
+        pipe, detector, world, work, size, (confirm_path, again_path), commit
+    )
     commits = sorted({r.pop("commit") for r in [*rows, *second, *third]})
     result = {
         "commit": commits[0] if len(commits) == 1 else commits,
