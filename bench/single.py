@@ -32,8 +32,11 @@ bench/partial/single.jsonl (tracked, so a later session resumes it) with the com
 on; a re-run skips what is there.
 When every row is in, it writes bench/results/single.json and single.md.
 
+`--report` computes nothing: it writes the results from the rows already in, naming the
+rows still missing (a bench that outlasts a session reports where it stands).
+
 Usage: python bench/single.py [--methods fixed loop gate] [--ids 24] [--tune-ids 8]
-       [--targets james circle ...] [--threads 1] [--redo gate] [--quick]
+       [--targets james circle ...] [--threads 1] [--redo gate] [--quick] [--report]
 """
 
 from __future__ import annotations
@@ -196,9 +199,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="plumbing: 2 targets, 3 others, 2 steps")
     ap.add_argument("--partial", type=Path, default=PARTIAL)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--report", action="store_true", help="write the results of the rows in")
     args = ap.parse_args()
-    commit, pipe, detector, CROWD = crowd_world(args.threads)
-    from fmn.model.patch import apply_patch, revert_patch
+    if args.report:
+        from fmn.world.concepts import CROWD
+    else:
+        commit, pipe, detector, CROWD = crowd_world(args.threads)
 
     everyone = [c for c in CROWD.concepts() if c.type != "role"]
     chosen = (
@@ -215,15 +221,24 @@ def main() -> None:
 
     args.partial.parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl(args.partial)
+    # a later row of the same (method, concept) replaces an earlier one (--redo)
+    latest = {(d["method"], d["concept"]): d for d in done if "method" in d}
+    rows = [r for k, r in latest.items() if k[0] not in args.redo]
+    if not args.report:
+        rows = run_rows(args, commit, pipe, detector, everyone, chosen, size, done, rows)
+    report(args, chosen, size, rows)
+
+
+def run_rows(args, commit, pipe, detector, everyone, chosen, size, done, rows) -> list[dict]:
+    """The rows not in yet, each appended to the partial file as it finishes."""
+    from fmn.model.patch import apply_patch, revert_patch
+
     base = next((d["base"] for d in done if "base" in d), None)
     if base is None or set(base) != {c.id for c in everyone}:
         t0 = time.time()
         base = score_all(pipe, detector, everyone, **size)
         append_jsonl(args.partial, {"base": base, "commit": commit})
         print(f"base M-Scores of {len(base)} concepts: {time.time() - t0:.0f} s", flush=True)
-    # a later row of the same (method, concept) replaces an earlier one (--redo)
-    latest = {(d["method"], d["concept"]): d for d in done if "method" in d}
-    rows = [r for k, r in latest.items() if k[0] not in args.redo]
     have = {(r["method"], r["concept"]) for r in rows}
     for method in args.methods:
         for c in chosen:
@@ -252,8 +267,16 @@ def main() -> None:
             append_jsonl(args.partial, r)
             rows.append(r)
             print(json.dumps(r), flush=True)
-    want = {(m, c.id) for m in args.methods for c in chosen}
-    rows = [r for r in rows if (r["method"], r["concept"]) in want]
+    return rows
+
+
+def report(args, chosen, size, rows: list[dict]) -> None:
+    """bench/results/single.json and .md from the rows of the methods and targets asked
+    for, naming those still missing."""
+    want = [(m, c.id) for m in args.methods for c in chosen]
+    rows = [r for r in rows if (r["method"], r["concept"]) in set(want)]
+    have = {(r["method"], r["concept"]) for r in rows}
+    missing = [f"{m}: {c}" for m, c in want if (m, c) not in have]
     commits = sorted({r.pop("commit") for r in rows})
     result = {
         "commit": commits[0] if len(commits) == 1 else commits,
@@ -261,10 +284,13 @@ def main() -> None:
         "images_per_concept": size["prompts"] * len(size["seeds"]),
         "seeds": list(size["seeds"]),
         "quick": args.quick,
+        "missing": missing,
         "summary": summary(rows),
         "rows": rows,
     }
     table = markdown_table(result["summary"]) + "\n" + markdown_table(rows, COLUMNS)
+    if missing:  # a bench still running: say so above the tables
+        table = f"**{len(rows)} of {len(want)} rows in; missing:** {', '.join(missing)}\n\n" + table
     write_results(args.out, result, table, "Single-concept forgetting on crowd-world")
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
