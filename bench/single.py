@@ -8,7 +8,8 @@ x image seeds 1000-1003 = 24 images per concept, 25 DDIM steps. Rows:
 {method, concept, type, split, target_ratio, others_mean, worst_other, worst_ratio, steps,
 seconds}: ratios are patched / base M-Score; `others_mean` and `worst_*` are over the
 other concepts whose base M-Score is at least 0.5. `seconds` is the forgetting alone
-(prepare + re-steer), not the scoring.
+(prepare + re-steer), not the scoring; `cpu` names the CPU a row ran on (older rows have none),
+since a run that outlasts a session may resume on another machine.
 
 Methods:
 - fixed: the type's default rung without the loop (`resteer.loop: false`), mask auto.
@@ -240,6 +241,7 @@ def run_rows(args, commit, pipe, detector, everyone, chosen, size, done, rows) -
         append_jsonl(args.partial, {"base": base, "commit": commit})
         print(f"base M-Scores of {len(base)} concepts: {time.time() - t0:.0f} s", flush=True)
     have = {(r["method"], r["concept"]) for r in rows}
+    cpu = machine(args.threads)["cpu"]  # per row: a bench that outlasts a session may move
     for method in args.methods:
         for c in chosen:
             if (method, c.id) in have:
@@ -248,6 +250,7 @@ def run_rows(args, commit, pipe, detector, everyone, chosen, size, done, rows) -
             if method == "gate":
                 patched, cost = gate_scores(pipe, detector, c, everyone, base, size)
                 r = row(method, c, base, patched, 0, cost["fit_seconds"], commit) | cost
+                r["cpu"] = cpu
                 append_jsonl(args.partial, r)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
@@ -263,7 +266,7 @@ def run_rows(args, commit, pipe, detector, everyone, chosen, size, done, rows) -
                 finally:
                     revert_patch(pipe, result.patch)
                 steps = loop["steps"] if loop else len(result.resteer.losses)
-            r = row(method, c, base, patched, steps, seconds, commit, loop)
+            r = row(method, c, base, patched, steps, seconds, commit, loop) | {"cpu": cpu}
             append_jsonl(args.partial, r)
             rows.append(r)
             print(json.dumps(r), flush=True)
