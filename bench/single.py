@@ -31,10 +31,9 @@ Scoring every concept costs about 5 minutes a target on 2 CPU cores, so the benc
 each finished row (and the base M-Scores, first) is appended to
 bench/partial/single.jsonl (tracked, so a later session resumes it) with the commit it ran
 on; a re-run skips what is there.
-When every row is in, it writes bench/results/single.json and single.md.
-
-`--report` computes nothing: it writes the results from the rows already in, naming the
-rows still missing (a bench that outlasts a session reports where it stands).
+Every run ends by writing bench/results/single.json and single.md from the rows in,
+naming any still missing; `--report` only does that, computing nothing (a bench that
+outlasts a session reports where it stands).
 
 Usage: python bench/single.py [--methods fixed loop gate] [--ids 24] [--tune-ids 8]
        [--targets james circle ...] [--threads 1] [--redo gate] [--quick] [--report]
