@@ -27,7 +27,7 @@ Methods:
 Targets (default): every held-out object and style, the first 24 held-out identities,
 and beside them every tune object and style and the first 8 tune identities.
 
-Scoring every concept costs about 5 minutes a target on 2 CPU cores, so the bench resumes:
+Scoring every other concept takes minutes a target (docs/resteer.md), so the bench resumes:
 each finished row (and the base M-Scores, first) is appended to
 bench/partial/single.jsonl (tracked, so a later session resumes it) with the commit it ran
 on; a re-run skips what is there.
