@@ -7,6 +7,7 @@ only a reader finds."""
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,11 @@ def _anchors(text: str) -> set[str]:
     return out
 
 
+@cache
+def _file_anchors(path: Path) -> frozenset[str]:
+    return frozenset(_anchors(path.read_text(encoding="utf-8")))
+
+
 def _dead_links() -> list[str]:
     dead = []
     for doc in _docs():
@@ -46,11 +52,7 @@ def _dead_links() -> list[str]:
             where = f"{doc.relative_to(ROOT)} -> {link}"
             if not target.exists():
                 dead.append(f"{where} (no such file)")
-            elif (
-                anchor
-                and target.suffix == ".md"
-                and anchor not in _anchors(target.read_text(encoding="utf-8"))
-            ):
+            elif anchor and target.suffix == ".md" and anchor not in _file_anchors(target):
                 dead.append(f"{where} (no such section)")
     return dead
 
